@@ -1,0 +1,235 @@
+"""Whole-image prediction: tiles through the network, stitched, mapped back to the fixed grid.
+
+Exactness. Tiles start at 1 mm voxels that are multiples of 16 and every encoder is exactly
+equivariant to shifts of 4 of its own level (see ``networks.regnet``), so each tile computes the
+same numbers a single pass over the whole image would; tiles overlap only by the receptive-field
+context they re-read, never by averaged outputs. Memory is bounded by the tile size and batch.
+
+Back to the fixed grid: the 3 class probabilities are resampled linearly onto the fixed image's
+exact grid (origin, spacing, direction) and the label is their argmax there — smoother than nearest
+on labels and correct for any fixed spacing. Voxels outside the optional mask get label 0.
+"""
+
+from __future__ import annotations
+
+import itertools
+import threading
+import time
+from collections.abc import Callable
+from contextlib import nullcontext
+from dataclasses import dataclass, field
+
+import numpy as np
+import SimpleITK as sitk
+import torch
+
+from RegistrationMisalignmentLib.config import MisalignmentConfig
+from RegistrationMisalignmentLib.errors import InputError, PredictionCancelled
+from RegistrationMisalignmentLib.io import prepare_mask, prepare_pair
+from RegistrationMisalignmentLib.networks.regnet import ENCODER_CONTEXT, HEAD_CONTEXT
+from RegistrationMisalignmentLib.preprocess import (
+    background_value, build_pyramid, extract_block, isotropic_reference, pyramid_level, resample_onto, scale_blocks,
+)
+from RegistrationMisalignmentLib.config import round_up_encoder_output
+from RegistrationMisalignmentLib.spatial import compose, upsample_dvf, warp
+from RegistrationMisalignmentLib.weights import LoadedModel, load_model
+
+Progress = Callable[[float, str], None]
+Cancel = Callable[[], bool] | threading.Event
+
+
+@dataclass
+class Prediction:
+    """The result of ``predict``, all on the fixed image's grid."""
+
+    labelmap: sitk.Image
+    """uint8: 0 outside the mask, 1 correct, 2 poor, 3 wrong."""
+    probabilities: sitk.Image | None
+    """float32 vector image (correct, poor, wrong), when asked for."""
+    seconds: float
+    timings: dict[str, float] = field(default_factory=dict)
+    """Wall time per stage (s): prepare, resample, pyramid, network, resample_back."""
+
+
+def resolve_device(device: str | torch.device = "auto") -> torch.device:
+    """'auto' -> CUDA when present, else CPU; refuses 'cuda' on a machine without it."""
+    if str(device) == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dev = torch.device(device)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise InputError("device 'cuda' was asked for but no CUDA GPU is available; use --device cpu or auto")
+    return dev
+
+
+class _Reporter:
+    """Progress callback + cancel flag in one place, so every loop checks both the same way."""
+
+    def __init__(self, progress: Progress | None, cancel: Cancel | None):
+        self.progress, self.cancel = progress, cancel
+
+    def __call__(self, fraction: float, message: str) -> None:
+        if self.cancel is not None and (self.cancel.is_set() if isinstance(self.cancel, threading.Event) else self.cancel()):
+            raise PredictionCancelled("prediction cancelled")
+        if self.progress is not None:
+            self.progress(min(max(fraction, 0.0), 1.0), message)
+
+
+def _autocast(device: torch.device):
+    if device.type != "cuda":
+        return nullcontext()
+    dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    return torch.autocast("cuda", dtype=dtype)
+
+
+def tile_starts(shape: tuple[int, ...], tile: tuple[int, ...]) -> list[tuple[int, int, int]]:
+    return list(itertools.product(*(range(0, n, t) for n, t in zip(shape, tile))))
+
+
+def tile_shape(shape: tuple[int, ...], tile_size: int) -> tuple[int, int, int]:
+    """Per-axis tile side: ``tile_size``, or less for a thin image (always a multiple of 16)."""
+    return tuple(min(tile_size, 16 * -(-n // 16)) for n in shape)  # type: ignore[return-value]
+
+
+def network_probabilities(module: torch.jit.ScriptModule, decoder: str, pyramid: dict[int, torch.Tensor],
+                          config: MisalignmentConfig, tile_size: int, batch: int, report: _Reporter,
+                          span: tuple[float, float] = (0.1, 0.9)) -> torch.Tensor:
+    """(3, D, H, W) class probabilities on the 1 mm grid, computed tile by tile."""
+    device = pyramid[1].device
+    shape = tuple(pyramid[1].shape[1:])
+    tile = tile_shape(shape, tile_size)
+    starts = tile_starts(shape, tile)
+    scales = (1,) if decoder == "singlescale" else tuple(config.scales)
+    empty = torch.empty(0, device=device)
+    out = torch.zeros((3, *shape), dtype=torch.float32)
+    for first in range(0, len(starts), batch):
+        group = starts[first : first + batch]
+        blocks = [scale_blocks(pyramid, p0, tile, config, scales) for p0 in group]
+        x = {s: torch.stack([b[s] for b in blocks]) if s in scales else empty for s in config.scales}
+        with torch.inference_mode(), _autocast(device):
+            probs = module.probabilities(x[1], x[2], x[4]).float().cpu()
+        for p0, p in zip(group, probs):
+            size = [min(t, n - a) for t, n, a in zip(tile, shape, p0)]
+            out[:, p0[0] : p0[0] + size[0], p0[1] : p0[1] + size[1], p0[2] : p0[2] + size[2]] = \
+                p[:, : size[0], : size[1], : size[2]]
+        done = first + len(group)
+        report(span[0] + (span[1] - span[0]) * done / len(starts), f"tile {done}/{len(starts)}")
+    return out
+
+
+def dense_dvf(module: torch.jit.ScriptModule, pair: torch.Tensor, scale: int, config: MisalignmentConfig,
+              tile_size: int, batch: int) -> torch.Tensor:
+    """RegNet DVF (3, d, h, w) in mm over a whole pyramid level, tiled exactly (starts multiple of 4)."""
+    shape = tuple(pair.shape[1:])
+    tile = tuple(min(tile_size, 4 * -(-n // 4)) for n in shape)
+    ctx = ENCODER_CONTEXT + HEAD_CONTEXT
+    size = tuple(round_up_encoder_output(t) + 2 * ctx for t in tile)
+    fill = background_value(config)
+    out = torch.zeros((3, *shape), dtype=torch.float32, device=pair.device)
+    starts = tile_starts(shape, tile)
+    for first in range(0, len(starts), batch):
+        group = starts[first : first + batch]
+        x = torch.stack([extract_block(pair, tuple(p - ctx for p in p0), size, fill) for p0 in group])
+        with torch.inference_mode(), _autocast(pair.device):
+            dvf = module(x, scale).float()
+        for p0, d in zip(group, dvf):
+            n = [min(t, m - a) for t, m, a in zip(tile, shape, p0)]
+            out[:, p0[0] : p0[0] + n[0], p0[1] : p0[1] + n[1], p0[2] : p0[2] + n[2]] = d[:, : n[0], : n[1], : n[2]]
+    return out
+
+
+def regnet_t_displacement(module: torch.jit.ScriptModule, pyramid: dict[int, torch.Tensor], config: MisalignmentConfig,
+                          tile_size: int, batch: int, report: _Reporter) -> torch.Tensor:
+    """RegNet used as a 3-level registration (x4, then x2 and x1 on the warped result): total DVF (3, D, H, W)."""
+    fixed, moving = pyramid[1][:1], pyramid[1][1:]
+    shape = tuple(fixed.shape[1:])
+    fill = background_value(config)
+    total = torch.zeros((3, *shape), dtype=torch.float32, device=fixed.device)
+    warped = moving
+    for i, s in enumerate(sorted(config.scales, reverse=True)):
+        pair = torch.cat([pyramid[s][:1], pyramid_level(warped, s, config)])
+        residual = upsample_dvf(dense_dvf(module, pair, s, config, tile_size, batch), s, shape)
+        total = compose(residual, total)
+        warped = warp(moving, total, fill=fill)
+        report(0.1 + 0.8 * (i + 1) / len(config.scales), f"RegNet level x{s} registered")
+    return total
+
+
+def regnet_t_probabilities(displacement: torch.Tensor, config: MisalignmentConfig) -> torch.Tensor:
+    """One-hot (3, D, H, W) of |DVF| thresholded at the class edges (3 and 6 mm)."""
+    magnitude = torch.linalg.vector_norm(displacement, dim=0).cpu().numpy()
+    classes = torch.from_numpy(config.classify_mm(magnitude))
+    return torch.nn.functional.one_hot(classes, 3).permute(3, 0, 1, 2).float()
+
+
+def to_fixed_grid(probabilities: torch.Tensor, grid_1mm: sitk.Image, fixed: sitk.Image, mask: sitk.Image | None,
+                  config: MisalignmentConfig) -> tuple[sitk.Image, sitk.Image]:
+    """Resample (3, D, H, W) probabilities onto the fixed grid; labelmap = argmax (+1), 0 outside the mask."""
+    vector = sitk.GetImageFromArray(probabilities.permute(1, 2, 3, 0).numpy(), isVector=True)
+    vector.CopyInformation(grid_1mm)
+    resampled = sitk.Resample(vector, fixed, sitk.Transform(), sitk.sitkLinear, 0.0, sitk.sitkVectorFloat32,
+                              useNearestNeighborExtrapolator=True)
+    probs = sitk.GetArrayViewFromImage(resampled)
+    labels = np.asarray(config.label_values, dtype=np.uint8)[np.argmax(probs, axis=-1)]
+    if mask is not None:
+        labels[sitk.GetArrayViewFromImage(mask) == 0] = config.label_outside
+    labelmap = sitk.GetImageFromArray(labels)
+    labelmap.CopyInformation(fixed)
+    return labelmap, resampled
+
+
+def predict(fixed: sitk.Image, moving: sitk.Image, model: LoadedModel | None = None, *,
+            mask: sitk.Image | None = None, device: str | torch.device = "auto", with_probabilities: bool = False,
+            progress: Progress | None = None, cancel: Cancel | None = None,
+            log: Callable[[str], None] | None = None, tile_size: int | None = None,
+            tile_batch: int | None = None) -> Prediction:
+    """Misalignment labelmap of the deformed ``moving`` image against ``fixed``, on the fixed grid.
+
+    Raises ``InputError`` for bad inputs (before any work) and ``PredictionCancelled`` when ``cancel``
+    is raised; nothing is written in either case.
+    """
+    start = time.perf_counter()
+    timings: dict[str, float] = {}
+    report = _Reporter(progress, cancel)
+    dev = resolve_device(device)
+
+    def lap(stage: str, t0: float) -> float:
+        if dev.type == "cuda":
+            torch.cuda.synchronize(dev)
+        now = time.perf_counter()
+        timings[stage] = now - t0
+        return now
+
+    report(0.0, "checking inputs")
+    fixed, moving = prepare_pair(fixed, moving, log=log)
+    if mask is not None:
+        mask = prepare_mask(mask, fixed, log=log)
+    model = model or load_model(device=dev)
+    module = model.module.to(dev)
+    config = model.config
+    t = lap("prepare", start)
+
+    report(0.02, f"resampling to {config.spacing_mm:g} mm")
+    grid = isotropic_reference(fixed, config.spacing_mm)
+    fixed_1mm = sitk.GetArrayFromImage(resample_onto(fixed, grid, config.background_hu))
+    moving_1mm = sitk.GetArrayFromImage(resample_onto(moving, grid, config.background_hu))
+    t = lap("resample", t)
+    pyramid = build_pyramid(fixed_1mm, moving_1mm, config, dev)
+    del fixed_1mm, moving_1mm
+    t = lap("pyramid", t)
+
+    tile = tile_size or config.tile_size
+    batch = tile_batch or config.tile_batch
+    report(0.1, f"predicting with {model.name} ({model.decoder}) on {dev.type}")
+    if model.decoder == "regnet-t":
+        probabilities = regnet_t_probabilities(regnet_t_displacement(module, pyramid, config, tile, batch, report), config)
+    else:
+        probabilities = network_probabilities(module, model.decoder, pyramid, config, tile, batch, report)
+    del pyramid
+    t = lap("network", t)
+
+    report(0.92, "mapping back to the fixed image grid")
+    labelmap, probs_image = to_fixed_grid(probabilities, grid, fixed, mask, config)
+    lap("resample_back", t)
+    report(1.0, "done")
+    return Prediction(labelmap=labelmap, probabilities=probs_image if with_probabilities else None,
+                      seconds=time.perf_counter() - start, timings=timings)

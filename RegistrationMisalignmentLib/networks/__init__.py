@@ -1,0 +1,1 @@
+"""Networks of the method: RegNet Uadv encoders, decoders, and the assembled models."""

@@ -1,0 +1,136 @@
+"""From two images to network input blocks: 1 mm grid, HU window, the x4/x2/x1 pyramid, blocks.
+
+One implementation serves inference and training (the trainer cuts its patches with
+``scale_blocks`` too), so what the network sees in training is exactly what it sees at run time.
+
+Grids. The 1 mm grid keeps the fixed image's origin and direction. Pyramid level s holds the
+Gaussian-smoothed 1 mm image sampled at every s-th voxel: level voxel q sits on 1 mm voxel s*q.
+Blocks may reach outside the image; they are padded with the normalised background (air).
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import SimpleITK as sitk
+import torch
+import torch.nn.functional as F
+
+from RegistrationMisalignmentLib.config import MisalignmentConfig, round_up_encoder_output
+
+Triple = tuple[int, int, int]
+
+
+def isotropic_reference(image: sitk.Image, spacing_mm: float) -> sitk.Image:
+    """An empty image on the isotropic grid that covers ``image`` (same origin and direction)."""
+    extent = np.array(image.GetSize()) * np.array(image.GetSpacing())
+    size = [max(1, int(math.ceil(e / spacing_mm - 1e-6))) for e in extent]
+    ref = sitk.Image(size, sitk.sitkUInt8)
+    ref.SetOrigin(image.GetOrigin())
+    ref.SetDirection(image.GetDirection())
+    ref.SetSpacing([spacing_mm] * 3)
+    return ref
+
+
+def resample_onto(image: sitk.Image, reference: sitk.Image, default: float,
+                  interpolator: int = sitk.sitkLinear) -> sitk.Image:
+    """``image`` resampled onto ``reference``'s grid (physical space, identity transform)."""
+    return sitk.Resample(image, reference, sitk.Transform(), interpolator, float(default), sitk.sitkFloat32)
+
+
+def normalize_hu(array: np.ndarray, config: MisalignmentConfig) -> np.ndarray:
+    """Clip to the HU window and map it linearly to [-1, 1] (float32)."""
+    lo, hi = config.hu_window
+    return ((np.clip(array, lo, hi) - lo) * (2.0 / (hi - lo)) - 1.0).astype(np.float32)
+
+
+def background_value(config: MisalignmentConfig) -> float:
+    """Normalised value of air, used to pad blocks that reach outside the image."""
+    return float(normalize_hu(np.array([config.background_hu]), config)[0])
+
+
+def gaussian_kernel(sigma: float) -> torch.Tensor:
+    radius = max(1, int(math.ceil(3 * sigma)))
+    x = torch.arange(-radius, radius + 1, dtype=torch.float32)
+    k = torch.exp(-0.5 * (x / sigma) ** 2)
+    return k / k.sum()
+
+
+def smooth(volume: torch.Tensor, sigma: float) -> torch.Tensor:
+    """Separable Gaussian smoothing of (C, D, H, W) with edge replication (no dark rim at borders)."""
+    kernel = gaussian_kernel(sigma).to(volume)
+    r = kernel.numel() // 2
+    x = volume.unsqueeze(0)
+    channels = x.shape[1]
+    for axis in range(3):
+        shape = [1, 1, 1]
+        shape[axis] = kernel.numel()
+        weight = kernel.view(1, 1, *shape).repeat(channels, 1, 1, 1, 1)
+        pad = [0, 0, 0, 0, 0, 0]
+        pad[2 * (2 - axis)] = pad[2 * (2 - axis) + 1] = r
+        x = F.conv3d(F.pad(x, pad, mode="replicate"), weight, groups=channels)
+    return x.squeeze(0)
+
+
+def build_pyramid(fixed: np.ndarray, moving: np.ndarray, config: MisalignmentConfig,
+                  device: torch.device | str = "cpu") -> dict[int, torch.Tensor]:
+    """Normalised (2, D_s, H_s, W_s) tensors for every scale s, from HU arrays on the 1 mm grid.
+
+    Channel 0 is the fixed image, channel 1 the (deformed) moving image.
+    """
+    pair = torch.from_numpy(np.stack([normalize_hu(fixed, config), normalize_hu(moving, config)])).to(device)
+    return {s: pyramid_level(pair, s, config) for s in config.scales}
+
+
+def pyramid_level(volume: torch.Tensor, scale: int, config: MisalignmentConfig) -> torch.Tensor:
+    """Level ``scale`` of a normalised 1 mm volume (C, D, H, W): Gaussian anti-alias, then every s-th voxel."""
+    if scale == 1:
+        return volume.contiguous()
+    return smooth(volume, config.smoothing_sigma_per_scale * scale)[:, ::scale, ::scale, ::scale].contiguous()
+
+
+def extract_block(volume: torch.Tensor, start: Triple, size: Triple, fill: float) -> torch.Tensor:
+    """Block (C, *size) of ``volume`` (C, D, H, W) from ``start``; outside voxels take ``fill``."""
+    out = volume.new_full((volume.shape[0], *size), fill)
+    src, dst = [], []
+    for axis in range(3):
+        n = volume.shape[axis + 1]
+        a, b = max(start[axis], 0), min(start[axis] + size[axis], n)
+        if b <= a:
+            return out
+        src.append(slice(a, b))
+        dst.append(slice(a - start[axis], b - start[axis]))
+    out[(slice(None), *dst)] = volume[(slice(None), *src)]
+    return out
+
+
+def block_geometry(p0: Triple, out_size: Triple, config: MisalignmentConfig) -> dict[int, tuple[Triple, Triple]]:
+    """Input block (start, size) per scale for the 1 mm output block starting at ``p0``.
+
+    ``p0`` must be a multiple of 4 on every axis (see ``networks.model``). The blocks give at least
+    ``out_size`` output voxels; encoder sizes are rounded up to what the encoder can produce, so the
+    model may return a few extra voxels at the high end, which the caller drops.
+    """
+    if any(p % 4 for p in p0):
+        raise ValueError(f"block start {p0} must be a multiple of 4 on every axis")
+    m, ctx = config.decoder_margin, config.encoder_context
+    fine = tuple(round_up_encoder_output(n + 2 * m) for n in out_size)
+    starts = tuple(p - m for p in p0)
+    geometry = {1: (tuple(s - ctx for s in starts), tuple(f + 2 * ctx for f in fine))}
+    for s in config.scales:
+        if s == 1:
+            continue
+        q0 = [math.floor(p / s) for p in starts]
+        phase = [p - s * q for p, q in zip(starts, q0)]
+        length = [round_up_encoder_output((r + f - 1) // s + 2) for r, f in zip(phase, fine)]
+        geometry[s] = (tuple(q - ctx for q in q0), tuple(n + 2 * ctx for n in length))
+    return geometry
+
+
+def scale_blocks(pyramid: dict[int, torch.Tensor], p0: Triple, out_size: Triple,
+                 config: MisalignmentConfig, scales: tuple[int, ...] | None = None) -> dict[int, torch.Tensor]:
+    """The encoders' input blocks (2, ...) per scale for one 1 mm output block (see ``block_geometry``)."""
+    fill = background_value(config)
+    geometry = block_geometry(p0, out_size, config)
+    return {s: extract_block(pyramid[s], *geometry[s], fill) for s in (scales or config.scales)}
