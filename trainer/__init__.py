@@ -1,0 +1,1 @@
+"""Headless training of the misalignment model: phantom, synthetic deformations, sampling, training, export."""

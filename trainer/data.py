@@ -1,0 +1,67 @@
+"""Training images: real CT from files, or procedural phantoms, on the 1 mm grid in HU.
+
+Every image is resampled once, with the Lib's own resampling, to the isotropic grid the network
+works on; the trainer then deforms these arrays in memory.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import SimpleITK as sitk
+
+from RegistrationMisalignmentLib.config import MisalignmentConfig
+from RegistrationMisalignmentLib.errors import InputError
+from RegistrationMisalignmentLib.io import read_image, validate_image
+from RegistrationMisalignmentLib.preprocess import isotropic_reference, resample_onto
+from trainer.phantom import make_chest_phantom
+
+IMAGE_SUFFIXES = (".nii", ".nii.gz", ".nrrd", ".nhdr", ".mha", ".mhd")
+
+
+@dataclass
+class TrainingImage:
+    """One CT on the 1 mm grid: (D, H, W) HU array plus where it came from."""
+
+    name: str
+    hu: np.ndarray
+
+    def crop_z(self, start: int, stop: int) -> "TrainingImage":
+        """A slab of axial slices [start, stop) — how a held-out region of one scan is kept apart."""
+        return TrainingImage(f"{self.name}[z{start}:{stop}]", self.hu[start:stop].copy())
+
+
+def to_training_image(image: sitk.Image, name: str, config: MisalignmentConfig) -> TrainingImage:
+    validate_image(image, name)
+    grid = isotropic_reference(image, config.spacing_mm)
+    hu = sitk.GetArrayFromImage(resample_onto(image, grid, config.background_hu))
+    return TrainingImage(name, hu.astype(np.float32))
+
+
+def list_image_files(source: str | Path) -> list[Path]:
+    """CT files of a folder (images whose name holds 'mask' are skipped), or the lines of a list file."""
+    source = Path(source)
+    if source.is_dir():
+        files = [p for p in sorted(source.iterdir())
+                 if p.name.endswith(IMAGE_SUFFIXES) and "mask" not in p.name.lower()]
+        dicom = [p for p in sorted(source.iterdir()) if p.is_dir()]
+        files += dicom
+    elif source.is_file():
+        files = [Path(line.strip()) for line in source.read_text().splitlines() if line.strip() and not line.startswith("#")]
+    else:
+        raise InputError(f"training data {source} not found: give a folder of CT images or a text file listing them")
+    if not files:
+        raise InputError(f"training data {source} holds no CT image ({', '.join(IMAGE_SUFFIXES)} or DICOM folders)")
+    return files
+
+
+def load_images(source: str | Path, config: MisalignmentConfig) -> list[TrainingImage]:
+    return [to_training_image(read_image(p, str(p)), p.name, config) for p in list_image_files(source)]
+
+
+def phantom_images(count: int, size_mm: tuple[float, float, float], seed: int,
+                   config: MisalignmentConfig) -> list[TrainingImage]:
+    return [to_training_image(make_chest_phantom(size_mm, config.spacing_mm, seed + i), f"phantom{seed + i}", config)
+            for i in range(count)]

@@ -1,0 +1,84 @@
+"""Write trained networks as shipped models: TorchScript + model card, and the training curves."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+
+from RegistrationMisalignmentLib.config import MisalignmentConfig
+from RegistrationMisalignmentLib.networks.model import MisalignmentNet, RegNetT
+from RegistrationMisalignmentLib.networks.regnet import RegNet
+from RegistrationMisalignmentLib.weights import save_model
+
+ARCHITECTURE = {
+    "lstm": "3 RegNet Uadv encoders (x4, x2, x1; 101^3 -> 25^3 features) + hierarchical conv-LSTM decoder",
+    "multiscale": "3 RegNet Uadv encoders (x4, x2, x1) + multi-scale CNN decoder",
+    "singlescale": "RegNet Uadv encoder (x1) + single-scale CNN decoder",
+    "regnet-t": "3 RegNet Uadv registration networks used as a 3-level registration, |DVF| thresholded",
+}
+
+
+def _card(name: str, decoder: str, config: MisalignmentConfig, training: dict, metrics: dict, description: str) -> dict:
+    return {
+        "name": name,
+        "decoder": decoder,
+        "split": config.split,
+        "description": description,
+        "architecture": ARCHITECTURE[decoder],
+        "thresholds_mm": list(config.thresholds_mm),
+        "input_spacing_mm": config.spacing_mm,
+        "normalisation": {"hu_window": list(config.hu_window), "maps_to": [-1.0, 1.0]},
+        "config": config.to_dict(),
+        "training": training,
+        "metrics": metrics,
+    }
+
+
+def export_misalignment(model: MisalignmentNet, config: MisalignmentConfig, path: str | Path, training: dict,
+                        metrics: dict, description: str = "") -> Path:
+    name = Path(path).with_suffix("").name
+    card = _card(name, model.decoder_name, config, training, metrics,
+                 description or f"Misalignment classifier, {model.decoder_name} decoder, split {config.split}")
+    return save_model(model, card, path)
+
+
+def export_regnet_t(regnets: dict[int, RegNet], config: MisalignmentConfig, path: str | Path, training: dict,
+                    metrics: dict) -> Path:
+    baseline = RegNetT(config)
+    for s, regnet in regnets.items():
+        getattr(baseline, f"regnet{s}").load_state_dict(regnet.state_dict())
+    name = Path(path).with_suffix("").name
+    card = _card(name, "regnet-t", config, training, metrics,
+                 "RegNet-t baseline: the pre-trained registration networks as a 3-level registration, "
+                 "|DVF| classed at 3 and 6 mm (no misalignment training)")
+    return save_model(baseline, card, path)
+
+
+def plot_curves(history_path: Path, png_path: Path) -> Path:
+    """Loss and validation curves of every stage from the JSON-lines history."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = [json.loads(line) for line in history_path.read_text().splitlines() if line.strip()]
+    stages = list(dict.fromkeys(r["stage"] for r in rows))
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    for stage in stages:
+        rs = [r for r in rows if r["stage"] == stage]
+        axes[0].plot([r["epoch"] for r in rs], [r["train_loss"] for r in rs], marker="o", label=stage)
+        if "val_mean_f1" in rs[0]:
+            axes[1].plot([r["epoch"] for r in rs], [100 * r["val_mean_f1"] for r in rs], marker="o", label=f"{stage} mean F1")
+            axes[1].plot([r["epoch"] for r in rs], [100 * r["val_kappa"] for r in rs], marker="s", label=f"{stage} kappa")
+    axes[0].set(xlabel="epoch", ylabel="training loss", yscale="log", title="training loss per stage")
+    axes[1].set(xlabel="epoch", ylabel="%", title="validation (held-out pairs)")
+    for ax in axes:
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    png_path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(png_path, dpi=110)
+    plt.close(fig)
+    return png_path

@@ -1,0 +1,302 @@
+"""``regmis-train``: RegNet pre-training per scale, then the misalignment model, then export.
+
+Stages: ``regnet4``, ``regnet2``, ``regnet1`` (DVF regression, Huber loss) and ``misalignment``
+(encoders initialised from the RegNets and kept trainable; loss = sum of the per-step
+cross-entropies). Every epoch draws a fresh pool of deformed pairs from (seed, stage, epoch), so a
+run resumed from its checkpoint continues bit for bit on CPU. Validation runs on held-out pairs:
+a caudal slab of every real image and phantoms of other seeds. Runs under ``torchrun`` use DDP.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from tqdm import tqdm
+
+from RegistrationMisalignmentLib.config import MisalignmentConfig
+from RegistrationMisalignmentLib.errors import InputError
+from RegistrationMisalignmentLib.inference import resolve_device
+from RegistrationMisalignmentLib.metrics import evaluate_classes
+from RegistrationMisalignmentLib.networks.model import MisalignmentNet
+from RegistrationMisalignmentLib.networks.regnet import RegNet
+from trainer.config import TrainConfig
+from trainer.data import TrainingImage, load_images, phantom_images
+from trainer.dataset import PatchSampler, build_pool
+from trainer.deformations import DVFSettings
+from trainer.export import export_misalignment, export_regnet_t, plot_curves
+
+REGNET_STAGES = {4: "regnet4", 2: "regnet2", 1: "regnet1"}
+STAGES = ("regnet4", "regnet2", "regnet1", "misalignment")
+
+
+def split_holdout(images: list[TrainingImage], fraction: float) -> tuple[list[TrainingImage], list[TrainingImage]]:
+    """Cranial part for training, caudal slab for validation, of every image (slab held out)."""
+    train, val = [], []
+    for image in images:
+        cut = int(round(image.hu.shape[0] * fraction))
+        val.append(image.crop_z(0, cut))
+        train.append(image.crop_z(cut, image.hu.shape[0]))
+    return train, val
+
+
+class Trainer:
+    def __init__(self, cfg: TrainConfig):
+        self.cfg = cfg
+        self.rank, self.world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+        if self.world > 1 and not dist.is_initialized():
+            dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+        self.device = resolve_device(cfg.device)
+        if self.device.type == "cuda" and self.world > 1:
+            self.device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+            torch.cuda.set_device(self.device)
+        if cfg.num_threads:
+            torch.set_num_threads(cfg.num_threads)
+        torch.manual_seed(cfg.seed)
+        self.config = MisalignmentConfig(split=cfg.split)
+        self.settings = DVFSettings()
+        self.out = Path(cfg.out)
+        self.main = self.rank == 0
+        if self.main:
+            self.out.mkdir(parents=True, exist_ok=True)
+        self.history_path = self.out / "history.jsonl"
+        self.writer = self._tensorboard()
+        self.train_images, self.val_images = self._images()
+        self.val_sampler = PatchSampler(
+            build_pool(self.val_images, cfg.val_pairs, cfg.seed + 100_000, self.config, self.settings),
+            self.config, np.random.default_rng(cfg.seed + 100_000))
+        self.val_batch = self.val_sampler.batch(cfg.val_patches)
+        self.val_regnet = {s: self.val_sampler.regnet_batch(cfg.val_patches, s) for s in self.config.scales}
+
+    # ---- set-up --------------------------------------------------------------------------
+    def _tensorboard(self):
+        if not self.main:
+            return None
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+        except ImportError:
+            return None
+        return SummaryWriter(str(self.out / "tensorboard"))
+
+    def _images(self) -> tuple[list[TrainingImage], list[TrainingImage]]:
+        cfg = self.cfg
+        train: list[TrainingImage] = []
+        val: list[TrainingImage] = []
+        if cfg.data:
+            train, val = split_holdout(load_images(cfg.data, self.config), cfg.holdout_fraction)
+        if cfg.phantoms:
+            train += phantom_images(cfg.phantoms, cfg.phantom_size_mm, cfg.seed, self.config)
+            val += phantom_images(max(1, cfg.phantoms // 4), cfg.phantom_size_mm, cfg.seed + 50_000, self.config)
+        if not train:
+            raise InputError("no training images: give --data FOLDER (real CT) and/or --phantoms N")
+        return train, val
+
+    def log(self, message: str) -> None:
+        if self.main:
+            tqdm.write(message)
+
+    # ---- checkpoints ----------------------------------------------------------------------
+    @property
+    def checkpoint_path(self) -> Path:
+        return self.out / "checkpoint.pt"
+
+    def save_checkpoint(self, state: dict) -> None:
+        if self.main:
+            tmp = self.checkpoint_path.with_suffix(".tmp")
+            torch.save(state, tmp)
+            tmp.replace(self.checkpoint_path)
+
+    def load_checkpoint(self) -> dict:
+        if self.cfg.resume and self.checkpoint_path.exists():
+            state = torch.load(self.checkpoint_path, map_location="cpu", weights_only=False)
+            self.log(f"resuming from {self.checkpoint_path}: stage {state['stage']}, epoch {state['epoch']} done")
+            return state
+        if self.main and self.history_path.exists():
+            self.history_path.unlink()
+        return {"stage": None, "epoch": 0, "models": {}, "optimizer": None, "seconds": {}}
+
+    # ---- the loop ---------------------------------------------------------------------------
+    def _pool_sampler(self, stage_index: int, epoch: int) -> PatchSampler:
+        seed = [self.cfg.seed, stage_index, epoch, self.rank]
+        pool_seed = int(np.random.default_rng(seed).integers(2**31))
+        pool = build_pool(self.train_images, self.cfg.pool_pairs, pool_seed, self.config, self.settings)
+        return PatchSampler(pool, self.config, np.random.default_rng(seed))
+
+    def _wrap(self, model: torch.nn.Module) -> torch.nn.Module:
+        if self.world > 1:
+            ids = [self.device.index] if self.device.type == "cuda" else None
+            return torch.nn.parallel.DistributedDataParallel(model, device_ids=ids)
+        return model
+
+    def _autocast(self):
+        enabled = self.cfg.amp and self.device.type == "cuda"
+        return torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=enabled)
+
+    def fit(self, stage: str, model: torch.nn.Module, epochs: int, state: dict) -> dict:
+        """Train ``model`` for ``stage``; skip or resume according to the checkpoint ``state``."""
+        stage_index = STAGES.index(stage)
+        done_index = STAGES.index(state["stage"]) if state["stage"] else -1
+        if stage in state["models"]:
+            model.load_state_dict(state["models"][stage])
+        first_epoch = 0
+        if done_index > stage_index or (done_index == stage_index and state["epoch"] >= epochs):
+            return state
+        model.to(self.device)
+        net = self._wrap(model)
+        optimizer = torch.optim.Adam(net.parameters(), lr=self.cfg.lr)
+        if done_index == stage_index:
+            first_epoch = state["epoch"]
+            optimizer.load_state_dict(state["optimizer"])
+        for epoch in range(first_epoch, epochs):
+            start = time.perf_counter()
+            sampler = self._pool_sampler(stage_index, epoch)
+            net.train()
+            losses = []
+            bar = tqdm(range(self.cfg.steps_per_epoch), desc=f"{stage} {epoch + 1}/{epochs}", disable=not self.main,
+                       leave=False, file=sys.stderr)
+            for _ in bar:
+                loss = self._step(stage, net, sampler)
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                optimizer.step()
+                losses.append(loss.item())
+                bar.set_postfix(loss=f"{losses[-1]:.4f}")
+            seconds = time.perf_counter() - start
+            row = {"stage": stage, "epoch": epoch + 1, "train_loss": float(np.mean(losses)), "seconds": seconds,
+                   "patches_per_s": self.cfg.steps_per_epoch * self.cfg.batch_size * self.world / seconds}
+            row.update(self.validate(stage, model))
+            self.record(row)
+            state = {"stage": stage, "epoch": epoch + 1, "optimizer": optimizer.state_dict(),
+                     "models": {**state["models"], stage: model.state_dict()},
+                     "seconds": {**state["seconds"], stage: state["seconds"].get(stage, 0.0) + seconds}}
+            self.save_checkpoint(state)
+        return state
+
+    def _step(self, stage: str, net: torch.nn.Module, sampler: PatchSampler) -> torch.Tensor:
+        with self._autocast():
+            if stage == "misalignment":
+                batch = sampler.batch(self.cfg.batch_size)
+                x = {s: v.to(self.device) for s, v in batch.inputs.items()}
+                logits = net(x[1], x[2], x[4])
+                targets = batch.step_labels if len(logits) > 1 else [batch.final_labels]
+                return sum(F.cross_entropy(l.float(), t.to(self.device)) for l, t in zip(logits, targets))
+            scale = int(stage.removeprefix("regnet"))
+            x, y = sampler.regnet_batch(self.cfg.batch_size, scale)
+            return F.smooth_l1_loss(net(x.to(self.device)).float(), y.to(self.device))
+
+    @torch.no_grad()
+    def validate(self, stage: str, model: torch.nn.Module) -> dict:
+        model.eval()
+        if stage == "misalignment":
+            probs = torch.cat([model.probabilities(*(self.val_batch.inputs[s][i : i + 1].to(self.device) for s in (1, 2, 4)))
+                               for i in range(len(self.val_batch.final_labels))]).cpu()
+            report = evaluate_classes(self.val_batch.final_labels.numpy().ravel(), probs.argmax(1).numpy().ravel())
+            return {"val_mean_f1": report.mean_f1, "val_kappa": report.kappa, "val_accuracy": report.accuracy,
+                    "val_cw": report.cw, "val_f1": list(report.f1), "val_n": report.n}
+        scale = int(stage.removeprefix("regnet"))
+        x, y = self.val_regnet[scale]
+        pred = torch.cat([model(x[i : i + 1].to(self.device)).float().cpu() for i in range(len(x))])
+        return {"val_endpoint_error_mm": float(torch.linalg.vector_norm(pred - y, dim=1).mean()),
+                "val_target_magnitude_mm": float(torch.linalg.vector_norm(y, dim=1).mean())}
+
+    def record(self, row: dict) -> None:
+        if not self.main:
+            return
+        with open(self.history_path, "a") as f:
+            f.write(json.dumps(row) + "\n")
+        if self.writer is not None:
+            for key, value in row.items():
+                if isinstance(value, (int, float)) and key not in ("epoch",):
+                    self.writer.add_scalar(f"{row['stage']}/{key}", value, row["epoch"])
+        shown = {k: round(v, 4) if isinstance(v, float) else v for k, v in row.items() if k not in ("stage", "val_f1")}
+        self.log(f"{row['stage']} {shown}")
+
+    def run(self) -> dict[str, Path]:
+        cfg = self.cfg
+        state = self.load_checkpoint()
+        regnets = {s: RegNet() for s in self.config.scales}
+        for s in self.config.scales:
+            state = self.fit(REGNET_STAGES[s], regnets[s], cfg.regnet_epochs, state)
+        model = MisalignmentNet(cfg.decoder, self.config)
+        for s in self.config.scales:
+            getattr(model, f"encoder{s}").load_state_dict(regnets[s].encoder.state_dict())
+        state = self.fit("misalignment", model, cfg.epochs, state)
+        if not self.main:
+            return {}
+        return self.export(model, regnets, state)
+
+    def export(self, model: MisalignmentNet, regnets: dict[int, RegNet], state: dict) -> dict[str, Path]:
+        rows = [json.loads(l) for l in self.history_path.read_text().splitlines() if l.strip()]
+        last = {r["stage"]: r for r in rows}
+        training = {
+            "images": [i.name for i in self.train_images],
+            "validation_images": [i.name for i in self.val_images],
+            "dvf_kinds": ["single", "mixed", "respiratory", "identity"],
+            "dvf_settings": self.settings.__dict__,
+            "class_balance": [0.6, 0.2, 0.2],
+            "trainer_config": self.cfg.to_dict(),
+            "seconds_per_stage": state["seconds"],
+            "device": str(self.device) if self.world == 1 else f"{self.world} x {self.device.type} (DDP)",
+            "torch": torch.__version__,
+        }
+        val = {k: v for k, v in last.get("misalignment", {}).items() if k.startswith("val_")}
+        val_regnet = {s: {k: v for k, v in last.get(s, {}).items() if k.startswith("val_")} for s in REGNET_STAGES.values()}
+        paths = {
+            "model": export_misalignment(model.cpu(), self.config, self.out / f"{self.cfg.name}.pt", training,
+                                         {"validation_patches": val}),
+            "regnet-t": export_regnet_t({s: r.cpu() for s, r in regnets.items()}, self.config,
+                                        self.out / "regmis_regnet_t.pt", training, {"validation_patches": val_regnet}),
+            "curves": plot_curves(self.history_path, self.out / "curves.png"),
+        }
+        for key, path in paths.items():
+            self.log(f"wrote {key}: {path}")
+        return paths
+
+
+def parse_args(argv: list[str] | None) -> TrainConfig:
+    parser = argparse.ArgumentParser(prog="regmis-train", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--config", help="TOML file with TrainConfig fields")
+    parser.add_argument("--smoke", action="store_true", help="tiny run of every stage (CI; < 3 min on 2 CPU cores)")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                        help="override any TrainConfig field, e.g. --set epochs=5 (repeatable)")
+    for name in ("data", "out", "decoder", "split", "device", "name"):
+        parser.add_argument(f"--{name}")
+    for name in ("phantoms", "epochs", "regnet-epochs", "steps-per-epoch", "batch-size", "seed"):
+        parser.add_argument(f"--{name}", type=int)
+    parser.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint.pt")
+    args = parser.parse_args(argv)
+    overrides = {k.replace("-", "_"): v for k, v in vars(args).items()
+                 if k not in ("config", "smoke", "set") and v not in (None, False)}
+    for item in args.set:
+        key, _, value = item.partition("=")
+        try:
+            overrides[key] = json.loads(value)
+        except json.JSONDecodeError:
+            overrides[key] = value
+    if args.smoke:
+        return TrainConfig.smoke(**overrides)
+    if args.config:
+        return TrainConfig.from_toml(args.config, **overrides)
+    return TrainConfig(**overrides)
+
+
+def main(argv: list[str] | None = None) -> int:
+    try:
+        cfg = parse_args(argv)
+        Trainer(cfg).run()
+    except InputError as exc:
+        print(f"regmis-train: {exc}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
