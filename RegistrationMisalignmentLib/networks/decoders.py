@@ -78,5 +78,7 @@ class CNNDecoder(nn.Module):
 
     def forward(self, features: list[torch.Tensor]) -> list[torch.Tensor]:
         used = features[len(features) - self.num_scales :]
-        reduced = [reduce(f) for reduce, f in zip(self.reduce, used)]
+        reduced: list[torch.Tensor] = []
+        for i, reduce in enumerate(self.reduce):
+            reduced.append(reduce(used[i]))
         return [self.head(torch.cat(reduced, 1))]

@@ -1,0 +1,212 @@
+"""``regmis``: predict, evaluate, demo and info from the command line.
+
+Exit codes: 0 success, 2 bad input (the message says which input and what to do), 1 internal error
+(set REGMIS_DEBUG=1 to see its traceback).
+The flag names of ``predict`` are an interface: scripts and the benchmarks call them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+
+from RegistrationMisalignmentLib.errors import InputError, PredictionCancelled
+
+DECODER_CHOICES = ("lstm", "multiscale", "singlescale", "regnet-t")
+
+
+def _progress_bar() -> tuple[Callable[[float, str], None], Callable[[], None]]:
+    """A tqdm bar driven by the Lib's (fraction, message) progress callback."""
+    from tqdm import tqdm
+
+    bar = tqdm(total=1000, unit="‰", file=sys.stderr, bar_format="{l_bar}{bar}| {elapsed}<{remaining} {postfix}")
+
+    def update(fraction: float, message: str) -> None:
+        bar.n = int(1000 * fraction)
+        bar.set_postfix_str(message)
+
+    return update, bar.close
+
+
+def _model_for(args: argparse.Namespace):
+    from RegistrationMisalignmentLib.weights import available_models, load_model
+
+    if args.model:
+        return load_model(args.model)
+    if args.decoder:
+        for path in available_models():
+            model = load_model(path)
+            if model.decoder == args.decoder:
+                return model
+        raise InputError(f"no shipped model has decoder {args.decoder!r}; shipped: "
+                         f"{', '.join(p.stem for p in available_models()) or 'none'} (or pass --model PATH)")
+    return load_model()
+
+
+def cmd_predict(args: argparse.Namespace) -> int:
+    from RegistrationMisalignmentLib.inference import predict
+    from RegistrationMisalignmentLib.io import read_image, write_image
+
+    fixed = read_image(args.fixed, "fixed image")
+    moving = read_image(args.moving, "moving image")
+    mask = read_image(args.mask, "mask") if args.mask else None
+    model = _model_for(args)
+    update, close = _progress_bar()
+    try:
+        prediction = predict(fixed, moving, model, mask=mask, device=args.device,
+                             with_probabilities=bool(args.probabilities), progress=update,
+                             log=lambda m: print(f"note: {m}", file=sys.stderr), tile_size=args.tile_size)
+    finally:
+        close()
+    out = write_image(prediction.labelmap, args.out, "labelmap")
+    if args.probabilities:
+        write_image(prediction.probabilities, args.probabilities, "probabilities")
+    counts = np.bincount(np.asarray(_array(prediction.labelmap)).ravel(), minlength=4)[1:]
+    total = max(int(counts.sum()), 1)
+    shares = ", ".join(f"{n} {100 * c / total:.1f} %" for n, c in zip(("correct", "poor", "wrong"), counts))
+    print(f"{out}: {shares} ({model.name}, {prediction.seconds:.1f} s)")
+    return 0
+
+
+def _array(image):
+    import SimpleITK as sitk
+
+    return sitk.GetArrayViewFromImage(image)
+
+
+def cmd_evaluate(args: argparse.Namespace) -> int:
+    from RegistrationMisalignmentLib.evaluation import evaluate_landmarks, write_rows_csv
+    from RegistrationMisalignmentLib.io import read_image
+    from RegistrationMisalignmentLib.landmarks import read_landmarks, read_transform
+
+    if args.labelmap:
+        labelmap = read_image(args.labelmap, "labelmap")
+    elif args.fixed and args.moving:
+        from RegistrationMisalignmentLib.inference import predict
+
+        update, close = _progress_bar()
+        try:
+            labelmap = predict(read_image(args.fixed, "fixed image"), read_image(args.moving, "moving image"),
+                               _model_for(args), device=args.device, progress=update).labelmap
+        finally:
+            close()
+    else:
+        raise InputError("evaluate needs --labelmap, or --fixed and --moving to predict one")
+    reference = read_image(args.reference, "reference image") if args.reference else labelmap
+    fixed_points = read_landmarks(args.fixed_landmarks, reference)
+    moving_points = read_landmarks(args.moving_landmarks, reference)
+    transform = read_transform(args.transform) if args.transform else None
+    rows, report = evaluate_landmarks(labelmap, fixed_points, moving_points, transform)
+    print(report.format_table())
+    if args.out_csv:
+        print(f"wrote {write_rows_csv(rows, args.out_csv)}")
+    if args.out_json:
+        Path(args.out_json).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.out_json).write_text(json.dumps(report.to_dict(), indent=2) + "\n")
+        print(f"wrote {args.out_json}")
+    return 0
+
+
+def cmd_info(args: argparse.Namespace) -> int:
+    import torch
+
+    from RegistrationMisalignmentLib.weights import available_models, load_model, models_dir
+
+    print(f"python {platform.python_version()}, torch {torch.__version__}, "
+          f"CUDA {'available: ' + torch.cuda.get_device_name(0) if torch.cuda.is_available() else 'not available'}")
+    print(f"models in {models_dir()}: {', '.join(p.stem for p in available_models()) or 'none'}")
+    if args.model or available_models():
+        model = load_model(args.model) if args.model else load_model()
+        card = {k: v for k, v in model.card.items() if k not in ("config", "training")}
+        print(json.dumps(card, indent=2))
+        training = model.card.get("training", {})
+        print("trained on:", ", ".join(training.get("images", [])) or "n/a")
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from RegistrationMisalignmentLib.demo import run_demo
+
+    update, close = _progress_bar()
+    try:
+        run_demo(args.out, device=args.device, progress=update, log=lambda m: print(m, file=sys.stderr))
+    finally:
+        close()
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="regmis", description="Voxel-wise registration misalignment (correct / "
+                                     "poor / wrong) for a fixed CT and a registered moving CT.")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    def model_flags(p: argparse.ArgumentParser) -> None:
+        p.add_argument("--model", help="model .pt file or shipped model name (default: the shipped LSTM 6-3-1)")
+        p.add_argument("--decoder", choices=DECODER_CHOICES, help="pick the shipped model with this decoder")
+        p.add_argument("--device", default="auto", help="auto (CUDA when present), cuda or cpu")
+
+    p = sub.add_parser("predict", help="predict the misalignment labelmap of a registered pair")
+    p.add_argument("--fixed", required=True, help="fixed image (any SimpleITK format or DICOM folder)")
+    p.add_argument("--moving", required=True, help="moving image after registration (deformed moving)")
+    p.add_argument("--out", required=True, help="output labelmap (0 outside, 1 correct, 2 poor, 3 wrong)")
+    p.add_argument("--probabilities", help="also write the 3-class probabilities (vector image)")
+    p.add_argument("--mask", help="restrict the output to this fixed-image mask (e.g. lungs)")
+    p.add_argument("--tile-size", type=int, help="1 mm voxels per tile side (multiple of 16)")
+    model_flags(p)
+    p.set_defaults(func=cmd_predict)
+
+    p = sub.add_parser("evaluate", help="score a labelmap at landmarks: per-landmark CSV + metrics JSON")
+    p.add_argument("--labelmap", help="labelmap from `regmis predict` (or give --fixed and --moving)")
+    p.add_argument("--fixed")
+    p.add_argument("--moving")
+    p.add_argument("--fixed-landmarks", required=True, help=".mrk.json, .fcsv, DIR-Lab .txt or .csv (LPS)")
+    p.add_argument("--moving-landmarks", required=True)
+    p.add_argument("--transform", help="registration transform file or displacement field (fixed -> moving); "
+                   "omit when the moving landmarks are already in the deformed space")
+    p.add_argument("--reference", help="image whose geometry converts DIR-Lab voxel indices (default: the labelmap)")
+    p.add_argument("--out-csv")
+    p.add_argument("--out-json")
+    model_flags(p)
+    p.set_defaults(func=cmd_evaluate)
+
+    p = sub.add_parser("demo", help="known deformation of the held-out real CT, predicted and scored")
+    p.add_argument("--out", default="regmis_demo", help="output folder")
+    p.add_argument("--device", default="auto")
+    p.set_defaults(func=cmd_demo)
+
+    p = sub.add_parser("info", help="model card and device")
+    p.add_argument("--model")
+    p.set_defaults(func=cmd_info)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except InputError as exc:
+        print(f"regmis: error: {exc}", file=sys.stderr)
+        return 2
+    except PredictionCancelled:
+        print("regmis: cancelled, nothing written", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("regmis: interrupted, nothing written", file=sys.stderr)
+        return 130
+    except Exception as exc:  # the promise is exit code 1 with a readable line, not a traceback
+        if os.environ.get("REGMIS_DEBUG"):
+            raise
+        print(f"regmis: internal error: {type(exc).__name__}: {exc} (please report it with the command line)",
+              file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
