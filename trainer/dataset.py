@@ -24,6 +24,8 @@ from trainer.deformations import KINDS, DVFSettings, deform_pair
 BODY_HU = -950.0
 """Patch centres must be denser than this (lung parenchyma is about -850 HU, outside air -1000)."""
 CLASS_BALANCE = (0.6, 0.2, 0.2)
+IGNORE = -100
+"""Label of voxels outside the image (a patch near the border): cross-entropy ignores them."""
 """Share of patches whose centre voxel is correct / poor / wrong (the paper's 60/20/20)."""
 
 
@@ -87,9 +89,12 @@ class PatchSampler:
         return pair, (int(start[0]), int(start[1]), int(start[2])), cls
 
     def labels(self, pair: DeformedPair, start: tuple[int, int, int]) -> list[np.ndarray]:
+        """Per-step labels and the final classes of the output block; ``IGNORE`` outside the image."""
         size = (self.output,) * 3
-        block = extract_block(torch.from_numpy(pair.magnitude)[None], start, size, 0.0)[0].numpy()
-        return self.config.step_labels(block) + [self.config.classify_mm(block)]
+        block = extract_block(torch.from_numpy(pair.magnitude)[None], start, size, -1.0)[0].numpy()
+        outside = block < 0
+        return [np.where(outside, IGNORE, labels) for labels in self.config.step_labels(block)
+                + [self.config.classify_mm(block)]]
 
     def batch(self, size: int) -> Batch:
         inputs: dict[int, list[torch.Tensor]] = {s: [] for s in self.config.scales}
@@ -109,8 +114,9 @@ class PatchSampler:
             centre_classes=np.asarray(centres),
         )
 
-    def regnet_batch(self, size: int, scale: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """RegNet pre-training patches of pyramid level ``scale``: inputs (B, 2, 101^3), DVF targets (B, 3, 21^3).
+    def regnet_batch(self, size: int, scale: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """RegNet pre-training patches of level ``scale``: inputs (B, 2, 101^3), DVF targets (B, 3, 21^3)
+        and a mask (B, 1, 21^3) of target voxels inside the image.
 
         The centre is drawn with the same class balance; the target is the DVF sampled on the level's
         grid (level voxel q on 1 mm voxel s*q), in mm.
@@ -118,7 +124,7 @@ class PatchSampler:
         n_in = self.config.encoder_input
         n_out = n_in - 2 * (ENCODER_CONTEXT + HEAD_CONTEXT)
         fill = background_value(self.config)
-        xs, ys = [], []
+        xs, ys, masks = [], [], []
         for _ in range(size):
             pair, start, _ = self.draw_start()
             centre = [(a + self.output // 2) // scale for a in start]
@@ -127,7 +133,9 @@ class PatchSampler:
             xs.append(extract_block(pair.pyramid[scale], in_start, (n_in,) * 3, fill))
             dvf_level = pair.dvf[:, ::scale, ::scale, ::scale]
             ys.append(extract_block(dvf_level, out_start, (n_out,) * 3, 0.0))
-        return torch.stack(xs), torch.stack(ys)
+            inside = torch.ones((1, *dvf_level.shape[1:]))
+            masks.append(extract_block(inside, out_start, (n_out,) * 3, 0.0))
+        return torch.stack(xs), torch.stack(ys), torch.stack(masks)
 
 
 def build_pool(images: list[TrainingImage], count: int, seed: int, config: MisalignmentConfig,

@@ -30,12 +30,18 @@ from RegistrationMisalignmentLib.networks.model import MisalignmentNet
 from RegistrationMisalignmentLib.networks.regnet import RegNet
 from trainer.config import TrainConfig
 from trainer.data import TrainingImage, load_images, phantom_images
-from trainer.dataset import PatchSampler, build_pool
+from trainer.dataset import IGNORE, PatchSampler, build_pool
 from trainer.deformations import DVFSettings
 from trainer.export import export_misalignment, export_regnet_t, plot_curves
 
 REGNET_STAGES = {4: "regnet4", 2: "regnet2", 1: "regnet1"}
 STAGES = ("regnet4", "regnet2", "regnet1", "misalignment")
+
+
+def masked_huber(prediction: torch.Tensor, target: torch.Tensor, inside: torch.Tensor) -> torch.Tensor:
+    """Huber loss over the target voxels inside the image (the DVF is unknown in the padding)."""
+    loss = F.smooth_l1_loss(prediction, target, reduction="none") * inside
+    return loss.sum() / (inside.sum() * prediction.shape[1]).clamp(min=1.0)
 
 
 def split_holdout(images: list[TrainingImage], fraction: float) -> tuple[list[TrainingImage], list[TrainingImage]]:
@@ -187,10 +193,11 @@ class Trainer:
                 x = {s: v.to(self.device) for s, v in batch.inputs.items()}
                 logits = net(x[1], x[2], x[4])
                 targets = batch.step_labels if len(logits) > 1 else [batch.final_labels]
-                return sum(F.cross_entropy(l.float(), t.to(self.device)) for l, t in zip(logits, targets))
+                return sum(F.cross_entropy(l.float(), t.to(self.device), ignore_index=IGNORE)
+                           for l, t in zip(logits, targets))
             scale = int(stage.removeprefix("regnet"))
-            x, y = sampler.regnet_batch(self.cfg.batch_size, scale)
-            return F.smooth_l1_loss(net(x.to(self.device)).float(), y.to(self.device))
+            x, y, inside = sampler.regnet_batch(self.cfg.batch_size, scale)
+            return masked_huber(net(x.to(self.device)).float(), y.to(self.device), inside.to(self.device))
 
     @torch.no_grad()
     def validate(self, stage: str, model: torch.nn.Module) -> dict:
@@ -198,14 +205,17 @@ class Trainer:
         if stage == "misalignment":
             probs = torch.cat([model.probabilities(*(self.val_batch.inputs[s][i : i + 1].to(self.device) for s in (1, 2, 4)))
                                for i in range(len(self.val_batch.final_labels))]).cpu()
-            report = evaluate_classes(self.val_batch.final_labels.numpy().ravel(), probs.argmax(1).numpy().ravel())
+            truth = self.val_batch.final_labels.numpy().ravel()
+            inside = truth != IGNORE
+            report = evaluate_classes(truth[inside], probs.argmax(1).numpy().ravel()[inside])
             return {"val_mean_f1": report.mean_f1, "val_kappa": report.kappa, "val_accuracy": report.accuracy,
                     "val_cw": report.cw, "val_f1": list(report.f1), "val_n": report.n}
         scale = int(stage.removeprefix("regnet"))
-        x, y = self.val_regnet[scale]
+        x, y, inside = self.val_regnet[scale]
         pred = torch.cat([model(x[i : i + 1].to(self.device)).float().cpu() for i in range(len(x))])
-        return {"val_endpoint_error_mm": float(torch.linalg.vector_norm(pred - y, dim=1).mean()),
-                "val_target_magnitude_mm": float(torch.linalg.vector_norm(y, dim=1).mean())}
+        keep = inside[:, 0] > 0
+        return {"val_endpoint_error_mm": float(torch.linalg.vector_norm(pred - y, dim=1)[keep].mean()),
+                "val_target_magnitude_mm": float(torch.linalg.vector_norm(y, dim=1)[keep].mean())}
 
     def record(self, row: dict) -> None:
         if not self.main:
