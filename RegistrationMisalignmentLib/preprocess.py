@@ -50,27 +50,27 @@ def background_value(config: MisalignmentConfig) -> float:
     return float(normalize_hu(np.array([config.background_hu]), config)[0])
 
 
-def gaussian_kernel(sigma: float) -> torch.Tensor:
-    radius = max(1, int(math.ceil(3 * sigma)))
-    x = torch.arange(-radius, radius + 1, dtype=torch.float32)
-    k = torch.exp(-0.5 * (x / sigma) ** 2)
-    return k / k.sum()
+def smooth(volume: torch.Tensor, sigma: float | tuple[float, float, float]) -> torch.Tensor:
+    """Separable Gaussian of (C, D, H, W); ``sigma`` in voxels, one value or per axis (z, y, x).
 
-
-def smooth(volume: torch.Tensor, sigma: float) -> torch.Tensor:
-    """Separable Gaussian smoothing of (C, D, H, W) with edge replication (no dark rim at borders)."""
-    kernel = gaussian_kernel(sigma).to(volume)
-    r = kernel.numel() // 2
-    x = volume.unsqueeze(0)
-    channels = x.shape[1]
-    for axis in range(3):
-        shape = [1, 1, 1]
-        shape[axis] = kernel.numel()
-        weight = kernel.view(1, 1, *shape).repeat(channels, 1, 1, 1, 1)
-        pad = [0, 0, 0, 0, 0, 0]
-        pad[2 * (2 - axis)] = pad[2 * (2 - axis) + 1] = r
-        x = F.conv3d(F.pad(x, pad, mode="replicate"), weight, groups=channels)
-    return x.squeeze(0)
+    Edges are replicated, so no dark rim appears at the image border. Axes with sigma <= 0 are left alone.
+    """
+    sigmas = (sigma,) * 3 if isinstance(sigma, (int, float)) else sigma
+    channels = volume.shape[0]
+    out = volume[None]
+    for axis, s in enumerate(sigmas):
+        if s <= 0:
+            continue
+        radius = max(1, math.ceil(3 * s))
+        taps = torch.arange(-radius, radius + 1, dtype=volume.dtype, device=volume.device)
+        kernel = torch.exp(-0.5 * (taps / s) ** 2)
+        kernel_shape = [1, 1, 1]
+        kernel_shape[axis] = kernel.numel()
+        kernel = (kernel / kernel.sum()).reshape(1, 1, *kernel_shape).expand(channels, 1, *kernel_shape)
+        pad = [0] * 6
+        pad[2 * (2 - axis)] = pad[2 * (2 - axis) + 1] = radius  # F.pad lists the last axis first
+        out = F.conv3d(F.pad(out, pad, mode="replicate"), kernel, groups=channels)
+    return out[0]
 
 
 def build_pyramid(fixed: np.ndarray, moving: np.ndarray, config: MisalignmentConfig,

@@ -21,6 +21,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from RegistrationMisalignmentLib.preprocess import smooth
 from RegistrationMisalignmentLib.spatial import compose, warp
 
 Shape = tuple[int, int, int]
@@ -87,25 +88,6 @@ def _rescale(u: torch.Tensor, peak: float) -> torch.Tensor:
 
 
 # ---- building blocks ----------------------------------------------------------------------
-def _gaussian_blur(volume: torch.Tensor, sigma_vox: tuple[float, float, float]) -> torch.Tensor:
-    """Separable Gaussian of a (C, D, H, W) volume; sigma per axis (z, y, x) in voxels, edges replicated."""
-    channels = volume.shape[0]
-    out = volume[None]
-    for axis, sigma in enumerate(sigma_vox):
-        if sigma <= 0:
-            continue
-        radius = max(1, math.ceil(3 * sigma))
-        taps = torch.arange(-radius, radius + 1, dtype=volume.dtype, device=volume.device)
-        kernel = torch.exp(-0.5 * (taps / sigma) ** 2)
-        kernel_shape = [1, 1, 1]
-        kernel_shape[axis] = kernel.numel()
-        kernel = (kernel / kernel.sum()).reshape(1, 1, *kernel_shape).expand(channels, 1, *kernel_shape)
-        pad = [0] * 6
-        pad[2 * (2 - axis)] = pad[2 * (2 - axis) + 1] = radius  # F.pad lists the last axis first
-        out = F.conv3d(F.pad(out, pad, mode="replicate"), kernel, groups=channels)
-    return out[0]
-
-
 def _bspline_weights(n_voxels: int, spacing: float, knot_mm: float, device: torch.device) -> torch.Tensor:
     """(n_voxels, n_ctrl) cubic B-spline basis values of a uniform knot grid centred on the axis.
 
@@ -131,7 +113,7 @@ def _bspline_field(shape: Shape, spacing: Spacing, knot_mm: float, generator: to
     wx = _bspline_weights(width, sx, knot_mm, device)
     grid = (3, wz.shape[1], wy.shape[1], wx.shape[1])
     coeff = torch.rand(grid, generator=generator, device=generator.device).to(device) * 2 - 1
-    coeff = _gaussian_blur(coeff, (grid_sigma,) * 3)
+    coeff = smooth(coeff, (grid_sigma,) * 3)
     # Contract one axis at a time (x, then y, then z): never an intermediate larger than the field.
     field = torch.einsum("wi,ckji->ckjw", wx, coeff)
     field = torch.einsum("hj,ckjw->ckhw", wy, field)
@@ -169,7 +151,7 @@ def mixed_frequency_dvf(shape: Shape, spacing: Spacing, generator: torch.Generat
     switch = _bspline_field(shape, spacing, settings.mixed_region_mm, generator, 0.0, device) > 0
     sigma = _uniform(generator, *settings.mixed_sigma_mm)
     sx, sy, sz = spacing
-    u = _gaussian_blur(base * switch, (sigma / sz, sigma / sy, sigma / sx))
+    u = smooth(base * switch, (sigma / sz, sigma / sy, sigma / sx))
     return _rescale(u, _amplitude(generator, settings))
 
 
