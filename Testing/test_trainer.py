@@ -100,3 +100,16 @@ def test_exported_model_equals_the_eager_model(smoke_runs):
     with torch.no_grad():
         torch.testing.assert_close(loaded.module.probabilities(x1, x2, x4), eager.probabilities(x1, x2, x4))
     assert load_model(straight / "regmis_regnet_t.pt").decoder == "regnet-t"
+
+
+def test_second_decoder_reuses_the_pretrained_regnets(smoke_runs, tmp_path):
+    straight, _ = smoke_runs
+    out = tmp_path / "multiscale"
+    assert main(["--smoke", "--out", str(out), "--decoder", "multiscale", "--name", "smoke_ms", "--epochs", "1",
+                 "--pretrained", str(straight / "checkpoint.pt")]) == 0
+    stages = [l.split('"stage": "')[1].split('"')[0] for l in (out / "history.jsonl").read_text().splitlines()]
+    assert stages == ["misalignment"]
+    first = torch.load(straight / "checkpoint.pt", weights_only=False)["models"]["regnet1"]
+    again = torch.load(out / "checkpoint.pt", weights_only=False)["models"]["regnet1"]
+    assert all(torch.equal(first[k], again[k]) for k in first)
+    assert load_model(out / "smoke_ms.pt").decoder == "multiscale"

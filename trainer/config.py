@@ -44,6 +44,9 @@ class TrainConfig:
     num_threads: int = 0
     """CPU threads for torch (0: all cores)."""
     resume: bool = False
+    pretrained: str | None = None
+    """Checkpoint of an earlier run whose pre-trained RegNets are reused (stage 1 is skipped), e.g. to
+    train a second decoder on the same encoders."""
 
     @classmethod
     def smoke(cls, **overrides) -> "TrainConfig":

@@ -127,6 +127,15 @@ class Trainer:
             return state
         if self.main and self.history_path.exists():
             self.history_path.unlink()
+        if self.cfg.pretrained:
+            earlier = torch.load(self.cfg.pretrained, map_location="cpu", weights_only=False)
+            regnets = {k: v for k, v in earlier["models"].items() if k in REGNET_STAGES.values()}
+            if len(regnets) != len(REGNET_STAGES):
+                raise InputError(f"{self.cfg.pretrained} holds no complete RegNet pre-training "
+                                 f"(found {sorted(regnets)}); train stage 1 first")
+            self.log(f"reusing the pre-trained RegNets of {self.cfg.pretrained}")
+            return {"stage": "regnet1", "epoch": self.cfg.regnet_epochs, "models": regnets, "optimizer": None,
+                    "seconds": {k: v for k, v in earlier["seconds"].items() if k in regnets}}
         return {"stage": None, "epoch": 0, "models": {}, "optimizer": None, "seconds": {}}
 
     # ---- the loop ---------------------------------------------------------------------------
@@ -277,7 +286,7 @@ def parse_args(argv: list[str] | None) -> TrainConfig:
     parser.add_argument("--smoke", action="store_true", help="tiny run of every stage (CI; < 3 min on 2 CPU cores)")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                         help="override any TrainConfig field, e.g. --set epochs=5 (repeatable)")
-    for name in ("data", "out", "decoder", "split", "device", "name"):
+    for name in ("data", "out", "decoder", "split", "device", "name", "pretrained"):
         parser.add_argument(f"--{name}")
     for name in ("phantoms", "epochs", "regnet-epochs", "steps-per-epoch", "batch-size", "seed"):
         parser.add_argument(f"--{name}", type=int)
