@@ -57,6 +57,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--kinds", default=",".join(KINDS))
     parser.add_argument("--max-slices", type=int, default=64, help="cap on the slab thickness (1 mm slices)")
     parser.add_argument("--device", default="auto")
+    parser.add_argument("--update-cards", action="store_true",
+                        help="record the aggregate scores in each model's card (metrics.heldout_synthetic)")
     args = parser.parse_args(argv)
     models = [load_model(p) for p in available_models()]
     images = held_out_images(args.max_slices)
@@ -104,6 +106,14 @@ def main(argv: list[str] | None = None) -> int:
         lines.append(f"| {c['image']} | {c['kind']} | {'/'.join(f'{100 * v:.0f}' for v in c['truth_fractions'])} | "
                      + " | ".join(f"{100 * c[n]:.1f}" for n in results["models"]) + " |")
     (out / "synthetic_heldout.md").write_text("\n".join(lines) + "\n")
+    if args.update_cards:
+        for model in models:
+            card_path = model.path.with_suffix(".json")
+            card = json.loads(card_path.read_text())  # the .pt and its sha256 are untouched
+            summary = {k: v for k, v in results["models"][model.name].items() if k != "confusion"}
+            card["metrics"]["heldout_synthetic"] = {**summary, "command": results["command"],
+                                                    "pairs": len(cases), "unit": "voxels inside the body"}
+            card_path.write_text(json.dumps(card, indent=2) + "\n")
     print("\n".join(lines))
     return 0
 
