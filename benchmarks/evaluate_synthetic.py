@@ -36,12 +36,15 @@ BODY_HU = -950.0
 KINDS = ("single", "mixed", "respiratory", "identity")
 
 
-def held_out_images(max_slices: int) -> list[TrainingImage]:
+def held_out_images(max_slices: int, only: list[str]) -> list[TrainingImage]:
+    """Validation slabs of the shared real CT (names containing one of ``only``) and a phantom."""
     images: list[TrainingImage] = []
     if DEFAULT_SHARED_DATA.exists():
         _, val = split_holdout(load_images(DEFAULT_SHARED_DATA, DEFAULT_CONFIG), 0.25)
-        images += [v.crop_z(0, min(max_slices, v.hu.shape[0])) for v in val if v.hu.shape[0] >= 24]
-    images += phantom_images(1, (160.0, 128.0, 64.0), SEED, DEFAULT_CONFIG)
+        images += [v.crop_z(0, max_slices) if v.hu.shape[0] > max_slices else v for v in val
+                   if v.hu.shape[0] >= 24 and any(o in v.name for o in only)]
+    if "phantom" in only:
+        images += phantom_images(1, (160.0, 128.0, 64.0), SEED, DEFAULT_CONFIG)
     return images
 
 
@@ -56,12 +59,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", default="benchmarks/results")
     parser.add_argument("--kinds", default=",".join(KINDS))
     parser.add_argument("--max-slices", type=int, default=64, help="cap on the slab thickness (1 mm slices)")
+    parser.add_argument("--only", default="chest,phantom",
+                        help="images to use, by name: chest, abdomen, phantom (the abdomen slab is 7 M voxels)")
     parser.add_argument("--device", default="auto")
     parser.add_argument("--update-cards", action="store_true",
                         help="record the aggregate scores in each model's card (metrics.heldout_synthetic)")
     args = parser.parse_args(argv)
     models = [load_model(p) for p in available_models()]
-    images = held_out_images(args.max_slices)
+    images = held_out_images(args.max_slices, args.only.split(","))
     per_model: dict[str, dict[str, list[np.ndarray]]] = {m.name: {"true": [], "pred": []} for m in models}
     cases, seconds = [], {m.name: 0.0 for m in models}
     for i, image in enumerate(images):
