@@ -1,4 +1,4 @@
-"""``regmis``: predict, evaluate, demo and info from the command line.
+"""``regmis``: predict, evaluate, demo, benchmark and info from the command line.
 
 Exit codes: 0 success, 2 bad input (the message says which input and what to do), 1 internal error
 (set REGMIS_DEBUG=1 to see its traceback).
@@ -142,6 +142,23 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_benchmark(args: argparse.Namespace) -> int:
+    from RegistrationMisalignmentLib.protocol import BenchmarkOptions, run_benchmark
+    from RegistrationMisalignmentLib.protocol_elastix import parse_settings
+
+    study = next(s for s in ("phantom", "real_ct", "dirlab", "pairs") if getattr(args, s))
+    options = BenchmarkOptions(study=study.replace("_", "-"), source=args.dirlab or args.pairs, cases=args.cases,
+                               landmarks=args.landmarks, settings=parse_settings(args.settings), tiny=args.tiny,
+                               out=args.out, device=args.device, models_dir=args.models_dir, threads=args.threads)
+    report = run_benchmark(options, log=lambda m: print(m, file=sys.stderr))
+    for method, scores in report["results"].items():
+        mean_f1 = scores["all"]["mean_f1"]
+        print(f"{method}: mean F1 {'n/a' if mean_f1 is None else f'{100 * mean_f1:.1f} %'} over all settings, "
+              f"cw {scores['all']['cw']}, N {scores['all']['n']}")
+    print(f"report: {Path(args.out) / 'report.md'}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="regmis", description="Voxel-wise registration misalignment (correct / "
                                      "poor / wrong) for a fixed CT and a registered moving CT.")
@@ -180,6 +197,26 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default="regmis_demo", help="output folder")
     p.add_argument("--device", default="auto")
     p.set_defaults(func=cmd_demo)
+
+    p = sub.add_parser("benchmark", help="the paper's evaluation protocol: elastix settings x methods at landmarks")
+    study = p.add_mutually_exclusive_group(required=True)
+    study.add_argument("--phantom", action="store_true", help="chest phantoms deformed by known respiratory DVFs")
+    study.add_argument("--real-ct", action="store_true",
+                       help="the held-out slab of the shared chest CT deformed by known respiratory DVFs")
+    study.add_argument("--dirlab", metavar="FOLDER", help="DIR-Lab 4DCT / COPDgene files (.img + landmark .txt)")
+    study.add_argument("--pairs", metavar="CSV",
+                       help="table case,fixed,moving,fixed_landmarks,moving_landmarks (paths relative to it)")
+    p.add_argument("--cases", type=int, help="synthetic: number of cases (default 10); external: the first N")
+    p.add_argument("--landmarks", type=int, default=300, help="lung landmarks per synthetic case (default 300)")
+    p.add_argument("--settings", default="affine,bspline20,bspline100,bspline500,bspline2000",
+                   help="comma-separated registration settings (default: all five)")
+    p.add_argument("--tiny", action="store_true", help="CI size: synthetic images 32 x 32 x 32 mm, elastix "
+                   "iterations / 10 and at most 512 samples; the numbers then mean nothing")
+    p.add_argument("--out", default="regmis_benchmark", help="output folder (report.md, report.json, CSV, PNGs)")
+    p.add_argument("--device", default="auto", help="auto (CUDA when present), cuda or cpu")
+    p.add_argument("--models-dir", help="folder of models to compare (default: the shipped models)")
+    p.add_argument("--threads", type=int, help="CPU threads for torch and elastix (default: all cores)")
+    p.set_defaults(func=cmd_benchmark)
 
     p = sub.add_parser("info", help="model card and device")
     p.add_argument("--model")

@@ -1,0 +1,148 @@
+"""The evaluation protocol's registrations, run with itk-elastix (imported lazily: it is a dev extra).
+
+Settings, poor to good (Sokooti et al. 2021): ``affine``, then B-spline with 20, 100, 500 and 2000
+iterations per resolution, all with mutual information, adaptive stochastic gradient descent and 3
+resolutions. The parameter files live in ``benchmarks/elastix/`` so that anyone can rerun a
+setting with the elastix command line (``elastix -p affine.txt -p bspline500.txt``). The affine
+stage runs once per case and is the initial transform of every B-spline setting.
+
+A ``Registration`` holds the deformed moving image D(x) = M(T(x)) on the fixed grid and T itself,
+which maps fixed physical points (LPS mm) to moving physical points, elastix's convention.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import SimpleITK as sitk
+
+from RegistrationMisalignmentLib.errors import InputError
+
+ELASTIX_DIR = Path(__file__).resolve().parents[1] / "benchmarks" / "elastix"
+SETTINGS: tuple[str, ...] = ("affine", "bspline20", "bspline100", "bspline500", "bspline2000")
+ELASTIX_T_FILE = "elastix_t.txt"
+TINY_ITERATION_DIVISOR = 10
+TINY_SPATIAL_SAMPLES = 512
+TINY_EXACT_GRADIENT_SAMPLES = 2048
+"""ASGD's automatic step-size estimation otherwise reads up to 100 000 voxels: most of a tiny run's time."""
+TINY_CHANGES = (f"elastix MaximumNumberOfIterations divided by {TINY_ITERATION_DIVISOR} (at least 1), "
+                f"NumberOfSpatialSamples at most {TINY_SPATIAL_SAMPLES} and NumberOfSamplesForExactGradient "
+                f"{TINY_EXACT_GRADIENT_SAMPLES}, in every stage and in elastix-t")
+
+
+def parse_settings(text: str) -> tuple[str, ...]:
+    """'affine,bspline500' -> ('affine', 'bspline500'), in the protocol's order; refuses unknown names."""
+    names = [s.strip() for s in text.split(",") if s.strip()]
+    unknown = [s for s in names if s not in SETTINGS]
+    if unknown or not names:
+        raise InputError(f"--settings {text!r}: unknown setting(s) {unknown or '(none given)'}; choose a "
+                         f"comma-separated subset of {','.join(SETTINGS)}")
+    return tuple(s for s in SETTINGS if s in names)
+
+
+def setting_files(setting: str) -> list[str]:
+    """Parameter files of a setting, in the order elastix applies them."""
+    return ["affine.txt"] if setting == "affine" else ["affine.txt", f"{setting}.txt"]
+
+
+@dataclass
+class Registration:
+    """One elastix result: the deformed moving image on the fixed grid and T (fixed -> moving points)."""
+
+    deformed: sitk.Image
+    transform: Any
+    """An ITK transform (elastix's combination transform, initial transforms included)."""
+    parameters: Any
+    """The elastix transform parameter object, to start a later stage from this one."""
+    seconds: float
+
+    def map_points(self, points_lps: np.ndarray) -> np.ndarray:
+        """T(x) for (N, 3) fixed points in LPS mm."""
+        return np.array([tuple(self.transform.TransformPoint([float(v) for v in p]))
+                         for p in np.asarray(points_lps, dtype=np.float64).reshape(-1, 3)]).reshape(-1, 3)
+
+
+def _to_itk(image: sitk.Image):
+    import itk
+
+    out = itk.image_from_array(np.ascontiguousarray(sitk.GetArrayFromImage(image), dtype=np.float32))
+    out.SetSpacing([float(v) for v in image.GetSpacing()])
+    out.SetOrigin([float(v) for v in image.GetOrigin()])
+    out.SetDirection(itk.matrix_from_array(np.array(image.GetDirection(), dtype=np.float64).reshape(3, 3)))
+    return out
+
+
+class ElastixRunner:
+    """Reads the parameter files once (with the --tiny changes) and runs the settings of a case."""
+
+    def __init__(self, tiny: bool = False, threads: int | None = None, directory: Path = ELASTIX_DIR):
+        try:
+            import itk
+        except ImportError:
+            raise InputError("the benchmark needs itk-elastix: pip install itk-elastix (it is in the dev extra, "
+                             "pip install -e '.[dev]')") from None
+        if threads:
+            itk.MultiThreaderBase.SetGlobalDefaultNumberOfThreads(int(threads))
+        self.directory = Path(directory)
+        self.tiny = tiny
+        self._maps: dict[str, Any] = {}
+
+    def parameter_map(self, filename: str):
+        """The elastix parameter map of one file of ``directory`` (cached), --tiny changes applied."""
+        if filename not in self._maps:
+            import itk
+
+            path = self.directory / filename
+            if not path.is_file():
+                raise InputError(f"elastix parameter file {path} is missing; run the benchmark from a checkout "
+                                 "of the repository (benchmarks/elastix/ holds the protocol's files)")
+            holder = itk.ParameterObject.New()
+            holder.AddParameterFile(str(path))
+            parameters = holder.GetParameterMap(0)
+            if self.tiny:
+                iterations = int(parameters["MaximumNumberOfIterations"][0])
+                samples = int(parameters["NumberOfSpatialSamples"][0])
+                parameters["MaximumNumberOfIterations"] = [str(max(1, iterations // TINY_ITERATION_DIVISOR))]
+                parameters["NumberOfSpatialSamples"] = [str(min(samples, TINY_SPATIAL_SAMPLES))]
+                parameters["NumberOfSamplesForExactGradient"] = [str(TINY_EXACT_GRADIENT_SAMPLES)]
+            self._maps[filename] = parameters
+        return self._maps[filename]
+
+    def register(self, fixed: sitk.Image, moving: sitk.Image, filename: str,
+                 initial: Registration | None = None) -> Registration:
+        """Register ``moving`` to ``fixed`` with one parameter file, starting from ``initial``."""
+        import itk
+
+        start = time.perf_counter()
+        parameters = itk.ParameterObject.New()
+        parameters.AddParameterMap(self.parameter_map(filename))
+        method = itk.ElastixRegistrationMethod.New(_to_itk(fixed), _to_itk(moving))
+        method.SetParameterObject(parameters)
+        if initial is not None:
+            method.SetInitialTransformParameterObject(initial.parameters)
+        method.SetLogToConsole(False)
+        method.Update()
+        deformed = sitk.GetImageFromArray(itk.array_from_image(method.GetOutput()).astype(np.float32))
+        deformed.CopyInformation(fixed)
+        return Registration(deformed, method.GetCombinationTransform(), method.GetTransformParameterObject(),
+                            time.perf_counter() - start)
+
+    def run_settings(self, fixed: sitk.Image, moving: sitk.Image, settings: Iterable[str]) -> dict[str, Registration]:
+        """Every requested setting, plus "affine" always: computed once, it starts every B-spline setting.
+
+        A B-spline setting's ``seconds`` are those of its own stage, without the shared affine one.
+        """
+        results = {"affine": self.register(fixed, moving, "affine.txt")}
+        for setting in settings:
+            if setting != "affine":
+                results[setting] = self.register(fixed, moving, f"{setting}.txt", results["affine"])
+        return results
+
+
+__all__ = ["SETTINGS", "ELASTIX_DIR", "ELASTIX_T_FILE", "TINY_CHANGES", "Registration", "ElastixRunner",
+           "parse_settings", "setting_files"]
