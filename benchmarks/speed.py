@@ -1,0 +1,228 @@
+"""Speed benchmark of whole-image prediction (issue 7; issue 3's CT-sized timing).
+
+Generates the chest-CT-sized phantom pair (see ``speed_pair``), then measures, each configuration in
+a fresh process (``speed_run``): every model given, at the chosen volume scale, per stage (median of
+``--repeats`` after a warm-up), voxels/s, peak RSS and peak CUDA memory; comparison rows for the
+RegNet-t baseline and the seed's simple per-patch loop; and the first model at the ``--scales``
+volume factors, with the fitted exponents of time and memory against voxel count. Writes
+``<name>.json`` and ``<name>.md`` to ``--out``.
+
+Run from the repository root:
+    python -m benchmarks.speed --random-weights --device cpu          # issue 7, before a model is trained
+    python -m benchmarks.speed --ci --out /tmp/bench                    # tiny, < 1 min on 2 cores
+    python -m benchmarks.speed --shape 256,256,100 --scales none --decoders lstm --random-weights --skip-comparisons
+Run times do not depend on the weights, so ``--random-weights`` rows time the architecture exactly.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import shlex
+import subprocess
+import sys
+from pathlib import Path
+
+if __package__ in (None, ""):  # run as a file (python benchmarks/speed.py): make the repository importable
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import torch  # noqa: E402
+
+from benchmarks.speed_pair import CHEST_SHAPE, CHEST_SPACING, PairGeometry, cached_pair, default_cache_dir  # noqa: E402
+from benchmarks.speed_report import goals, machine_info, scaling_summary, write_report  # noqa: E402
+from RegistrationMisalignmentLib.config import DEFAULT_CONFIG  # noqa: E402
+from RegistrationMisalignmentLib.inference import resolve_device  # noqa: E402
+from RegistrationMisalignmentLib.networks.model import DECODERS, MisalignmentNet, RegNetT  # noqa: E402
+from RegistrationMisalignmentLib.weights import KINDS, available_models, resolve_model_path, save_model  # noqa: E402
+
+REPO = Path(__file__).resolve().parents[1]
+CI_PRESET = {
+    "random_weights": True, "decoders": "lstm,regnet-t", "device": "cpu", "shape": "32,32,12", "scales": "0.5,1",
+    "tile_size": "32", "naive_patch": 117, "repeats": 3, "warmup": "small",
+}
+"""``--ci``: a 32 x 32 x 12 pair (one 32^3 tile at 1 mm), two sizes for the exponent; < 1 min on 2 cores."""
+DEFAULTS = {
+    "random_weights": False, "decoders": ",".join(KINDS), "device": "auto", "shape": ",".join(map(str, CHEST_SHAPE)),
+    "scales": "0.25,0.5,1,2", "tile_size": "", "naive_patch": 205, "repeats": 3, "warmup": "small",
+}
+
+
+def _floats(text: str) -> list[float]:
+    return [] if text.strip().lower() in ("", "none") else [float(v) for v in text.split(",")]
+
+
+def random_model(decoder: str, directory: Path) -> Path:
+    """A random-weight model of ``decoder`` saved as a real model file (reused when already there)."""
+    path = directory / f"random_{decoder}.pt"
+    if not (path.exists() and path.with_suffix(".json").exists()):
+        torch.manual_seed(0)
+        module = RegNetT(DEFAULT_CONFIG) if decoder == "regnet-t" else MisalignmentNet(decoder, DEFAULT_CONFIG)
+        save_model(module.eval(), {"name": f"random_{decoder}", "decoder": decoder, "config": DEFAULT_CONFIG.to_dict(),
+                                   "random_weights": True, "training": "none: random weights, for timing only"},
+                   path)
+    return path
+
+
+def model_entries(args: argparse.Namespace, cache: Path) -> list[dict]:
+    """[{path, decoder, random_weights}] for the models to time, in the order given."""
+    if args.random_weights:
+        decoders = [d.strip() for d in args.decoders.split(",") if d.strip()]
+        unknown = set(decoders) - set(KINDS)
+        if unknown:
+            raise SystemExit(f"--decoders: unknown {sorted(unknown)}; choose from {', '.join(KINDS)}")
+        return [{"path": random_model(d, cache / "models"), "decoder": d, "random_weights": True, "sha256": None}
+                for d in decoders]
+    paths = [resolve_model_path(p) for p in args.models] if args.models else available_models()
+    if not paths:
+        raise SystemExit("no models in Resources/Models; pass --models PATH ... or --random-weights")
+    entries = []
+    for path in paths:
+        card = json.loads(path.with_suffix(".json").read_text())
+        entries.append({"path": path, "decoder": card["decoder"], "random_weights": bool(card.get("random_weights")),
+                        "sha256": card.get("sha256")})
+    return entries
+
+
+def run_configuration(job: dict) -> dict:
+    """Run ``speed_run`` in a fresh interpreter; its stderr streams through, its last stdout line is the result."""
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))}
+    proc = subprocess.run([sys.executable, "-m", "benchmarks.speed_run", json.dumps(job)], cwd=REPO, env=env,
+                          stdout=subprocess.PIPE, text=True)
+    if proc.returncode != 0:
+        reason = f"killed by signal {-proc.returncode}" if proc.returncode < 0 else f"exit code {proc.returncode}"
+        return {"error": f"{reason} (see its stderr above)"}
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m benchmarks.speed", description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--models", nargs="+", help="model files (.pt with card) or names; default: Resources/Models")
+    p.add_argument("--random-weights", action="store_true", default=None,
+                   help="time random-weight models of --decoders (no trained model needed)")
+    p.add_argument("--decoders", help=f"with --random-weights, comma-separated of {', '.join(KINDS)} (default all)")
+    p.add_argument("--device", help="cpu, cuda, cuda:N or auto (default auto)")
+    p.add_argument("--shape", help=f"fixed grid x,y,z voxels at --scale 1 (default {','.join(map(str, CHEST_SHAPE))})")
+    p.add_argument("--spacing", default=",".join(map(str, CHEST_SPACING)), help="fixed grid x,y,z mm")
+    p.add_argument("--scale", type=float, default=1.0, help="voxel-count factor of the main rows (spacing kept)")
+    p.add_argument("--scales", help="voxel-count factors of the scaling study, or 'none' (default 0.25,0.5,1,2)")
+    p.add_argument("--seed", type=int, default=0, help="phantom and DVF seed")
+    p.add_argument("--phantom-spacing", type=float, default=1.0, help="mm of the phantom the pair is resampled from")
+    p.add_argument("--repeats", type=int, help="timed runs per configuration, median reported (default 3)")
+    p.add_argument("--warmup", choices=("small", "full", "none"),
+                   help="warm-up before timing: a crop holding a batch of full tiles (default), the whole pair, none")
+    p.add_argument("--tile-size", help="comma-separated tile sides (1 mm voxels) to compare; default the model's")
+    p.add_argument("--tile-batch", type=int, help="tiles per forward pass; default the model's")
+    p.add_argument("--threads", type=int, help="torch CPU threads (default torch's choice)")
+    p.add_argument("--naive-patch", type=int, help="x1 input side of the seed's per-patch loop (default 205; 0 skips)")
+    p.add_argument("--skip-comparisons", action="store_true", help="no RegNet-t and per-patch rows")
+    p.add_argument("--no-tile-profile", action="store_true", help="skip the encoder/decoder split of one tile batch")
+    p.add_argument("--ci", action="store_true", help="tiny CI preset; explicit flags still override it")
+    p.add_argument("--cache", type=Path, help=f"pair and random-model cache (default {default_cache_dir()})")
+    p.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results", help="folder for <name>.json/.md")
+    p.add_argument("--name", help="results file stem (default speed-<device>[-ci])")
+    return p
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    args = build_parser().parse_args(argv)
+    for key, value in {**DEFAULTS, **(CI_PRESET if args.ci else {})}.items():
+        if getattr(args, key) is None:
+            setattr(args, key, value)
+    if args.models and args.random_weights:
+        raise SystemExit("give either --models or --random-weights, not both")
+    if args.repeats < 1:
+        raise SystemExit("--repeats must be at least 1")
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    device = str(resolve_device(args.device))
+    cache = args.cache or default_cache_dir()
+    shape, spacing = tuple(int(v) for v in args.shape.split(",")), tuple(_floats(args.spacing))
+    base = PairGeometry(shape, spacing)  # type: ignore[arg-type]
+    models = model_entries(args, cache)
+    primary = next((m for m in models if m["decoder"] in DECODERS), models[0])
+    tiles = [int(v) for v in _floats(args.tile_size)] or [None]
+
+    def log(message: str) -> None:
+        print(f"[speed] {message}", file=sys.stderr, flush=True)
+
+    def measure(label: str, role: str, kind: str, model: dict, scale: float, tile: int | None) -> dict:
+        geometry = base.scaled(scale)
+        log(f"{label}: pair {geometry.shape} ...")
+        fixed, moving = cached_pair(geometry, args.seed, args.phantom_spacing, cache)
+        job = {"kind": kind, "model": str(model["path"]), "fixed": str(fixed), "moving": str(moving), "device": device,
+               "tile_size": tile, "tile_batch": args.tile_batch, "repeats": args.repeats, "warmup": args.warmup,
+               "threads": args.threads, "naive_patch": args.naive_patch,
+               "profile_tiles": role == "main" and not args.no_tile_profile}
+        result = run_configuration(job)
+        shape_1mm = geometry.grid_1mm_shape(DEFAULT_CONFIG.spacing_mm)
+        row = {"label": label, "role": role, "kind": kind, "decoder": model["decoder"],
+               "model": Path(model["path"]).name, "model_sha256": model["sha256"],
+               "random_weights": model["random_weights"], "device": device,
+               "scale": scale, "shape": list(geometry.shape), "spacing": list(geometry.spacing),
+               "shape_1mm": list(shape_1mm), "voxels": geometry.voxels,
+               "voxels_1mm": shape_1mm[0] * shape_1mm[1] * shape_1mm[2], **result}
+        if "error" not in row:
+            row["voxels_per_s"] = row["voxels"] / row["total_s"]
+            row["voxels_1mm_per_s"] = row["voxels_1mm"] / row["total_s"]
+        log(f"{label}: " + (row["error"] if "error" in row else
+                            f"{row['total_s']:.3g} s, peak RSS {row['peak_rss_bytes'] / 1e9:.2f} GB"))
+        return row
+
+    rows = []
+    for model in models:
+        for tile in tiles:
+            label = model["decoder"] + (f" tile {tile}" if len(tiles) > 1 else "")
+            rows.append(measure(label, "main", "predict", model, args.scale, tile))
+    if not args.skip_comparisons:
+        if not any(m["decoder"] == "regnet-t" for m in models):
+            baseline = {"path": random_model("regnet-t", cache / "models"), "decoder": "regnet-t",
+                        "random_weights": True, "sha256": None}
+            rows.append(measure("RegNet-t baseline", "comparison", "predict", baseline, args.scale, tiles[0]))
+        if args.naive_patch and primary["decoder"] in DECODERS:
+            label = f"naive {args.naive_patch}^3 patches"
+            rows.append(measure(label, "comparison", "naive", primary, args.scale, None))
+    naive = next((r for r in rows if r["kind"] == "naive" and "error" not in r), None)
+    for r in rows:
+        if naive and "error" not in r:
+            r["speedup_vs_naive"] = naive["total_s"] / r["total_s"]
+
+    scaling_label = primary["decoder"] + (f" tile {tiles[0]}" if tiles[0] else "")
+    # Main rows come model by model, tile size by tile size: the primary model's first is its tiles[0] row.
+    scaling_rows = [r for r in rows if r["role"] == "main" and r["model"] == Path(primary["path"]).name][:1]
+    for f in _floats(args.scales):
+        if f != args.scale:
+            row = measure(f"{primary['decoder']} x{f:g}", "scaling", "predict", primary, f, tiles[0])
+            rows.append(row)
+            scaling_rows.append(row)
+
+    report = {
+        "name": args.name or f"speed-{device.split(':')[0]}" + ("-ci" if args.ci else ""),
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "command": "python -m benchmarks.speed " + shlex.join(sys.argv[1:] if argv is None else argv),
+        "machine": machine_info(),
+        "settings": {"device": device, "repeats": args.repeats, "warmup": args.warmup, "seed": args.seed,
+                     "shape": list(base.shape), "spacing": list(base.spacing), "scale": args.scale,
+                     "phantom_spacing_mm": args.phantom_spacing, "tile_sizes": tiles, "tile_batch": args.tile_batch,
+                     "threads": args.threads, "naive_patch": args.naive_patch},
+        "repeats": args.repeats,
+        "warmup": args.warmup,
+        "rows": rows,
+    }
+    if len(scaling_rows) > 1:
+        report["scaling"] = {"label": scaling_label, **scaling_summary(scaling_rows)}
+    main_row = scaling_rows[0] if scaling_rows else None
+    if main_row and "error" not in main_row and base == PairGeometry() and args.scale == 1:
+        report["goals"] = {"label": main_row["label"], **goals(main_row)}
+    json_path, md_path = write_report(report, args.out)
+    log(f"wrote {json_path} and {md_path}")
+    return 1 if any("error" in r for r in rows) else 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,225 @@
+"""One benchmark configuration, measured in its own process: ``python -m benchmarks.speed_run JOB_JSON``.
+
+A fresh process per configuration makes the kernel's peak-RSS counter (VmHWM, per process) that
+configuration's peak. The job (JSON on the command line) names the pair files, the model, the
+device and the tiling; the result is one JSON object on the last line of stdout.
+
+Timing: one warm-up ``predict`` (on a crop that holds a full batch of full-size tiles, or on the
+whole pair, or none), then ``repeats`` timed runs; each stage's median is reported. ``predict``
+synchronises CUDA at every stage boundary, so its stage times are device times too.
+
+The "naive" kind is the seed's simple loop: cubic patches (205^3 at x1 by default) through the model
+one at a time, fp32, no batching and no tile planning, stitched, then the same resampling back.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import SimpleITK as sitk
+import torch
+
+from RegistrationMisalignmentLib.config import round_up_encoder_output
+from RegistrationMisalignmentLib.inference import predict, resolve_device, tile_shape, tile_starts, to_fixed_grid
+from RegistrationMisalignmentLib.io import prepare_pair
+from RegistrationMisalignmentLib.preprocess import build_pyramid, isotropic_reference, resample_onto, scale_blocks
+from RegistrationMisalignmentLib.weights import LoadedModel, load_model
+
+STAGES = ("prepare", "resample", "pyramid", "network", "resample_back")
+
+
+def peak_rss_bytes() -> int:
+    """This process's peak resident set size (VmHWM), the number a memory goal is about."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    import resource  # not on Windows; /proc is the usual source, this is the portable fallback
+
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak if sys.platform == "darwin" else peak * 1024  # bytes on macOS, KiB elsewhere
+
+
+def current_rss_bytes() -> int:
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 0
+
+
+def naive_patch_output(patch_input: int) -> int:
+    """1 mm output side of one seed-style patch whose x1 input is ``patch_input`` (205 -> 120).
+
+    The encoder drops 76 voxels, the decoder margin 6 more; patch starts must be multiples of 4 for
+    the scales to stay aligned, so the output side is rounded down to a multiple of 4.
+    """
+    out = (patch_input - 82) // 4 * 4
+    if out < 4 or round_up_encoder_output(out + 6) + 76 != patch_input:
+        raise ValueError(f"naive patch input {patch_input} is not 101 + 4k (k >= 0)")
+    return out
+
+
+def naive_predict(fixed: sitk.Image, moving: sitk.Image, model: LoadedModel, device: torch.device,
+                  patch_input: int) -> dict[str, float]:
+    """The seed's per-patch loop; returns its stage timings (s), same stage names as ``predict``."""
+    timings: dict[str, float] = {}
+    t = time.perf_counter()
+
+    def lap(stage: str) -> None:
+        nonlocal t
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        now = time.perf_counter()
+        timings[stage], t = now - t, now
+
+    fixed, moving = prepare_pair(fixed, moving)
+    module, config = model.module.to(device), model.config
+    lap("prepare")
+    grid = isotropic_reference(fixed, config.spacing_mm)
+    fixed_1mm = sitk.GetArrayFromImage(resample_onto(fixed, grid, config.background_hu))
+    moving_1mm = sitk.GetArrayFromImage(resample_onto(moving, grid, config.background_hu))
+    lap("resample")
+    pyramid = build_pyramid(fixed_1mm, moving_1mm, config, device)
+    lap("pyramid")
+    out_side = naive_patch_output(patch_input)
+    shape = tuple(pyramid[1].shape[1:])
+    scales = (1,) if model.decoder == "singlescale" else tuple(config.scales)
+    empty = torch.empty(0, device=device)
+    probabilities = torch.zeros((3, *shape), dtype=torch.float32)
+    for p0 in tile_starts(shape, (out_side,) * 3):
+        blocks = scale_blocks(pyramid, p0, (out_side,) * 3, config, scales)
+        x = {s: blocks[s][None] if s in blocks else empty for s in config.scales}
+        with torch.inference_mode():
+            p = module.probabilities(x[1], x[2], x[4])[0].cpu()
+        n = [min(out_side, size - a) for size, a in zip(shape, p0)]
+        target = probabilities[:, p0[0] : p0[0] + n[0], p0[1] : p0[1] + n[1], p0[2] : p0[2] + n[2]]
+        target.copy_(p[:, : n[0], : n[1], : n[2]])
+    lap("network")
+    to_fixed_grid(probabilities, grid, fixed, None, config)
+    lap("resample_back")
+    return timings
+
+
+def tile_profile(fixed: sitk.Image, moving: sitk.Image, model: LoadedModel, device: torch.device,
+                 tile_size: int, batch: int, repeats: int) -> dict:
+    """Median time of one batch of tiles through the encoders alone and through the whole model.
+
+    ``predict`` reports the network stage as one number; this splits it into encoders and the rest
+    (scale alignment + decoder), for the first batch of full-size tiles of this pair.
+    """
+    config = model.config
+    fixed, moving = prepare_pair(fixed, moving)
+    grid = isotropic_reference(fixed, config.spacing_mm)
+    pyramid = build_pyramid(sitk.GetArrayFromImage(resample_onto(fixed, grid, config.background_hu)),
+                            sitk.GetArrayFromImage(resample_onto(moving, grid, config.background_hu)), config, device)
+    shape = tuple(pyramid[1].shape[1:])
+    tile = tile_shape(shape, tile_size)
+    starts = tile_starts(shape, tile)
+    blocks = [scale_blocks(pyramid, p0, tile, config) for p0 in starts[:batch]]
+    x = {s: torch.stack([b[s] for b in blocks]) for s in config.scales}
+    module = model.module.to(device)
+    encoders = [(getattr(module, f"encoder{s}"), x[s]) for s in config.scales
+                if model.decoder != "singlescale" or s == 1]
+    cuda_dtype = torch.bfloat16 if device.type == "cuda" and torch.cuda.is_bf16_supported() else torch.float16
+
+    def timed(fn, warmup: bool) -> float:
+        times = []
+        for _ in range(repeats + warmup):
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+            t0 = time.perf_counter()
+            with torch.inference_mode(), torch.autocast(device.type, dtype=cuda_dtype, enabled=device.type == "cuda"):
+                fn()
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+            times.append(time.perf_counter() - t0)
+        return statistics.median(times[int(warmup):])
+
+    # The whole model is warm from the predict runs; the encoders called alone are new graphs to TorchScript.
+    full = timed(lambda: module.probabilities(x[1], x[2], x[4]), warmup=False)
+    enc = timed(lambda: [encoder(block) for encoder, block in encoders], warmup=True)
+    batches = math.ceil(len(starts) / batch)
+    return {"tiles": len(starts), "tile": list(tile), "batch": len(blocks), "batches": batches,
+            "input_sides": {str(s): list(x[s].shape[2:]) for s in config.scales},
+            "batch_forward_s": full, "encoders_s": enc, "decoder_s": max(full - enc, 0.0),
+            "forward_total_estimate_s": full * batches}
+
+
+def warmup_crop(fixed: sitk.Image, moving: sitk.Image, tile_size: int, batch: int) -> tuple[sitk.Image, sitk.Image]:
+    """The centre of the pair, cut to hold ``batch`` or more full-size 1 mm tiles (every tile shape gets warmed).
+
+    Rounded down so that the 1 mm grid does not grow a thin extra row of tiles.
+    """
+    mm = max(2, math.ceil(batch ** (1 / 3))) * tile_size
+    size = [min(n, max(1, math.floor(mm / s))) for n, s in zip(fixed.GetSize(), fixed.GetSpacing())]
+    start = [(n - c) // 2 for n, c in zip(fixed.GetSize(), size)]
+    box = tuple(slice(a, a + c) for a, c in zip(start, size))
+    return fixed[box], moving[box]
+
+
+def run_job(job: dict) -> dict:
+    """Measure one configuration (see the module docstring for the job's keys)."""
+    if job.get("threads"):
+        torch.set_num_threads(int(job["threads"]))
+    device = resolve_device(job["device"])
+    fixed, moving = sitk.ReadImage(job["fixed"]), sitk.ReadImage(job["moving"])
+    model = load_model(job["model"], device=device)
+    tile_size = job.get("tile_size") or model.config.tile_size
+    batch = job.get("tile_batch") or model.config.tile_batch
+    rss_loaded = current_rss_bytes()
+
+    if job["kind"] == "naive":
+        def run(f: sitk.Image, m: sitk.Image) -> dict[str, float]:
+            return naive_predict(f, m, model, device, job["naive_patch"])
+    else:
+        def run(f: sitk.Image, m: sitk.Image) -> dict[str, float]:
+            return predict(f, m, model, device=device, tile_size=tile_size, tile_batch=batch).timings
+
+    warmup = job.get("warmup", "small")
+    if warmup == "full":
+        run(fixed, moving)
+    elif warmup == "small":
+        run(*warmup_crop(fixed, moving, tile_size, batch))
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    runs = [run(fixed, moving) for _ in range(job["repeats"])]
+    totals = [sum(r.values()) for r in runs]
+    result = {
+        "timings_s": {s: statistics.median(r[s] for r in runs) for s in STAGES},
+        "total_s": statistics.median(totals),
+        "runs_total_s": totals,
+        "rss_after_load_bytes": rss_loaded,
+        "peak_rss_bytes": peak_rss_bytes(),
+        "torch_threads": torch.get_num_threads(),
+        "tile_size": tile_size if job["kind"] != "naive" else None,
+        "tile_batch": batch if job["kind"] != "naive" else 1,
+        "device": str(device),
+        "model_name": model.name,
+        "decoder": model.decoder,
+    }
+    if device.type == "cuda":
+        result["cuda_peak_allocated_bytes"] = torch.cuda.max_memory_allocated(device)
+        result["cuda_peak_reserved_bytes"] = torch.cuda.max_memory_reserved(device)
+    if job.get("profile_tiles") and job["kind"] == "predict" and model.decoder != "regnet-t":
+        result["tile_profile"] = tile_profile(fixed, moving, model, device, tile_size, batch, job["repeats"])
+    return result
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    print(json.dumps(run_job(json.loads(argv[0]))), flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
