@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import datetime
 import json
 from pathlib import Path
 
@@ -10,7 +11,8 @@ import torch
 from RegistrationMisalignmentLib.config import MisalignmentConfig
 from RegistrationMisalignmentLib.networks.model import MisalignmentNet, RegNetT
 from RegistrationMisalignmentLib.networks.regnet import RegNet
-from RegistrationMisalignmentLib.weights import save_model
+from RegistrationMisalignmentLib.preprocess import block_geometry
+from RegistrationMisalignmentLib.weights import load_model, save_model
 
 ARCHITECTURE = {
     "lstm": "3 RegNet Uadv encoders (x4, x2, x1; 101^3 -> 25^3 features) + hierarchical conv-LSTM decoder",
@@ -54,6 +56,36 @@ def export_regnet_t(regnets: dict[int, RegNet], config: MisalignmentConfig, path
                  "RegNet-t baseline: the pre-trained registration networks as a 3-level registration, "
                  "|DVF| classed at 3 and 6 mm (no misalignment training)")
     return save_model(baseline, card, path)
+
+
+def rescript(path: str | Path, reason: str) -> Path:
+    """Save a shipped model again with the current network code and the same weights.
+
+    TorchScript files carry the code they were scripted from; an optimisation of the code reaches a
+    trained model only through this. Refuses unless the new module's probabilities equal the old
+    one's on a random block (max difference <= 1e-5); the card keeps its training record and metrics
+    and gains a ``rescripted`` entry saying when and why.
+    """
+    old = load_model(path)
+    if old.decoder == "regnet-t":
+        module: torch.nn.Module = RegNetT(old.config)
+    else:
+        module = MisalignmentNet(old.decoder, old.config)
+    expected = module.state_dict().keys()
+    module.load_state_dict({k: v for k, v in old.module.state_dict().items() if k in expected})
+    module.eval()
+    if old.decoder != "regnet-t":
+        geometry = block_geometry((0, 0, 0), (16, 16, 16), old.config)
+        generator = torch.Generator().manual_seed(0)
+        x = {s: torch.rand((1, 2, *geometry[s][1]), generator=generator) * 2 - 1 for s in old.config.scales}
+        with torch.inference_mode():
+            difference = (old.module.probabilities(x[1], x[2], x[4]) - module.probabilities(x[1], x[2], x[4])).abs().max()
+        if float(difference) > 1e-5:
+            raise RuntimeError(f"rescripted {old.name} differs from the saved model by {float(difference):.3g}; not saved")
+    card = {k: v for k, v in old.card.items() if k not in ("format", "sha256", "size_bytes")}
+    card["rescripted"] = card.get("rescripted", []) + [
+        {"date": datetime.date.today().isoformat(), "from_sha256": old.card["sha256"], "reason": reason}]
+    return save_model(module, card, old.path)
 
 
 def plot_curves(history_path: Path, png_path: Path) -> Path:

@@ -20,6 +20,11 @@ class ConvBNReLU(nn.Sequential):
             nn.ReLU(inplace=True),
         )
 
+    def linear(self, x: torch.Tensor) -> torch.Tensor:
+        """Convolution and batch norm without the ReLU: an affine map (in eval mode) that commutes with
+        any interpolation whose weights sum to one, so it can run on a coarse grid before resampling."""
+        return self[1](self[0](x))
+
 
 def center_crop(x: torch.Tensor, size: list[int]) -> torch.Tensor:
     """Crop the last three axes of ``x`` (B, C, D, H, W) symmetrically to ``size``.

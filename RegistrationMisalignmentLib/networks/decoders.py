@@ -2,8 +2,10 @@
 
 All decoders use zero-padded 3x3x3 convolutions; their border voxels are therefore approximate and
 the caller crops ``config.decoder_margin`` voxels per side (the conv-LSTM's 3 steps reach 3 voxels).
-Every decoder returns a list of per-step logits: one entry for the CNNs, one per hierarchy level for
-the conv-LSTM. ``merge_final`` turns the last step into the 3 final classes.
+Every decoder starts with one 1x1x1 ``reduce`` block (conv, BN, ReLU) per input scale, which the
+model applies (``MisalignmentNet.reduced_features``) so that the coarse scales are reduced before
+they are resampled; ``decode`` takes the reduced maps and returns a list of per-step logits: one
+entry for the CNNs, one per hierarchy level for the conv-LSTM.
 """
 
 from __future__ import annotations
@@ -28,6 +30,15 @@ class ConvLSTMCell(nn.Module):
         h = torch.sigmoid(o) * torch.tanh(c)
         return h, c
 
+    def first(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``forward(x, 0, 0)`` without convolving the zero state: half the gate FLOPs of step 1."""
+        weight = self.gates.weight[:, : x.shape[1]]
+        gates = nn.functional.conv3d(x, weight, self.gates.bias, padding=self.gates.padding)
+        i, f, o, g = torch.chunk(gates, 4, dim=1)
+        c = torch.sigmoid(i) * torch.tanh(g)
+        h = torch.sigmoid(o) * torch.tanh(c)
+        return h, c
+
 
 class HierarchicalLSTMDecoder(nn.Module):
     """The proposed decoder: features L4, L2, L1 fed in sequence to one conv-LSTM.
@@ -44,15 +55,13 @@ class HierarchicalLSTMDecoder(nn.Module):
         self.classifiers = nn.ModuleList([nn.Conv3d(hidden_channels, n, kernel_size=1) for n in step_classes])
         self.hidden_channels = hidden_channels
 
-    def forward(self, features: list[torch.Tensor]) -> list[torch.Tensor]:
-        """``features`` coarse to fine ([L4, L2, L1]), each (B, C, F, F, F) on the same grid."""
-        x0 = features[0]
-        h = torch.zeros(x0.shape[0], self.hidden_channels, x0.shape[2], x0.shape[3], x0.shape[4],
-                        dtype=x0.dtype, device=x0.device)
-        c = torch.zeros_like(h)
+    def decode(self, reduced: list[torch.Tensor]) -> list[torch.Tensor]:
+        """``reduced`` coarse to fine ([L4, L2, L1] after ``reduce``), each (B, hidden, F, F, F), one grid."""
+        h, c = self.cell.first(reduced[0])
         logits: list[torch.Tensor] = []
-        for step, (reduce, classify) in enumerate(zip(self.reduce, self.classifiers)):
-            h, c = self.cell(reduce(features[step]), h, c)
+        for step, classify in enumerate(self.classifiers):
+            if step > 0:
+                h, c = self.cell(reduced[step], h, c)
             logits.append(classify(h))
         return logits
 
@@ -76,9 +85,6 @@ class CNNDecoder(nn.Module):
             nn.Conv3d(widths[1], num_classes, kernel_size=1),
         )
 
-    def forward(self, features: list[torch.Tensor]) -> list[torch.Tensor]:
-        used = features[len(features) - self.num_scales :]
-        reduced: list[torch.Tensor] = []
-        for i, reduce in enumerate(self.reduce):
-            reduced.append(reduce(used[i]))
+    def decode(self, reduced: list[torch.Tensor]) -> list[torch.Tensor]:
+        """``reduced``: one map per scale used (coarse to fine), after ``reduce``, on one grid."""
         return [self.head(torch.cat(reduced, 1))]

@@ -82,18 +82,32 @@ class MisalignmentNet(nn.Module):
         self.register_buffer("merge", nn.functional.one_hot(final_map, 3).float(), persistent=False)
 
     def forward(self, x1: torch.Tensor, x2: torch.Tensor, x4: torch.Tensor) -> list[torch.Tensor]:
-        fine = self.encoder1(x1)
-        features = [fine]
-        if self.multiscale:
-            size = [fine.shape[2], fine.shape[3], fine.shape[4]]
-            features = [
-                align_to_fine(self.encoder4(x4), size, self.phase4, 4),
-                align_to_fine(self.encoder2(x2), size, self.phase2, 2),
-                fine,
-            ]
         m = self.margin
         return [logit[:, :, m : logit.shape[2] - m, m : logit.shape[3] - m, m : logit.shape[4] - m]
-                for logit in self.decoder(features)]
+                for logit in self.decoder.decode(self.reduced_features(x1, x2, x4))]
+
+    def reduced_features(self, x1: torch.Tensor, x2: torch.Tensor, x4: torch.Tensor) -> list[torch.Tensor]:
+        """The decoder's per-scale 1x1x1 reductions, coarse to fine, all on the fine grid.
+
+        A coarse scale's reduction is conv + BN (affine), then the alignment (weights summing to one),
+        then ReLU: in eval mode the same numbers as aligning first (in training, batch norm takes its
+        statistics on the coarse grid), but the resampling moves 16 channels instead
+        of the encoder's 76 and the 1x1x1 convolution runs on the coarse grid.
+        """
+        fine = self.encoder1(x1)
+        coarse = [fine]
+        if self.multiscale:
+            coarse = [self.encoder4(x4), self.encoder2(x2), fine]
+        size = [fine.shape[2], fine.shape[3], fine.shape[4]]
+        reduced: list[torch.Tensor] = []
+        for i, reduce in enumerate(self.decoder.reduce):
+            if self.multiscale and i < 2:
+                scale = 4 if i == 0 else 2
+                phase = self.phase4 if i == 0 else self.phase2
+                reduced.append(torch.relu(align_to_fine(reduce.linear(coarse[i]), size, phase, scale)))
+            else:
+                reduced.append(reduce(coarse[i]))
+        return reduced
 
     @torch.jit.export
     def probabilities(self, x1: torch.Tensor, x2: torch.Tensor, x4: torch.Tensor) -> torch.Tensor:
