@@ -48,10 +48,12 @@ class MisalignmentConfig:
     decoder_margin: int = 3
     """Voxels of decoder context per side: the 3 conv-LSTM steps each see one voxel further."""
 
-    tile_size: int = 64
-    """Side (1 mm voxels) of one inference output tile; a multiple of 16 keeps tiles exact."""
-    tile_batch: int = 2
-    """Tiles per forward pass during whole-image inference."""
+    tile_size: int = 128
+    """Side (1 mm voxels) of one inference output tile; a multiple of 16 keeps tiles exact. Larger
+    tiles re-read less context (an output tile of n needs n + 89 input voxels per side at x1) but
+    hold more activations (benchmarks/speed.py measures time and peak memory per tile size)."""
+    tile_batch: int = 1
+    """Tiles per forward pass: one 128^3 tile already fills every CPU core and a GPU."""
 
     hu_window: tuple[float, float] = (-1000.0, 1000.0)
     """HU clipped to this window, then mapped linearly to [-1, 1]."""

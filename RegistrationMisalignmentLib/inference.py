@@ -93,14 +93,17 @@ def tile_shape(shape: tuple[int, ...], tile_size: int) -> tuple[int, int, int]:
 def network_probabilities(module: torch.jit.ScriptModule, decoder: str, pyramid: dict[int, torch.Tensor],
                           config: MisalignmentConfig, tile_size: int, batch: int, report: _Reporter,
                           span: tuple[float, float] = (0.1, 0.9)) -> torch.Tensor:
-    """(3, D, H, W) class probabilities on the 1 mm grid, computed tile by tile."""
+    """(D, H, W, 3) class probabilities on the 1 mm grid, computed tile by tile.
+
+    Classes last: the layout a SimpleITK vector image takes without a copy (``to_fixed_grid``).
+    """
     device = pyramid[1].device
     shape = tuple(pyramid[1].shape[1:])
     tile = tile_shape(shape, tile_size)
     starts = tile_starts(shape, tile)
     scales = (1,) if decoder == "singlescale" else tuple(config.scales)
     empty = torch.empty(0, device=device)
-    out = torch.zeros((3, *shape), dtype=torch.float32)
+    out = torch.zeros((*shape, 3), dtype=torch.float32)
     for first in range(0, len(starts), batch):
         group = starts[first : first + batch]
         blocks = [scale_blocks(pyramid, p0, tile, config, scales) for p0 in group]
@@ -109,8 +112,8 @@ def network_probabilities(module: torch.jit.ScriptModule, decoder: str, pyramid:
             probs = module.probabilities(x[1], x[2], x[4]).float().cpu()
         for p0, p in zip(group, probs):
             size = [min(t, n - a) for t, n, a in zip(tile, shape, p0)]
-            out[:, p0[0] : p0[0] + size[0], p0[1] : p0[1] + size[1], p0[2] : p0[2] + size[2]] = \
-                p[:, : size[0], : size[1], : size[2]]
+            out[p0[0] : p0[0] + size[0], p0[1] : p0[1] + size[1], p0[2] : p0[2] + size[2]] = \
+                p[:, : size[0], : size[1], : size[2]].permute(1, 2, 3, 0)
         done = first + len(group)
         report(span[0] + (span[1] - span[0]) * done / len(starts), f"tile {done}/{len(starts)}")
     return out
@@ -155,16 +158,16 @@ def regnet_t_displacement(module: torch.jit.ScriptModule, pyramid: dict[int, tor
 
 
 def regnet_t_probabilities(displacement: torch.Tensor, config: MisalignmentConfig) -> torch.Tensor:
-    """One-hot (3, D, H, W) of |DVF| thresholded at the class edges (3 and 6 mm)."""
+    """One-hot (D, H, W, 3) of |DVF| thresholded at the class edges (3 and 6 mm)."""
     magnitude = torch.linalg.vector_norm(displacement, dim=0).cpu().numpy()
     classes = torch.from_numpy(config.classify_mm(magnitude))
-    return torch.nn.functional.one_hot(classes, 3).permute(3, 0, 1, 2).float()
+    return torch.nn.functional.one_hot(classes, 3).float()
 
 
 def to_fixed_grid(probabilities: torch.Tensor, grid_1mm: sitk.Image, fixed: sitk.Image, mask: sitk.Image | None,
                   config: MisalignmentConfig) -> tuple[sitk.Image, sitk.Image]:
-    """Resample (3, D, H, W) probabilities onto the fixed grid; labelmap = argmax (+1), 0 outside the mask."""
-    vector = sitk.GetImageFromArray(probabilities.permute(1, 2, 3, 0).numpy(), isVector=True)
+    """Resample (D, H, W, 3) probabilities onto the fixed grid; labelmap = argmax (+1), 0 outside the mask."""
+    vector = sitk.GetImageFromArray(probabilities.numpy(), isVector=True)
     vector.CopyInformation(grid_1mm)
     resampled = sitk.Resample(vector, fixed, sitk.Transform(), sitk.sitkLinear, 0.0, sitk.sitkVectorFloat32,
                               useNearestNeighborExtrapolator=True)

@@ -95,15 +95,15 @@ def naive_predict(fixed: sitk.Image, moving: sitk.Image, model: LoadedModel, dev
     shape = tuple(pyramid[1].shape[1:])
     scales = (1,) if model.decoder == "singlescale" else tuple(config.scales)
     empty = torch.empty(0, device=device)
-    probabilities = torch.zeros((3, *shape), dtype=torch.float32)
+    probabilities = torch.zeros((*shape, 3), dtype=torch.float32)
     for p0 in tile_starts(shape, (out_side,) * 3):
         blocks = scale_blocks(pyramid, p0, (out_side,) * 3, config, scales)
         x = {s: blocks[s][None] if s in blocks else empty for s in config.scales}
         with torch.inference_mode():
             p = module.probabilities(x[1], x[2], x[4])[0].cpu()
         n = [min(out_side, size - a) for size, a in zip(shape, p0)]
-        target = probabilities[:, p0[0] : p0[0] + n[0], p0[1] : p0[1] + n[1], p0[2] : p0[2] + n[2]]
-        target.copy_(p[:, : n[0], : n[1], : n[2]])
+        target = probabilities[p0[0] : p0[0] + n[0], p0[1] : p0[1] + n[1], p0[2] : p0[2] + n[2]]
+        target.copy_(p[:, : n[0], : n[1], : n[2]].permute(1, 2, 3, 0))
     lap("network")
     to_fixed_grid(probabilities, grid, fixed, None, config)
     lap("resample_back")
@@ -168,7 +168,12 @@ def warmup_crop(fixed: sitk.Image, moving: sitk.Image, tile_size: int, batch: in
 
 
 def run_job(job: dict) -> dict:
-    """Measure one configuration (see the module docstring for the job's keys)."""
+    """Measure one configuration.
+
+    Job keys: kind ("predict" or "naive"), model, fixed, moving (paths), device, tile_size and
+    tile_batch (None: the model's), repeats, warmup ("small", "full", "none"), threads (None: torch's),
+    naive_patch (x1 input side of the naive loop), profile_tiles (add the encoder/decoder split).
+    """
     if job.get("threads"):
         torch.set_num_threads(int(job["threads"]))
     device = resolve_device(job["device"])
