@@ -9,7 +9,9 @@ import torch
 from RegistrationMisalignmentLib.config import DEFAULT_CONFIG, SPLITS, MisalignmentConfig
 from RegistrationMisalignmentLib.networks.model import DECODERS, MisalignmentNet, align_to_fine
 from RegistrationMisalignmentLib.networks.regnet import RegNet, RegNetEncoder
-from RegistrationMisalignmentLib.preprocess import block_geometry, extract_block, pyramid_level
+from RegistrationMisalignmentLib.preprocess import block_geometry, extract_block, pyramid_level, smooth
+
+from conftest import randomise_batch_norm
 
 PAPER_PARAMETERS = 737_430
 
@@ -120,3 +122,49 @@ def test_pyramid_level_keeps_a_bright_voxel_in_place():
     for s in (2, 4):
         level = pyramid_level(volume, s, DEFAULT_CONFIG)[0]
         assert np.unravel_index(int(level.argmax()), level.shape) == (16 // s, 20 // s, 24 // s)
+
+
+@pytest.mark.parametrize("sigma,stride", [(1.0, 2), (2.0, 4), ((1.0, 0.0, 2.0), 2)])
+def test_strided_smoothing_equals_smoothing_then_subsampling(sigma, stride):
+    volume = torch.randn(2, 37, 50, 43, generator=torch.Generator().manual_seed(0))
+    expected = smooth(volume, sigma)[:, ::stride, ::stride, ::stride]
+    torch.testing.assert_close(smooth(volume, sigma, stride=stride), expected, atol=1e-6, rtol=0)
+
+
+def straightforward_logits(model: MisalignmentNet, x1, x2, x4) -> list[torch.Tensor]:
+    """The method as written: align the encoders' full feature maps, reduce them, run the decoder from
+    an explicit zero state. The reference that the optimised ``forward`` must reproduce."""
+    fine = model.encoder1(x1)
+    size = list(fine.shape[2:])
+    features = [fine]
+    if model.multiscale:
+        features = [align_to_fine(model.encoder4(x4), size, model.phase4, 4),
+                    align_to_fine(model.encoder2(x2), size, model.phase2, 2), fine]
+    reduced = [reduce(f) for reduce, f in zip(model.decoder.reduce, features)]
+    if model.decoder_name == "lstm":
+        h = torch.zeros_like(reduced[0])
+        c = torch.zeros_like(h)
+        logits = []
+        for r, classify in zip(reduced, model.decoder.classifiers):
+            h, c = model.decoder.cell(r, h, c)
+            logits.append(classify(h))
+    else:
+        logits = [model.decoder.head(torch.cat(reduced, 1))]
+    m = model.margin
+    return [logit[:, :, m:-m, m:-m, m:-m] for logit in logits]
+
+
+@pytest.mark.parametrize("decoder", DECODERS)
+def test_optimised_forward_equals_the_straightforward_one(decoder):
+    """Reducing before aligning and skipping the zero state change the cost, not the numbers."""
+    torch.manual_seed(0)
+    model = randomise_batch_norm(MisalignmentNet(decoder, DEFAULT_CONFIG), seed=3)
+    geometry = block_geometry((0, 0, 0), (16, 16, 16), DEFAULT_CONFIG)
+    x = {s: torch.rand(1, 2, *geometry[s][1]) * 2 - 1 for s in DEFAULT_CONFIG.scales}
+    with torch.no_grad():
+        fast = model(x[1], x[2], x[4])
+        reference = straightforward_logits(model, x[1], x[2], x[4])
+    assert len(fast) == len(reference)
+    for a, b in zip(fast, reference):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)
+        assert (a.argmax(1) == b.argmax(1)).float().mean() >= 0.999

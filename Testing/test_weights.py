@@ -80,3 +80,19 @@ def test_unreadable_torchscript_with_matching_hash_is_refused(copy_of):
 def test_missing_model_names_what_is_shipped(tmp_path):
     with pytest.raises(InputError, match="not found"):
         load_model(tmp_path / "nowhere.pt")
+
+
+def test_rescript_keeps_weights_outputs_and_history(copy_of):
+    from trainer.export import rescript
+
+    path = copy_of("test_lstm")
+    before = load_model(path)
+    x1, x2, x4 = torch.randn(1, 2, 101, 101, 101), torch.randn(1, 2, 93, 93, 93), torch.randn(1, 2, 85, 85, 85)
+    with torch.no_grad():
+        expected = before.module.probabilities(x1, x2, x4)
+    rescript(path, "test")
+    after = load_model(path)  # the card's hash was renewed, so this loads
+    assert after.card["rescripted"][-1]["from_sha256"] == before.card["sha256"]
+    assert after.card["created"] == before.card["created"]
+    with torch.no_grad():
+        torch.testing.assert_close(after.module.probabilities(x1, x2, x4), expected)
