@@ -16,7 +16,7 @@ import itertools
 import threading
 import time
 from collections.abc import Callable
-from contextlib import nullcontext
+from contextlib import ExitStack, nullcontext
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -75,10 +75,18 @@ class _Reporter:
 
 
 def _autocast(device: torch.device):
+    """bf16 (fp16 on older GPUs) autocast plus cuDNN autotuning on CUDA; plain fp32 on CPU.
+
+    Autotuning is scoped to the network calls (``cudnn.flags``), so a host process such as Slicer
+    keeps its own cuDNN settings. Every tile has the same shape, so the tuning is paid once.
+    """
     if device.type != "cuda":
         return nullcontext()
     dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-    return torch.autocast("cuda", dtype=dtype)
+    stack = ExitStack()
+    stack.enter_context(torch.backends.cudnn.flags(enabled=True, benchmark=True))
+    stack.enter_context(torch.autocast("cuda", dtype=dtype))
+    return stack
 
 
 def tile_starts(shape: tuple[int, ...], tile: tuple[int, ...]) -> list[tuple[int, int, int]]:

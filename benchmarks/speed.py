@@ -216,9 +216,11 @@ def main(argv: list[str] | None = None) -> int:
     }
     if len(scaling_rows) > 1:
         report["scaling"] = {"label": scaling_label, **scaling_summary(scaling_rows)}
-    main_row = scaling_rows[0] if scaling_rows else None
-    if main_row and "error" not in main_row and base == PairGeometry() and args.scale == 1:
-        report["goals"] = {"label": main_row["label"], **goals(main_row)}
+    # The goals are about the chest geometry itself: the primary model's row at volume factor 1, whether it
+    # is a main row (--scale 1) or a scaling row (e.g. --scale 0.25 --scales 0.5,1 to keep the comparisons small).
+    chest_row = next((r for r in scaling_rows if r["scale"] == 1 and "error" not in r), None)
+    if chest_row and base == PairGeometry():
+        report["goals"] = {"label": chest_row["label"], **goals(chest_row)}
     json_path, md_path = write_report(report, args.out)
     log(f"wrote {json_path} and {md_path}")
     return 1 if any("error" in r for r in rows) else 0
