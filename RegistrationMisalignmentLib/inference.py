@@ -198,6 +198,11 @@ def predict(fixed: sitk.Image, moving: sitk.Image, model: LoadedModel | None = N
     Raises ``InputError`` for bad inputs (before any work) and ``PredictionCancelled`` when ``cancel``
     is raised; nothing is written in either case.
     """
+    if tile_size is not None and (tile_size < 16 or tile_size % 16):
+        raise InputError(f"tile size {tile_size} must be a positive multiple of 16 (1 mm voxels); tiles start on "
+                         "multiples of 16 so that tiled prediction equals one-shot prediction")
+    if tile_batch is not None and tile_batch < 1:
+        raise InputError(f"tile batch {tile_batch} must be at least 1")
     start = time.perf_counter()
     timings: dict[str, float] = {}
     report = _Reporter(progress, cancel)

@@ -89,3 +89,10 @@ def test_device_resolution():
     if not torch.cuda.is_available():
         with pytest.raises(InputError, match="CUDA"):
             resolve_device("cuda")
+
+
+@pytest.mark.parametrize("tile_size", [0, 40, 100])
+def test_tile_size_that_breaks_exact_tiling_is_refused(model_dir, small_pair, tile_size):
+    fixed, moving = small_pair
+    with pytest.raises(InputError, match="multiple of 16"):
+        predict(fixed, moving, load_model(model_dir / "test_lstm.pt"), tile_size=tile_size)
