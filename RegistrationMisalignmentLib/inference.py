@@ -93,9 +93,18 @@ def tile_starts(shape: tuple[int, ...], tile: tuple[int, ...]) -> list[tuple[int
     return list(itertools.product(*(range(0, n, t) for n, t in zip(shape, tile))))
 
 
-def tile_shape(shape: tuple[int, ...], tile_size: int) -> tuple[int, int, int]:
-    """Per-axis tile side: ``tile_size``, or less for a thin image (always a multiple of 16)."""
-    return tuple(min(tile_size, 16 * -(-n // 16)) for n in shape)  # type: ignore[return-value]
+def tile_shape(shape: tuple[int, ...], tile_size: int, multiple: int = 16) -> tuple[int, int, int]:
+    """Per-axis tile side: the fewest tiles of at most ``tile_size`` that cover the axis, made equal.
+
+    Each side is the axis length over that tile count, rounded up to ``multiple`` (what keeps tiles
+    exact), so the last tile overshoots the image by less than ``multiple`` voxels per tile instead of
+    by up to a whole tile (313 voxels in tiles of 128 would compute 384; in 3 tiles of 112, 336).
+    """
+    sides = []
+    for n in shape:
+        count = -(-n // tile_size)
+        sides.append(multiple * -(-(-(-n // count)) // multiple))
+    return tuple(sides)  # type: ignore[return-value]
 
 
 def network_probabilities(module: torch.jit.ScriptModule, decoder: str, pyramid: dict[int, torch.Tensor],
@@ -131,7 +140,7 @@ def dense_dvf(module: torch.jit.ScriptModule, pair: torch.Tensor, scale: int, co
               tile_size: int, batch: int) -> torch.Tensor:
     """RegNet DVF (3, d, h, w) in mm over a whole pyramid level, tiled exactly (starts multiple of 4)."""
     shape = tuple(pair.shape[1:])
-    tile = tuple(min(tile_size, 4 * -(-n // 4)) for n in shape)
+    tile = tile_shape(shape, tile_size, multiple=4)
     ctx = ENCODER_CONTEXT + HEAD_CONTEXT
     size = tuple(round_up_encoder_output(t) + 2 * ctx for t in tile)
     fill = background_value(config)

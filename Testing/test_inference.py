@@ -7,7 +7,7 @@ import pytest
 import SimpleITK as sitk
 
 from RegistrationMisalignmentLib.errors import InputError, PredictionCancelled
-from RegistrationMisalignmentLib.inference import predict, resolve_device
+from RegistrationMisalignmentLib.inference import predict, resolve_device, tile_shape
 from RegistrationMisalignmentLib.weights import load_model
 
 
@@ -96,3 +96,13 @@ def test_tile_size_that_breaks_exact_tiling_is_refused(model_dir, small_pair, ti
     fixed, moving = small_pair
     with pytest.raises(InputError, match="multiple of 16"):
         predict(fixed, moving, load_model(model_dir / "test_lstm.pt"), tile_size=tile_size)
+
+
+@pytest.mark.parametrize("n,tile_size,expected", [(313, 128, 112), (497, 128, 128), (325, 128, 112), (20, 128, 32),
+                                                   (128, 128, 128), (129, 128, 80), (40, 16, 16)])
+def test_tiles_cover_the_axis_with_little_overshoot(n, tile_size, expected):
+    side = tile_shape((n, n, n), tile_size)[0]
+    count = -(-n // side)
+    assert side == expected and side % 16 == 0 and side <= tile_size
+    assert count == -(-n // tile_size), "no more tiles than tile_size itself needs"
+    assert count * side - n < 16 * count
