@@ -33,14 +33,22 @@ from RegistrationMisalignmentLib.weights import LoadedModel, load_model
 STAGES = ("prepare", "resample", "pyramid", "network", "resample_back")
 
 
-def peak_rss_bytes() -> int:
-    """This process's peak resident set size (VmHWM), the number a memory goal is about."""
+def _proc_status_bytes(field: str) -> int | None:
+    """A kB field of /proc/self/status (Linux) in bytes; None where /proc is not there."""
     try:
         for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("VmHWM:"):
+            if line.startswith(f"{field}:"):
                 return int(line.split()[1]) * 1024
     except OSError:
         pass
+    return None
+
+
+def peak_rss_bytes() -> int:
+    """This process's peak resident set size (VmHWM), the number a memory goal is about."""
+    peak = _proc_status_bytes("VmHWM")
+    if peak is not None:
+        return peak
     import resource  # not on Windows; /proc is the usual source, this is the portable fallback
 
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
@@ -48,13 +56,7 @@ def peak_rss_bytes() -> int:
 
 
 def current_rss_bytes() -> int:
-    try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return 0
+    return _proc_status_bytes("VmRSS") or 0
 
 
 def naive_patch_output(patch_input: int) -> int:

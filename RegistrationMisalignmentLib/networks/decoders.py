@@ -53,7 +53,6 @@ class HierarchicalLSTMDecoder(nn.Module):
         self.reduce = nn.ModuleList([ConvBNReLU(in_channels, hidden_channels, kernel_size=1) for _ in step_classes])
         self.cell = ConvLSTMCell(hidden_channels, hidden_channels)
         self.classifiers = nn.ModuleList([nn.Conv3d(hidden_channels, n, kernel_size=1) for n in step_classes])
-        self.hidden_channels = hidden_channels
 
     def decode(self, reduced: list[torch.Tensor]) -> list[torch.Tensor]:
         """``reduced`` coarse to fine ([L4, L2, L1] after ``reduce``), each (B, hidden, F, F, F), one grid."""
