@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 import torch
@@ -9,6 +11,7 @@ import torch
 from RegistrationMisalignmentLib.config import DEFAULT_CONFIG
 from RegistrationMisalignmentLib.preprocess import scale_blocks
 from RegistrationMisalignmentLib.weights import load_model
+from trainer.config import TrainConfig
 from trainer.data import phantom_images
 from trainer.dataset import IGNORE, PatchSampler, build_pool
 from trainer.deformations import DVFSettings
@@ -59,12 +62,14 @@ def test_regnet_targets_are_the_dvf_on_the_level_grid(pool):
 
 @pytest.fixture(scope="module")
 def smoke_runs(tmp_path_factory):
-    """Three smoke runs: 2 epochs straight; 1 epoch, then resumed to 2 (bit-for-bit check)."""
+    """Three smoke runs with the rate lowered at epoch 2: 2 epochs straight; 1 epoch, then resumed to 2
+    (bit-for-bit check, the schedule included)."""
     straight = tmp_path_factory.mktemp("straight")
     resumed = tmp_path_factory.mktemp("resumed")
-    assert main(["--smoke", "--out", str(straight)]) == 0
-    assert main(["--smoke", "--out", str(resumed), "--epochs", "1"]) == 0
-    assert main(["--smoke", "--out", str(resumed), "--epochs", "2", "--resume"]) == 0
+    schedule = ["--set", "lr_schedule=[[2, 1e-4]]"]
+    assert main(["--smoke", "--out", str(straight), *schedule]) == 0
+    assert main(["--smoke", "--out", str(resumed), "--epochs", "1", *schedule]) == 0
+    assert main(["--smoke", "--out", str(resumed), "--epochs", "2", "--resume", *schedule]) == 0
     return straight, resumed
 
 
@@ -72,8 +77,16 @@ def test_smoke_run_writes_models_curves_and_history(smoke_runs):
     straight, _ = smoke_runs
     for name in ("smoke_lstm_631.pt", "smoke_lstm_631.json", "regmis_regnet_t.pt", "curves.png", "history.jsonl"):
         assert (straight / name).exists(), name
-    stages = [l.split('"stage": "')[1].split('"')[0] for l in (straight / "history.jsonl").read_text().splitlines()]
-    assert stages == ["regnet4", "regnet2", "regnet1", "misalignment", "misalignment"]
+    rows = [json.loads(l) for l in (straight / "history.jsonl").read_text().splitlines()]
+    assert [r["stage"] for r in rows] == ["regnet4", "regnet2", "regnet1", "misalignment", "misalignment"]
+    assert [r["lr"] for r in rows] == [1e-3, 1e-3, 1e-3, 1e-3, 1e-4]
+
+
+def test_lr_schedule_picks_the_last_entry_reached_and_rejects_bad_entries():
+    cfg = TrainConfig(lr=1e-3, lr_schedule=((37, 1e-4), (9, 3e-4)))
+    assert [cfg.lr_at(e) for e in (1, 8, 9, 36, 37, 42)] == [1e-3, 1e-3, 3e-4, 3e-4, 1e-4, 1e-4]
+    with pytest.raises(ValueError, match="lr_schedule"):
+        TrainConfig(lr_schedule=((0, 1e-4),))
 
 
 def test_resume_continues_bit_for_bit(smoke_runs):

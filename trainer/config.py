@@ -29,6 +29,9 @@ class TrainConfig:
 
     batch_size: int = 10
     lr: float = 1e-3
+    lr_schedule: tuple[tuple[int, float], ...] = ()
+    """(first epoch, rate) pairs: from that 1-based epoch of a stage on, Adam's rate is ``rate``.
+    Epochs are counted per stage, so a schedule past ``regnet_epochs`` only touches stage 2."""
     regnet_epochs: int = 30
     """Pre-training epochs of each per-scale RegNet (DVF regression)."""
     epochs: int = 30
@@ -47,6 +50,19 @@ class TrainConfig:
     pretrained: str | None = None
     """Checkpoint of an earlier run whose pre-trained RegNets are reused (stage 1 is skipped), e.g. to
     train a second decoder on the same encoders."""
+
+    def __post_init__(self) -> None:
+        for entry in self.lr_schedule:
+            if len(entry) != 2 or int(entry[0]) < 1 or float(entry[1]) <= 0:
+                raise ValueError(f"lr_schedule entry {entry!r}: give [first_epoch >= 1, rate > 0]")
+
+    def lr_at(self, epoch: int) -> float:
+        """The learning rate of 1-based ``epoch``: ``lr``, or the last schedule entry it has reached."""
+        rate = self.lr
+        for first, value in sorted((int(e), float(r)) for e, r in self.lr_schedule):
+            if epoch >= first:
+                rate = value
+        return rate
 
     @classmethod
     def smoke(cls, **overrides) -> "TrainConfig":

@@ -170,10 +170,11 @@ class Trainer:
         if done_index == stage_index:
             first_epoch = state["epoch"]
             optimizer.load_state_dict(state["optimizer"])
-            for group in optimizer.param_groups:  # a resumed run may lower the rate (a second schedule phase)
-                group["lr"] = self.cfg.lr
         for epoch in range(first_epoch, epochs):
             start = time.perf_counter()
+            lr = self.cfg.lr_at(epoch + 1)
+            for group in optimizer.param_groups:  # set every epoch, so a resumed run follows the schedule too
+                group["lr"] = lr
             sampler = self._pool_sampler(stage_index, epoch)
             net.train()
             losses = []
@@ -187,7 +188,7 @@ class Trainer:
                 losses.append(loss.item())
                 bar.set_postfix(loss=f"{losses[-1]:.4f}")
             seconds = time.perf_counter() - start
-            row = {"stage": stage, "epoch": epoch + 1, "lr": self.cfg.lr, "train_loss": float(np.mean(losses)), "seconds": seconds,
+            row = {"stage": stage, "epoch": epoch + 1, "lr": lr, "train_loss": float(np.mean(losses)), "seconds": seconds,
                    "patches_per_s": self.cfg.steps_per_epoch * self.cfg.batch_size * self.world / seconds}
             row.update(self.validate(stage, model))
             self.record(row)
