@@ -102,8 +102,9 @@ def tile_shape(shape: tuple[int, ...], tile_size: int, multiple: int = 16) -> tu
     """
     sides = []
     for n in shape:
-        count = -(-n // tile_size)
-        sides.append(multiple * -(-(-(-n // count)) // multiple))
+        count = -(-n // tile_size)  # ceiling divisions throughout
+        equal = -(-n // count)
+        sides.append(multiple * -(-equal // multiple))
     return tuple(sides)  # type: ignore[return-value]
 
 
