@@ -149,8 +149,14 @@ def cmd_benchmark(args: argparse.Namespace) -> int:
     study = next(s for s in ("phantom", "real_ct", "dirlab", "pairs") if getattr(args, s))
     options = BenchmarkOptions(study=study.replace("_", "-"), source=args.dirlab or args.pairs, cases=args.cases,
                                landmarks=args.landmarks, settings=parse_settings(args.settings), tiny=args.tiny,
-                               out=args.out, device=args.device, models_dir=args.models_dir, threads=args.threads)
-    report = run_benchmark(options, log=lambda m: print(m, file=sys.stderr))
+                               out=args.out, device=args.device, models_dir=args.models_dir, threads=args.threads,
+                               resume=args.resume)
+    try:
+        report = run_benchmark(options, log=lambda m: print(m, file=sys.stderr))
+    except KeyboardInterrupt:
+        print(f"regmis: interrupted; the cases finished so far are in {Path(args.out) / 'report.md'}: run the same "
+              "command with --resume to continue", file=sys.stderr)
+        return 130
     for method, scores in report["results"].items():
         mean_f1 = scores["all"]["mean_f1"]
         print(f"{method}: mean F1 {'n/a' if mean_f1 is None else f'{100 * mean_f1:.1f} %'} over all settings, "
@@ -217,6 +223,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="auto", help="auto (CUDA when present), cuda or cpu")
     p.add_argument("--models-dir", help="folder of models to compare (default: the shipped models)")
     p.add_argument("--threads", type=int, help="CPU threads for torch and elastix (default: all cores)")
+    p.add_argument("--resume", action="store_true", help="continue the unfinished (or extend the finished) study in "
+                   "--out: its finished cases are read back, not recomputed")
     p.set_defaults(func=cmd_benchmark)
 
     p = sub.add_parser("info", help="model card and device")

@@ -18,6 +18,7 @@ over all settings, with the published numbers beside ours, labelled as not re-me
 from __future__ import annotations
 
 import datetime
+import json
 import os
 import platform
 import shlex
@@ -34,7 +35,7 @@ from RegistrationMisalignmentLib.protocol_cases import TINY_SIZE_MM, Case, phant
 from RegistrationMisalignmentLib.protocol_elastix import (
     ELASTIX_DIR, ELASTIX_T_FILE, SETTINGS, TINY_CHANGES, ElastixRunner, setting_files,
 )
-from RegistrationMisalignmentLib.protocol_report import ProtocolRow, write_report
+from RegistrationMisalignmentLib.protocol_report import CSV_NAME, ProtocolRow, read_rows, write_report
 
 STUDIES = ("phantom", "real-ct", "dirlab", "pairs")
 ELASTIX_T = "elastix-t"
@@ -67,6 +68,9 @@ class BenchmarkOptions:
     device: str = "auto"
     models_dir: str | None = None
     threads: int | None = None
+    resume: bool = False
+    """Continue the study already in ``out`` (same data, settings and models) instead of refusing to
+    overwrite an unfinished one; finished cases are read back, not recomputed."""
 
     def __post_init__(self) -> None:
         if self.study not in STUDIES:
@@ -94,16 +98,19 @@ class BenchmarkOptions:
         return shlex.join(words)
 
 
-def iter_cases(options: BenchmarkOptions) -> Iterator[Case]:
-    """The study's cases, one at a time (external data are checked completely before the first)."""
+def iter_cases(options: BenchmarkOptions) -> tuple[int, Iterator[Case]]:
+    """How many cases the study has, and the cases one at a time (external data are checked completely
+    before the first)."""
     from RegistrationMisalignmentLib.protocol_datasets import find_dirlab_cases, load_case, read_pairs_csv
 
+    count = options.cases or DEFAULT_SYNTHETIC_CASES
     if options.study == "phantom":
-        return phantom_cases(options.cases or DEFAULT_SYNTHETIC_CASES, options.landmarks, options.tiny)
+        return count, phantom_cases(count, options.landmarks, options.tiny)
     if options.study == "real-ct":
-        return real_ct_cases(options.cases or DEFAULT_SYNTHETIC_CASES, options.landmarks, options.tiny)
+        return count, real_ct_cases(count, options.landmarks, options.tiny)
     files = find_dirlab_cases(options.source) if options.study == "dirlab" else read_pairs_csv(options.source)
-    return (load_case(f) for f in files[: options.cases])
+    files = files[: options.cases]
+    return len(files), (load_case(f) for f in files)
 
 
 def load_models(models_dir: str | None) -> list:
@@ -193,47 +200,57 @@ def _tiny_changes(synthetic: bool) -> list[str]:
             if synthetic else []) + [TINY_CHANGES]
 
 
-def run_benchmark(options: BenchmarkOptions, log: Callable[[str], None] = print) -> dict:
-    """Run the study and write report.md, report.json, landmarks.csv and the PNGs under ``options.out``."""
-    import torch
+def study_fingerprint(options: BenchmarkOptions, models: list, device) -> dict:
+    """What must not change between a study and its resumed part: data, settings, models, device kind."""
+    return {"study": options.study, "source": options.source, "landmarks": options.landmarks,
+            "settings": list(options.settings), "tiny": options.tiny, "device": device.type,
+            "models": {m.name: m.card.get("sha256") for m in models}}
 
-    from RegistrationMisalignmentLib.inference import resolve_device
 
-    start = time.perf_counter()
-    device = resolve_device(options.device)
-    iterator = iter_cases(options)  # checks the data before the slow imports
-    models = load_models(options.models_dir)
-    if options.threads:
-        torch.set_num_threads(options.threads)
-    runner = ElastixRunner(tiny=options.tiny, threads=options.threads)
-    lstm = next((m.name for m in models if m.decoder == "lstm"), models[0].name)
-    overlay = _Overlay(lstm, options.settings[-1])
-    rows: list[ProtocolRow] = []
-    cases = []
-    while True:
-        t0 = time.perf_counter()
-        case = next(iterator, None)
-        if case is None:
-            break
-        built = time.perf_counter() - t0
-        log(f"case {len(cases) + 1}: {case.name} ({case.description})")
-        case_rows, seconds = run_case(case, options, runner, models, device, overlay, log)
-        rows += case_rows
-        seconds = {"build": built, **seconds, "total": time.perf_counter() - t0}
-        cases.append({"name": case.name, "description": case.description, "size": list(case.fixed.GetSize()),
-                      "spacing": list(case.fixed.GetSpacing()), "landmarks": len(case.landmarks), "seconds": seconds})
+def finished_part(out: Path, fingerprint: dict, resume: bool) -> tuple[list[dict], list[ProtocolRow], dict]:
+    """The cases, rows and overlay figure an earlier run of this study left in ``out`` (``--resume``).
+
+    Without ``resume`` an unfinished study there is refused rather than overwritten: it may hold hours
+    of work. A finished one is overwritten, as any output file is.
+    """
+    path = out / "report.json"
+    if not path.is_file():
+        return [], [], {}
+    earlier = json.loads(path.read_text())
+    done = f"{len(earlier.get('cases', []))} of {earlier.get('cases_planned', '?')} cases"
+    if not resume:
+        if earlier.get("complete", True):
+            return [], [], {}
+        raise InputError(f"{out} holds an unfinished study ({done}, `{earlier.get('command')}`); add --resume to "
+                         "continue it, or choose another --out")
+    differs = sorted(k for k in fingerprint if earlier.get("fingerprint", {}).get(k) != fingerprint[k])
+    if differs:
+        raise InputError(f"cannot resume {out}: its study differs in {', '.join(differs)} "
+                         f"(`{earlier.get('command')}`); run it again without --resume into another --out")
+    names = [c["name"] for c in earlier["cases"]]
+    rows = [r for r in read_rows(out / CSV_NAME) if r.case in names]
+    figures = {k: v for k, v in earlier.get("figures", {}).items() if k in ("overlay", "overlay_caption")}
+    return earlier["cases"], rows, figures
+
+
+def _report_header(options: BenchmarkOptions, models: list, device, fingerprint: dict, cases: list[dict],
+                   planned: int) -> dict:
+    """Everything of report.json except the scores, which ``write_report`` computes from the rows."""
     methods = {m.name: {"kind": m.decoder, "file": m.path.name, "sha256": m.card.get("sha256")} for m in models}
     methods[ELASTIX_T] = {"kind": ELASTIX_T, "file": ELASTIX_T_FILE, "sha256": None}
-    runtime = {"total_s": time.perf_counter() - start, "methods": {
+    runtime = {"total_s": sum(c["seconds"]["total"] for c in cases), "methods": {
         m: {"total_s": sum(sum(c["seconds"]["methods"][m].values()) for c in cases),
             "per_case_mean_s": float(np.mean([sum(c["seconds"]["methods"][m].values()) for c in cases]))}
         for m in methods}}
     synthetic = options.study in ("phantom", "real-ct")
-    report = {
+    return {
         "format": "regmis-benchmark/1",
         "command": options.command(),
         "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "study": options.study,
+        "complete": len(cases) == planned,
+        "cases_planned": planned,
+        "fingerprint": fingerprint,
         "tiny": options.tiny,
         "tiny_changes": _tiny_changes(synthetic) if options.tiny else [],
         "settings": list(options.settings),
@@ -245,10 +262,58 @@ def run_benchmark(options: BenchmarkOptions, log: Callable[[str], None] = print)
         "environment": _environment(device),
         "runtime": runtime,
     }
+
+
+def run_benchmark(options: BenchmarkOptions, log: Callable[[str], None] = print) -> dict:
+    """Run the study and write report.md, report.json, landmarks.csv and the PNGs under ``options.out``.
+
+    The report is rewritten after every case, so an unfinished study can be read (it says so) and
+    continued with ``resume``; its runtime is the sum of the cases' times over all runs.
+    """
+    import torch
+
+    from RegistrationMisalignmentLib.inference import resolve_device
+
+    device = resolve_device(options.device)
+    planned, iterator = iter_cases(options)  # checks the data before the slow imports
+    models = load_models(options.models_dir)
     out = Path(options.out)
-    report = write_report(out, rows, report, overlay.data)
+    fingerprint = study_fingerprint(options, models, device)
+    cases, rows, kept_figures = finished_part(out, fingerprint, options.resume)
+    if len(cases) > planned:
+        raise InputError(f"{out} already holds {len(cases)} finished cases, more than the {planned} asked for; "
+                         "resume with at least as many --cases, or choose another --out")
+    if cases:
+        log(f"resuming {out}: {len(cases)} of {planned} cases done, read back from {out / CSV_NAME}")
+    if options.threads:
+        torch.set_num_threads(options.threads)
+    runner = ElastixRunner(tiny=options.tiny, threads=options.threads)
+    lstm = next((m.name for m in models if m.decoder == "lstm"), models[0].name)
+    overlay = _Overlay(lstm, options.settings[-1])
+    report: dict | None = None
+    for index in range(planned):
+        t0 = time.perf_counter()
+        case = next(iterator)
+        if index < len(cases):
+            if case.name != cases[index]["name"]:
+                raise InputError(f"cannot resume {out}: its case {index + 1} is {cases[index]['name']}, the data now "
+                                 f"give {case.name}; run again without --resume into another --out")
+            continue
+        built = time.perf_counter() - t0
+        log(f"case {index + 1}/{planned}: {case.name} ({case.description})")
+        case_rows, seconds = run_case(case, options, runner, models, device, overlay, log)
+        rows += case_rows
+        seconds = {"build": built, **seconds, "total": time.perf_counter() - t0}
+        cases.append({"name": case.name, "description": case.description, "size": list(case.fixed.GetSize()),
+                      "spacing": list(case.fixed.GetSpacing()), "landmarks": len(case.landmarks), "seconds": seconds})
+        header = _report_header(options, models, device, fingerprint, cases, planned)
+        report = write_report(out, rows, {**header, "figures": kept_figures}, overlay.data)
+    if report is None:  # every case was already done: refresh the report (e.g. a lost report.md)
+        header = _report_header(options, models, device, fingerprint, cases, planned)
+        report = write_report(out, rows, {**header, "figures": kept_figures}, None)
     log(f"wrote {out / 'report.md'}, {out / 'report.json'}, {out / 'landmarks.csv'} and the figures")
     return report
 
 
-__all__ = ["BenchmarkOptions", "STUDIES", "ELASTIX_T", "run_benchmark", "run_case", "iter_cases", "load_models"]
+__all__ = ["BenchmarkOptions", "STUDIES", "ELASTIX_T", "run_benchmark", "run_case", "iter_cases", "load_models",
+           "study_fingerprint", "finished_part"]

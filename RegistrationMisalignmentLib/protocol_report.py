@@ -64,6 +64,16 @@ def write_rows(rows: list[ProtocolRow], path: Path) -> Path:
     return path
 
 
+def read_rows(path: Path) -> list[ProtocolRow]:
+    """Read back what ``write_rows`` wrote (floats round-trip exactly: they are written with repr)."""
+    classes = {**{name: i for i, name in enumerate(CLASS_NAMES)}, OUTSIDE_NAME: OUTSIDE}
+    with path.open(newline="", encoding="utf-8") as f:
+        return [ProtocolRow(r["case"], r["setting"], r["method"], r["label"],
+                            (float(r["x"]), float(r["y"]), float(r["z"])), float(r["tre_mm"]),
+                            classes[r["true_class"]], classes[r["predicted_class"]])
+                for r in csv.DictReader(f)]
+
+
 def _scores(rows: list[ProtocolRow]) -> dict:
     inside = [r for r in rows if r.predicted_class != OUTSIDE]
     return evaluate_classes(np.array([r.true_class for r in inside], dtype=np.int64),
@@ -127,6 +137,9 @@ def markdown(report: dict) -> str:
            f"Produced by `{report['command']}` on {report['created']} "
            f"({report['environment']['device']}, torch {report['environment']['torch']}, "
            f"itk-elastix {report['environment']['itk_elastix']}).", ""]
+    if not report.get("complete", True):
+        out += [f"**Unfinished: {len(report['cases'])} of {report['cases_planned']} cases.** Run the same command "
+                "with `--resume` to continue it.", ""]
     if report["tiny"]:
         out += [f"**CI-size run (`--tiny`)**: {'; '.join(report['tiny_changes'])}. The numbers only show "
                 "that the pipeline works; they say nothing about the method.", ""]
@@ -236,7 +249,8 @@ def mean_f1_png(report: dict, path: Path) -> Path:
 def write_report(out: Path, rows: list[ProtocolRow], report: dict, overlay: dict | None) -> dict:
     """Write CSV, figures, JSON and Markdown under ``out``; ``report`` holds everything but the scores.
 
-    ``overlay`` (fixed, labelmap, points, agree, caption) draws one labelmap with its landmarks.
+    ``overlay`` (fixed, labelmap, points, agree, caption) draws one labelmap with its landmarks; without
+    it, overlay entries already in ``report["figures"]`` (a resumed study's, drawn earlier) are kept.
     """
     from RegistrationMisalignmentLib.figures import overlay_png
 
@@ -244,7 +258,7 @@ def write_report(out: Path, rows: list[ProtocolRow], report: dict, overlay: dict
     write_rows(rows, out / CSV_NAME)
     report = {**report, **summarize(rows, report["settings"], list(report["methods"])), "published": PUBLISHED,
               "files": {"landmarks_csv": CSV_NAME, "json": "report.json", "markdown": "report.md"}}
-    figures = {"confusion": {}, "mean_f1_by_setting": "mean_f1_by_setting.png"}
+    figures = {**report.get("figures", {}), "confusion": {}, "mean_f1_by_setting": "mean_f1_by_setting.png"}
     for m in report["methods"]:
         figures["confusion"][m] = f"confusion_{safe_name(m)}.png"
         confusion_png(m, report["results"][m], report["settings"], out / figures["confusion"][m])
@@ -259,5 +273,5 @@ def write_report(out: Path, rows: list[ProtocolRow], report: dict, overlay: dict
     return report
 
 
-__all__ = ["ProtocolRow", "PUBLISHED", "PUBLISHED_LABEL", "CSV_NAME", "CSV_COLUMNS", "ALL", "write_rows",
+__all__ = ["ProtocolRow", "PUBLISHED", "PUBLISHED_LABEL", "CSV_NAME", "CSV_COLUMNS", "ALL", "write_rows", "read_rows",
            "summarize", "markdown", "write_report", "safe_name"]

@@ -89,6 +89,49 @@ def test_report_numbers_equal_a_recomputation_from_the_csv(tiny_run):
         assert f"| {100 * mean_f1:.1f} |" in row
 
 
+@needs_elastix
+def test_a_stopped_study_keeps_its_finished_cases_and_resumes_from_them(model_dir, tmp_path, monkeypatch, capsys):
+    import RegistrationMisalignmentLib.protocol as protocol
+
+    out = tmp_path / "study"
+    args = ["benchmark", "--phantom", "--cases", "2", "--tiny", "--out", str(out), "--models-dir", str(model_dir),
+            "--device", "cpu"]
+    real_run_case, calls = protocol.run_case, []
+
+    def stopped_after_one_case(*a, **k):
+        calls.append(a[0].name)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return real_run_case(*a, **k)
+
+    monkeypatch.setattr(protocol, "run_case", stopped_after_one_case)
+    assert main(args) == 130
+    assert "--resume" in capsys.readouterr().err
+    partial = json.loads((out / "report.json").read_text())
+    assert not partial["complete"] and partial["cases_planned"] == 2 and len(partial["cases"]) == 1
+    assert "Unfinished: 1 of 2 cases" in (out / "report.md").read_text()
+    partial_rows = _csv_rows(out / "landmarks.csv")
+    assert len(partial_rows) == 300 * len(SETTINGS) * len(METHODS)
+
+    assert main(args) == 2  # not overwritten without --resume
+    assert "unfinished study (1 of 2 cases" in capsys.readouterr().err
+    assert main([*args, "--resume", "--landmarks", "200"]) == 2  # nor resumed as another study
+    assert "differs in landmarks" in capsys.readouterr().err
+    assert json.loads((out / "report.json").read_text())["cases"] == partial["cases"]
+
+    calls.clear()
+    assert main([*args, "--resume"]) == 0
+    assert len(calls) == 1  # only the second case was computed
+    report = json.loads((out / "report.json").read_text())
+    assert report["complete"] and [c["name"] for c in report["cases"]] == [partial["cases"][0]["name"], calls[0]]
+    assert report["cases"][0] == partial["cases"][0]
+    assert "--resume" not in report["command"] and "Unfinished" not in (out / "report.md").read_text()
+    assert report["figures"]["overlay"] == "overlay.png" and (out / "overlay.png").is_file()
+    rows = _csv_rows(out / "landmarks.csv")
+    assert rows[: len(partial_rows)] == partial_rows and len(rows) == 2 * len(partial_rows)
+    assert report["runtime"]["total_s"] == pytest.approx(sum(c["seconds"]["total"] for c in report["cases"]))
+
+
 # ---- the truth: residual of a registration composed with the known DVF ----------------------
 def test_synthetic_residual_composes_the_registration_with_the_known_dvf():
     reference = sitk.Image([12, 10, 8], sitk.sitkFloat32)
