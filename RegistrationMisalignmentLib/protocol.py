@@ -290,6 +290,10 @@ def run_benchmark(options: BenchmarkOptions, log: Callable[[str], None] = print)
     runner = ElastixRunner(tiny=options.tiny, threads=options.threads)
     lstm = next((m.name for m in models if m.decoder == "lstm"), models[0].name)
     overlay = _Overlay(lstm, options.settings[-1])
+    def write(overlay_data: dict | None) -> dict:
+        header = _report_header(options, models, device, fingerprint, cases, planned)
+        return write_report(out, rows, {**header, "figures": kept_figures}, overlay_data)
+
     report: dict | None = None
     for index in range(planned):
         t0 = time.perf_counter()
@@ -306,11 +310,9 @@ def run_benchmark(options: BenchmarkOptions, log: Callable[[str], None] = print)
         seconds = {"build": built, **seconds, "total": time.perf_counter() - t0}
         cases.append({"name": case.name, "description": case.description, "size": list(case.fixed.GetSize()),
                       "spacing": list(case.fixed.GetSpacing()), "landmarks": len(case.landmarks), "seconds": seconds})
-        header = _report_header(options, models, device, fingerprint, cases, planned)
-        report = write_report(out, rows, {**header, "figures": kept_figures}, overlay.data)
+        report = write(overlay.data)
     if report is None:  # every case was already done: refresh the report (e.g. a lost report.md)
-        header = _report_header(options, models, device, fingerprint, cases, planned)
-        report = write_report(out, rows, {**header, "figures": kept_figures}, None)
+        report = write(None)
     log(f"wrote {out / 'report.md'}, {out / 'report.json'}, {out / 'landmarks.csv'} and the figures")
     return report
 
