@@ -126,3 +126,17 @@ def test_second_decoder_reuses_the_pretrained_regnets(smoke_runs, tmp_path):
     again = torch.load(out / "checkpoint.pt", weights_only=False)["models"]["regnet1"]
     assert all(torch.equal(first[k], again[k]) for k in first)
     assert load_model(out / "smoke_ms.pt").decoder == "multiscale"
+
+
+def test_time_limit_stops_stage_2_after_an_epoch_and_still_exports(smoke_runs, tmp_path):
+    straight, _ = smoke_runs
+    out = tmp_path / "limited"
+    assert main(["--smoke", "--out", str(out), "--epochs", "3", "--pretrained", str(straight / "checkpoint.pt"),
+                 "--set", "time_limit_minutes=1e-6"]) == 0
+    rows = [json.loads(l) for l in (out / "history.jsonl").read_text().splitlines()]
+    assert [(r["stage"], r["epoch"]) for r in rows] == [("misalignment", 1)]
+    card = load_model(out / "smoke_lstm_631.pt").card
+    assert card["training"]["epochs_done"] == {"misalignment": 1}
+    assert card["training"]["trainer_config"]["epochs"] == 3
+    with pytest.raises(ValueError, match="time_limit_minutes"):
+        TrainConfig(time_limit_minutes=-1)

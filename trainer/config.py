@@ -39,6 +39,12 @@ class TrainConfig:
     steps_per_epoch: int = 100
     pool_pairs: int = 8
     """Deformed pairs generated per epoch (the paper: 28 DVFs per image over the run)."""
+    pool_on_device: bool = False
+    """Generate the training pairs on the training device. On CUDA this takes the DVFs, warps and pyramids
+    off the CPU, which otherwise limits a GPU run; CPU runs are unaffected (they resume bit for bit)."""
+    time_limit_minutes: float = 0.0
+    """Wall-clock budget of the run (0: none). Stage 2 stops after the first epoch that ends past it and the
+    model is exported; the RegNet pre-training always completes. The card records the epochs done."""
     val_pairs: int = 4
     val_patches: int = 24
     device: str = "auto"
@@ -52,6 +58,8 @@ class TrainConfig:
     train a second decoder on the same encoders."""
 
     def __post_init__(self) -> None:
+        if self.time_limit_minutes < 0:
+            raise ValueError(f"time_limit_minutes {self.time_limit_minutes}: give 0 (no limit) or a positive budget")
         for entry in self.lr_schedule:
             if len(entry) != 2 or int(entry[0]) < 1 or float(entry[1]) <= 0:
                 raise ValueError(f"lr_schedule entry {entry!r}: give [first_epoch >= 1, rate > 0]")

@@ -74,6 +74,7 @@ class Trainer:
         if self.main:
             self.out.mkdir(parents=True, exist_ok=True)
         self.history_path = self.out / "history.jsonl"
+        self.started = time.perf_counter()
         self.writer = self._tensorboard()
         self.train_images, self.val_images = self._images()
         self.val_sampler = PatchSampler(
@@ -142,7 +143,8 @@ class Trainer:
     def _pool_sampler(self, stage_index: int, epoch: int) -> PatchSampler:
         seed = [self.cfg.seed, stage_index, epoch, self.rank]
         pool_seed = int(np.random.default_rng(seed).integers(2**31))
-        pool = build_pool(self.train_images, self.cfg.pool_pairs, pool_seed, self.config, self.settings)
+        device = self.device if self.cfg.pool_on_device else "cpu"
+        pool = build_pool(self.train_images, self.cfg.pool_pairs, pool_seed, self.config, self.settings, device)
         return PatchSampler(pool, self.config, np.random.default_rng(seed))
 
     def _wrap(self, model: torch.nn.Module) -> torch.nn.Module:
@@ -180,15 +182,19 @@ class Trainer:
             losses = []
             bar = tqdm(range(self.cfg.steps_per_epoch), desc=f"{stage} {epoch + 1}/{epochs}", disable=not self.main,
                        leave=False, file=sys.stderr)
-            for _ in bar:
+            for step in bar:
                 loss = self._step(stage, net, sampler)
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 optimizer.step()
-                losses.append(loss.item())
-                bar.set_postfix(loss=f"{losses[-1]:.4f}")
+                # Kept on the device: reading every loss would make the CPU wait for the GPU at each step
+                # instead of cutting the next batch while it computes.
+                losses.append(loss.detach())
+                if step % 10 == 0:
+                    bar.set_postfix(loss=f"{losses[-1].item():.4f}")
             seconds = time.perf_counter() - start
-            row = {"stage": stage, "epoch": epoch + 1, "lr": lr, "train_loss": float(np.mean(losses)), "seconds": seconds,
+            train_loss = float(torch.stack(losses).float().mean())
+            row = {"stage": stage, "epoch": epoch + 1, "lr": lr, "train_loss": train_loss, "seconds": seconds,
                    "patches_per_s": self.cfg.steps_per_epoch * self.cfg.batch_size * self.world / seconds}
             row.update(self.validate(stage, model))
             self.record(row)
@@ -196,7 +202,15 @@ class Trainer:
                      "models": {**state["models"], stage: model.state_dict()},
                      "seconds": {**state["seconds"], stage: state["seconds"].get(stage, 0.0) + seconds}}
             self.save_checkpoint(state)
+            if stage == "misalignment" and self.out_of_time():
+                self.log(f"time limit of {self.cfg.time_limit_minutes:g} min reached: stage 2 stops after epoch "
+                         f"{epoch + 1} of {epochs}")
+                break
         return state
+
+    def out_of_time(self) -> bool:
+        limit = self.cfg.time_limit_minutes
+        return limit > 0 and time.perf_counter() - self.started > 60.0 * limit
 
     def _step(self, stage: str, net: torch.nn.Module, sampler: PatchSampler) -> torch.Tensor:
         with self._autocast():
@@ -266,6 +280,7 @@ class Trainer:
             "class_balance": [0.6, 0.2, 0.2],
             "trainer_config": self.cfg.to_dict(),
             "seconds_per_stage": state["seconds"],
+            "epochs_done": {stage: row["epoch"] for stage, row in last.items()},
             "device": str(self.device) if self.world == 1 else f"{self.world} x {self.device.type} (DDP)",
             "torch": torch.__version__,
         }
