@@ -60,6 +60,7 @@ def test_ci_run_writes_well_formed_json_and_one_table_row_per_configuration(tmp_
     assert proc.returncode == 0, proc.stderr[-3000:]
     report = json.loads((out / "ci.json").read_text())
     assert {"name", "date", "command", "machine", "settings", "rows", "scaling"} <= report.keys()
+    assert report["complete"] is True and "Unfinished" not in (out / "ci.md").read_text()
     assert report["machine"]["cpu"] and report["machine"]["cpu_cores"] >= 1 and report["machine"]["torch"]
     rows = report["rows"]
     assert [r["kind"] for r in rows].count("naive") == 1
@@ -85,3 +86,4 @@ def test_ci_run_writes_well_formed_json_and_one_table_row_per_configuration(tmp_
     failed = {**rows[0], "error": "killed by signal 9"}
     text = markdown({**report, "rows": [failed, *rows[1:]]})
     assert f"| {failed['label']} |" in text and "failed: killed by signal 9" in text
+    assert "**Unfinished**" in markdown({**report, "complete": False})

@@ -174,54 +174,62 @@ def main(argv: list[str] | None = None) -> int:
                             f"{row['total_s']:.3g} s, peak RSS {row['peak_rss_bytes'] / 1e9:.2f} GB"))
         return row
 
-    rows = []
+    rows: list[dict] = []
+    scaling_label = primary["decoder"] + (f" tile {tiles[0]}" if tiles[0] else "")
+    scaling_rows: list[dict] = []
+
+    def write(complete: bool = False) -> tuple[Path, Path]:
+        """Write the report of the rows so far: a run stopped part-way keeps what it measured."""
+        naive = next((r for r in rows if r["kind"] == "naive" and "error" not in r), None)
+        for r in rows:
+            if naive and "error" not in r:
+                r["speedup_vs_naive"] = naive["total_s"] / r["total_s"]
+        report = {
+            "name": args.name or f"speed-{device.split(':')[0]}" + ("-ci" if args.ci else ""),
+            "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+            "command": "python -m benchmarks.speed " + shlex.join(sys.argv[1:] if argv is None else argv),
+            "machine": machine_info(),
+            "settings": {"device": device, "repeats": args.repeats, "warmup": args.warmup, "seed": args.seed,
+                         "shape": list(base.shape), "spacing": list(base.spacing), "scale": args.scale,
+                         "phantom_spacing_mm": args.phantom_spacing, "tile_sizes": tiles, "tile_batch": args.tile_batch,
+                         "threads": args.threads, "naive_patch": args.naive_patch},
+            "repeats": args.repeats,
+            "warmup": args.warmup,
+            "rows": rows,
+            "complete": complete,
+        }
+        if len(scaling_rows) > 1:
+            report["scaling"] = {"label": scaling_label, **scaling_summary(scaling_rows)}
+        # The goals are about the chest geometry itself: the primary model's row at volume factor 1, whether it
+        # is a main row (--scale 1) or a scaling row (e.g. --scale 0.25 --scales 0.5,1 to keep the comparisons small).
+        chest_row = next((r for r in scaling_rows if r["scale"] == 1 and "error" not in r), None)
+        if chest_row and base == PairGeometry():
+            report["goals"] = {"label": chest_row["label"], **goals(chest_row)}
+        return write_report(report, args.out)
+
     for model in models:
         for tile in tiles:
             label = model["decoder"] + (f" tile {tile}" if len(tiles) > 1 else "")
             rows.append(measure(label, "main", "predict", model, args.scale, tile))
+            if model is primary and tile == tiles[0]:
+                scaling_rows.append(rows[-1])
+            write()
     if not args.skip_comparisons:
         if not any(m["decoder"] == "regnet-t" for m in models):
             baseline = {"path": random_model("regnet-t", cache / "models"), "decoder": "regnet-t",
                         "random_weights": True, "sha256": None}
             rows.append(measure("RegNet-t baseline", "comparison", "predict", baseline, args.scale, tiles[0]))
+            write()
         if args.naive_patch and primary["decoder"] in DECODERS:
             label = f"naive {args.naive_patch}^3 patches"
             rows.append(measure(label, "comparison", "naive", primary, args.scale, None))
-    naive = next((r for r in rows if r["kind"] == "naive" and "error" not in r), None)
-    for r in rows:
-        if naive and "error" not in r:
-            r["speedup_vs_naive"] = naive["total_s"] / r["total_s"]
-
-    scaling_label = primary["decoder"] + (f" tile {tiles[0]}" if tiles[0] else "")
-    # Main rows come model by model, tile size by tile size: the primary model's first is its tiles[0] row.
-    scaling_rows = [r for r in rows if r["role"] == "main" and r["model"] == Path(primary["path"]).name][:1]
+            write()
     for f in _floats(args.scales):
         if f != args.scale:
-            row = measure(f"{primary['decoder']} x{f:g}", "scaling", "predict", primary, f, tiles[0])
-            rows.append(row)
-            scaling_rows.append(row)
-
-    report = {
-        "name": args.name or f"speed-{device.split(':')[0]}" + ("-ci" if args.ci else ""),
-        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "command": "python -m benchmarks.speed " + shlex.join(sys.argv[1:] if argv is None else argv),
-        "machine": machine_info(),
-        "settings": {"device": device, "repeats": args.repeats, "warmup": args.warmup, "seed": args.seed,
-                     "shape": list(base.shape), "spacing": list(base.spacing), "scale": args.scale,
-                     "phantom_spacing_mm": args.phantom_spacing, "tile_sizes": tiles, "tile_batch": args.tile_batch,
-                     "threads": args.threads, "naive_patch": args.naive_patch},
-        "repeats": args.repeats,
-        "warmup": args.warmup,
-        "rows": rows,
-    }
-    if len(scaling_rows) > 1:
-        report["scaling"] = {"label": scaling_label, **scaling_summary(scaling_rows)}
-    # The goals are about the chest geometry itself: the primary model's row at volume factor 1, whether it
-    # is a main row (--scale 1) or a scaling row (e.g. --scale 0.25 --scales 0.5,1 to keep the comparisons small).
-    chest_row = next((r for r in scaling_rows if r["scale"] == 1 and "error" not in r), None)
-    if chest_row and base == PairGeometry():
-        report["goals"] = {"label": chest_row["label"], **goals(chest_row)}
-    json_path, md_path = write_report(report, args.out)
+            rows.append(measure(f"{primary['decoder']} x{f:g}", "scaling", "predict", primary, f, tiles[0]))
+            scaling_rows.append(rows[-1])
+            write()
+    json_path, md_path = write(complete=True)
     log(f"wrote {json_path} and {md_path}")
     return 1 if any("error" in r for r in rows) else 0
 

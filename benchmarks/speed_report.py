@@ -111,6 +111,7 @@ def markdown(report: dict) -> str:
         f"torch {m['torch']}, Python {m['python']}. Date {report['date']}.",
         f"Command: `{report['command']}`",
         "",
+        *([] if report.get("complete", True) else ["**Unfinished**: the run stopped before its last configuration.", ""]),
         f"Times are medians of {report['repeats']} runs after a {report['warmup']} warm-up, in seconds; "
         "Mvox/s counts fixed-grid voxels and 1 mm voxels; peak RSS is the process's high-water mark.",
         "",
