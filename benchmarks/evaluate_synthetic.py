@@ -62,13 +62,18 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--only", default="chest,phantom",
                         help="images to use, by name: chest, abdomen, phantom (the abdomen slab is 7 M voxels)")
     parser.add_argument("--device", default="auto")
+    parser.add_argument("--models", nargs="+", type=Path,
+                        help="model files (.pt with the card beside it) to compare; default the shipped models")
     parser.add_argument("--update-cards", action="store_true",
                         help="record the aggregate scores in each model's card (metrics.heldout_synthetic)")
     args = parser.parse_args(argv)
-    models = [load_model(p) for p in available_models()]
+    models = [load_model(p) for p in (args.models or available_models())]
+    names = [m.path.stem for m in models]  # file stems, so two candidates with one card name stay apart
+    if len(set(names)) < len(names):
+        raise SystemExit(f"--models: two files share a name ({names}); rename one")
     images = held_out_images(args.max_slices, args.only.split(","))
-    per_model: dict[str, dict[str, list[np.ndarray]]] = {m.name: {"true": [], "pred": []} for m in models}
-    cases, seconds = [], {m.name: 0.0 for m in models}
+    per_model: dict[str, dict[str, list[np.ndarray]]] = {n: {"true": [], "pred": []} for n in names}
+    cases, seconds = [], {n: 0.0 for n in names}
     for i, image in enumerate(images):
         for j, kind in enumerate(args.kinds.split(",")):
             seed = SEED + 100 * i + j
@@ -78,22 +83,22 @@ def main(argv: list[str] | None = None) -> int:
             truth = DEFAULT_CONFIG.classify_mm(torch.linalg.vector_norm(dvf, dim=0).numpy())[body]
             case = {"image": image.name, "kind": kind, "seed": seed, "voxels": int(body.sum()),
                     "truth_fractions": (np.bincount(truth, minlength=3) / max(len(truth), 1)).round(4).tolist()}
-            for model in models:
+            for model, name in zip(models, names):
                 start = time.perf_counter()
                 labels = sitk.GetArrayFromImage(predict(fixed_img, moving_img, model, device=args.device).labelmap)
-                seconds[model.name] += time.perf_counter() - start
+                seconds[name] += time.perf_counter() - start
                 pred = labels.astype(np.int64)[body] - 1
-                per_model[model.name]["true"].append(truth)
-                per_model[model.name]["pred"].append(pred)
-                case[model.name] = round(evaluate_classes(truth, pred).mean_f1, 4)
+                per_model[name]["true"].append(truth)
+                per_model[name]["pred"].append(pred)
+                case[name] = round(evaluate_classes(truth, pred).mean_f1, 4)
             cases.append(case)
             print(json.dumps(case), file=sys.stderr)
     results = {"command": "python benchmarks/evaluate_synthetic.py " + " ".join(argv or sys.argv[1:]),
                "machine": f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}",
                "cases": cases, "models": {}}
-    for model in models:
-        report = evaluate_classes(np.concatenate(per_model[model.name]["true"]), np.concatenate(per_model[model.name]["pred"]))
-        results["models"][model.name] = {"decoder": model.decoder, "seconds": round(seconds[model.name], 1), **report.to_dict()}
+    for model, name in zip(models, names):
+        report = evaluate_classes(np.concatenate(per_model[name]["true"]), np.concatenate(per_model[name]["pred"]))
+        results["models"][name] = {"decoder": model.decoder, "seconds": round(seconds[name], 1), **report.to_dict()}
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "synthetic_heldout.json").write_text(json.dumps(results, indent=2) + "\n")
@@ -112,10 +117,10 @@ def main(argv: list[str] | None = None) -> int:
                      + " | ".join(f"{100 * c[n]:.1f}" for n in results["models"]) + " |")
     (out / "synthetic_heldout.md").write_text("\n".join(lines) + "\n")
     if args.update_cards:
-        for model in models:
+        for model, name in zip(models, names):
             card_path = model.path.with_suffix(".json")
             card = json.loads(card_path.read_text())  # the .pt and its sha256 are untouched
-            summary = {k: v for k, v in results["models"][model.name].items() if k != "confusion"}
+            summary = {k: v for k, v in results["models"][name].items() if k != "confusion"}
             card["metrics"]["heldout_synthetic"] = {**summary, "command": results["command"],
                                                     "pairs": len(cases), "unit": "voxels inside the body"}
             card_path.write_text(json.dumps(card, indent=2) + "\n")
