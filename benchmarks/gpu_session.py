@@ -25,6 +25,8 @@ import time
 import tomllib
 from pathlib import Path
 
+from trainer.config import DEFAULT_SHARED_DATA
+
 REPO = Path(__file__).resolve().parents[1]
 BASE_CONFIG = REPO / "trainer" / "configs" / "default_gpu.toml"
 REGNET_SHARE = 0.25
@@ -96,20 +98,17 @@ def toml_text(values: dict, header: str) -> str:
     return header + "".join(f"{k} = {value(v)}\n" for k, v in values.items())
 
 
-def split_file(path: Path, out: Path) -> list[Path]:
-    """``path`` in parts of at most PART_BYTES (the session's files come back up to 16 MB each)."""
-    data, parts = path.read_bytes(), []
+def split_file(path: Path, out: Path) -> None:
+    """``path`` in parts of at most PART_BYTES (a session's files come back up to 16 MB each); ``cat`` joins them."""
+    data = path.read_bytes()
     for i in range(0, len(data), PART_BYTES):
-        part = out / f"{path.name}.part{i // PART_BYTES}"
-        part.write_bytes(data[i : i + PART_BYTES])
-        parts.append(part)
-    return parts
+        (out / f"{path.name}.part{i // PART_BYTES}").write_bytes(data[i : i + PART_BYTES])
 
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--out", type=Path, required=True)
-    p.add_argument("--data", default=str(REPO.parent / "shared" / "data"), help="real CT folder for training")
+    p.add_argument("--data", default=str(DEFAULT_SHARED_DATA), help="real CT folder for training")
     p.add_argument("--budget-s", type=float, default=540.0, help="wall-clock seconds for the whole session")
     p.add_argument("--speed-s", type=float, default=190.0, help="limit of the speed benchmark")
     p.add_argument("--reserve-s", type=float, default=35.0, help="kept for start-up, export and packing")
