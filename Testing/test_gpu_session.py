@@ -5,18 +5,18 @@ import tomllib
 import pytest
 
 from benchmarks.gpu_session import BASE_CONFIG, EXPORT_S, STARTUP_S, plan
+from benchmarks.train_throughput import PAIR_STAGE, REGNET_STAGE, misalignment_stage
 from trainer.config import TrainConfig
 
 
 def throughput(pair_on_gpu: bool) -> dict:
-    rows = [{"stage": "deformed pair of a 256 mm phantom (16.8 M voxels) on cpu", "device": "cpu", "seconds_per_step": 4.4},
-            {"stage": "RegNet pre-training (one scale)", "seconds_per_step": 0.065},
-            {"stage": "misalignment model (lstm)", "seconds_per_step": 0.14}]
+    rows = [{"stage": f"{PAIR_STAGE} on cpu", "device": "cpu", "seconds_per_step": 4.4},
+            {"stage": REGNET_STAGE, "seconds_per_step": 0.065},
+            {"stage": misalignment_stage("lstm"), "seconds_per_step": 0.14}]
     if pair_on_gpu:
-        rows.insert(1, {"stage": "deformed pair of a 256 mm phantom (16.8 M voxels) on cuda", "device": "cuda",
-                        "seconds_per_step": 0.45})
+        rows.insert(1, {"stage": f"{PAIR_STAGE} on cuda", "device": "cuda", "seconds_per_step": 0.45})
     else:
-        rows.insert(1, {"stage": "deformed pair of a 256 mm phantom (16.8 M voxels) on cuda", "error": "no kernel"})
+        rows.insert(1, {"stage": f"{PAIR_STAGE} on cuda", "error": "no kernel"})
     return {"rows": rows}
 
 

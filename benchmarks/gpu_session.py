@@ -25,6 +25,7 @@ import time
 import tomllib
 from pathlib import Path
 
+from benchmarks.train_throughput import PAIR_STAGE, REGNET_STAGE, misalignment_stage
 from trainer.config import DEFAULT_SHARED_DATA
 
 REPO = Path(__file__).resolve().parents[1]
@@ -66,9 +67,9 @@ def plan(throughput: dict, seconds: float, base: dict) -> dict:
     """Stage lengths that fit ``seconds`` at the measured step and pair times (a sketch, with a time limit
     as the safety net)."""
     rows = {r["stage"]: r for r in throughput.get("rows", []) if "error" not in r}
-    regnet = rows["RegNet pre-training (one scale)"]["seconds_per_step"]
-    lstm = rows[f"misalignment model ({base['decoder']})"]["seconds_per_step"]
-    pairs = {r.get("device"): r["seconds_per_step"] for r in rows.values() if r["stage"].startswith("deformed pair")}
+    regnet = rows[REGNET_STAGE]["seconds_per_step"]
+    lstm = rows[misalignment_stage(base["decoder"])]["seconds_per_step"]
+    pairs = {r["device"]: r["seconds_per_step"] for r in rows.values() if r["stage"].startswith(PAIR_STAGE)}
     on_gpu = "cuda" in pairs
     pair = pairs["cuda"] if on_gpu else pairs["cpu"]
     steps, pool = base["steps_per_epoch"], base["pool_pairs"] * (1 if on_gpu else 0.5)

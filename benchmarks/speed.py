@@ -178,26 +178,26 @@ def main(argv: list[str] | None = None) -> int:
     scaling_label = primary["decoder"] + (f" tile {tiles[0]}" if tiles[0] else "")
     scaling_rows: list[dict] = []
 
+    header = {  # what every rewrite of the report shares
+        "name": args.name or f"speed-{device.split(':')[0]}" + ("-ci" if args.ci else ""),
+        "command": "python -m benchmarks.speed " + shlex.join(sys.argv[1:] if argv is None else argv),
+        "machine": machine_info(),
+        "settings": {"device": device, "repeats": args.repeats, "warmup": args.warmup, "seed": args.seed,
+                     "shape": list(base.shape), "spacing": list(base.spacing), "scale": args.scale,
+                     "phantom_spacing_mm": args.phantom_spacing, "tile_sizes": tiles, "tile_batch": args.tile_batch,
+                     "threads": args.threads, "naive_patch": args.naive_patch},
+        "repeats": args.repeats,
+        "warmup": args.warmup,
+    }
+
     def write(complete: bool = False) -> tuple[Path, Path]:
         """Write the report of the rows so far: a run stopped part-way keeps what it measured."""
         naive = next((r for r in rows if r["kind"] == "naive" and "error" not in r), None)
         for r in rows:
             if naive and "error" not in r:
                 r["speedup_vs_naive"] = naive["total_s"] / r["total_s"]
-        report = {
-            "name": args.name or f"speed-{device.split(':')[0]}" + ("-ci" if args.ci else ""),
-            "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-            "command": "python -m benchmarks.speed " + shlex.join(sys.argv[1:] if argv is None else argv),
-            "machine": machine_info(),
-            "settings": {"device": device, "repeats": args.repeats, "warmup": args.warmup, "seed": args.seed,
-                         "shape": list(base.shape), "spacing": list(base.spacing), "scale": args.scale,
-                         "phantom_spacing_mm": args.phantom_spacing, "tile_sizes": tiles, "tile_batch": args.tile_batch,
-                         "threads": args.threads, "naive_patch": args.naive_patch},
-            "repeats": args.repeats,
-            "warmup": args.warmup,
-            "rows": rows,
-            "complete": complete,
-        }
+        report = {**header, "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+                  "rows": rows, "complete": complete}
         if len(scaling_rows) > 1:
             report["scaling"] = {"label": scaling_label, **scaling_summary(scaling_rows)}
         # The goals are about the chest geometry itself: the primary model's row at volume factor 1, whether it

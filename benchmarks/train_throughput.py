@@ -27,10 +27,17 @@ from RegistrationMisalignmentLib.inference import resolve_device
 from RegistrationMisalignmentLib.networks.model import MisalignmentNet
 from RegistrationMisalignmentLib.networks.regnet import RegNet
 from trainer.data import phantom_images
-from trainer.data import TrainingImage
 from trainer.dataset import IGNORE, PatchSampler, build_pool, make_pair
 from trainer.deformations import DVFSettings
 from trainer.train import masked_huber
+
+REGNET_STAGE = "RegNet pre-training (one scale)"
+PAIR_STAGE = "deformed pair"
+"""Row labels that ``benchmarks.gpu_session`` plans a training run from."""
+
+
+def misalignment_stage(decoder: str) -> str:
+    return f"misalignment model ({decoder})"
 
 
 def cpu_name() -> str:
@@ -105,7 +112,7 @@ def main(argv: list[str] | None = None) -> int:
 
     voxels = image.hu.size
     for on in [torch.device("cpu")] + ([device] if device.type == "cuda" else []):
-        stage = f"deformed pair of a {args.pair_mm:g} mm phantom ({voxels / 1e6:.1f} M voxels) on {on.type}"
+        stage = f"{PAIR_STAGE} of a {args.pair_mm:g} mm phantom ({voxels / 1e6:.1f} M voxels) on {on.type}"
         try:
             seconds = time_steps(pair_step(on), args.repeats, on)
         except (RuntimeError, TypeError) as exc:  # a pair on the GPU is an option (pool_on_device), not a must
@@ -116,12 +123,12 @@ def main(argv: list[str] | None = None) -> int:
                      "mvoxels_per_s": voxels / 1e6 / seconds})
     net = RegNet().to(device)
     seconds = time_steps(regnet_step(net, torch.optim.Adam(net.parameters(), 1e-3), 1), args.repeats, device)
-    rows.append({"stage": "RegNet pre-training (one scale)", "seconds_per_step": seconds,
+    rows.append({"stage": REGNET_STAGE, "seconds_per_step": seconds,
                  "patches_per_s": args.batch_size / seconds})
     for decoder in ("lstm", "multiscale", "singlescale"):
         net = MisalignmentNet(decoder, DEFAULT_CONFIG).to(device)
         seconds = time_steps(misalignment_step(net, torch.optim.Adam(net.parameters(), 1e-3)), args.repeats, device)
-        rows.append({"stage": f"misalignment model ({decoder})", "seconds_per_step": seconds,
+        rows.append({"stage": misalignment_stage(decoder), "seconds_per_step": seconds,
                      "patches_per_s": args.batch_size / seconds})
     machine = {"cpu": cpu_name(), "threads": torch.get_num_threads(), "torch": torch.__version__,
                "device": torch.cuda.get_device_name(0) if device.type == "cuda" else "cpu"}
