@@ -8,6 +8,10 @@ context they re-read, never by averaged outputs. Memory is bounded by the tile s
 Back to the fixed grid: the 3 class probabilities are resampled linearly onto the fixed image's
 exact grid (origin, spacing, direction) and the label is their argmax there — smoother than nearest
 on labels and correct for any fixed spacing. Voxels outside the optional mask get label 0.
+
+Where the stages run. On the CPU resampling is SimpleITK's. On CUDA every stage stays on the device
+(``grid_resample`` computes the same resampling with ``grid_sample``): the images go up once and only
+the labelmap (and the probabilities, when asked for) come back.
 """
 
 from __future__ import annotations
@@ -25,10 +29,12 @@ import torch
 
 from RegistrationMisalignmentLib.config import MisalignmentConfig
 from RegistrationMisalignmentLib.errors import InputError, PredictionCancelled
+from RegistrationMisalignmentLib.grid_resample import resample_to_grid
 from RegistrationMisalignmentLib.io import prepare_mask, prepare_pair
 from RegistrationMisalignmentLib.networks.regnet import ENCODER_CONTEXT, HEAD_CONTEXT
 from RegistrationMisalignmentLib.preprocess import (
-    background_value, build_pyramid, extract_block, isotropic_reference, pyramid_level, resample_onto, scale_blocks,
+    background_value, build_pyramid, extract_block, isotropic_reference, normalize_hu, pyramid_level, pyramid_of,
+    resample_onto, scale_blocks,
 )
 from RegistrationMisalignmentLib.config import round_up_encoder_output
 from RegistrationMisalignmentLib.spatial import compose, upsample_dvf, warp
@@ -89,6 +95,11 @@ def _autocast(device: torch.device):
     return stack
 
 
+def stages_on_device(device: torch.device) -> bool:
+    """Whether resampling and stitching run on ``device`` too (CUDA), not through the host."""
+    return device.type == "cuda"
+
+
 def tile_starts(shape: tuple[int, ...], tile: tuple[int, ...]) -> list[tuple[int, int, int]]:
     return list(itertools.product(*(range(0, n, t) for n, t in zip(shape, tile))))
 
@@ -110,8 +121,8 @@ def tile_shape(shape: tuple[int, ...], tile_size: int, multiple: int = 16) -> tu
 
 def network_probabilities(module: torch.jit.ScriptModule, decoder: str, pyramid: dict[int, torch.Tensor],
                           config: MisalignmentConfig, tile_size: int, batch: int, report: _Reporter,
-                          span: tuple[float, float] = (0.1, 0.9)) -> torch.Tensor:
-    """(D, H, W, 3) class probabilities on the 1 mm grid, computed tile by tile.
+                          span: tuple[float, float] = (0.1, 0.9), out_device: torch.device | str = "cpu") -> torch.Tensor:
+    """(D, H, W, 3) class probabilities on the 1 mm grid, computed tile by tile, stitched on ``out_device``.
 
     Classes last: the layout a SimpleITK vector image takes without a copy (``to_fixed_grid``).
     """
@@ -121,13 +132,13 @@ def network_probabilities(module: torch.jit.ScriptModule, decoder: str, pyramid:
     starts = tile_starts(shape, tile)
     scales = (1,) if decoder == "singlescale" else tuple(config.scales)
     empty = torch.empty(0, device=device)
-    out = torch.zeros((*shape, 3), dtype=torch.float32)
+    out = torch.zeros((*shape, 3), dtype=torch.float32, device=out_device)
     for first in range(0, len(starts), batch):
         group = starts[first : first + batch]
         blocks = [scale_blocks(pyramid, p0, tile, config, scales) for p0 in group]
         x = {s: torch.stack([b[s] for b in blocks]) if s in scales else empty for s in config.scales}
         with torch.inference_mode(), _autocast(device):
-            probs = module.probabilities(x[1], x[2], x[4]).float().cpu()
+            probs = module.probabilities(x[1], x[2], x[4]).float().to(out.device)
         for p0, p in zip(group, probs):
             size = [min(t, n - a) for t, n, a in zip(tile, shape, p0)]
             out[p0[0] : p0[0] + size[0], p0[1] : p0[1] + size[1], p0[2] : p0[2] + size[2]] = \
@@ -183,19 +194,40 @@ def regnet_t_probabilities(displacement: torch.Tensor, config: MisalignmentConfi
 
 
 def to_fixed_grid(probabilities: torch.Tensor, grid_1mm: sitk.Image, fixed: sitk.Image, mask: sitk.Image | None,
-                  config: MisalignmentConfig) -> tuple[sitk.Image, sitk.Image]:
-    """Resample (D, H, W, 3) probabilities onto the fixed grid; labelmap = argmax (+1), 0 outside the mask."""
-    vector = sitk.GetImageFromArray(probabilities.numpy(), isVector=True)
-    vector.CopyInformation(grid_1mm)
-    resampled = sitk.Resample(vector, fixed, sitk.Transform(), sitk.sitkLinear, 0.0, sitk.sitkVectorFloat32,
-                              useNearestNeighborExtrapolator=True)
-    probs = sitk.GetArrayViewFromImage(resampled)
-    labels = np.asarray(config.label_values, dtype=np.uint8)[np.argmax(probs, axis=-1)]
+                  config: MisalignmentConfig, with_probabilities: bool = True) -> tuple[sitk.Image, sitk.Image | None]:
+    """Resample (D, H, W, 3) probabilities onto the fixed grid; labelmap = argmax (+1), 0 outside the mask.
+
+    A CPU tensor goes through SimpleITK, a device tensor through ``grid_resample`` on its device;
+    the probabilities image is made only ``with_probabilities``.
+    """
+    if probabilities.device.type == "cpu":
+        vector = sitk.GetImageFromArray(probabilities.numpy(), isVector=True)
+        vector.CopyInformation(grid_1mm)
+        resampled = sitk.Resample(vector, fixed, sitk.Transform(), sitk.sitkLinear, 0.0, sitk.sitkVectorFloat32,
+                                  useNearestNeighborExtrapolator=True)
+        classes = np.argmax(sitk.GetArrayViewFromImage(resampled), axis=-1)
+    else:
+        probs = resample_to_grid(probabilities.permute(3, 0, 1, 2), grid_1mm, fixed, default=None)
+        classes = probs.argmax(dim=0).to(torch.uint8).cpu().numpy()
+        resampled = None
+        if with_probabilities:
+            resampled = sitk.GetImageFromArray(probs.permute(1, 2, 3, 0).cpu().numpy(), isVector=True)
+            resampled.CopyInformation(fixed)
+        del probs
+    labels = np.asarray(config.label_values, dtype=np.uint8)[classes]
     if mask is not None:
         labels[sitk.GetArrayViewFromImage(mask) == 0] = config.label_outside
     labelmap = sitk.GetImageFromArray(labels)
     labelmap.CopyInformation(fixed)
-    return labelmap, resampled
+    return labelmap, resampled if with_probabilities else None
+
+
+def resample_pair_on_device(fixed: sitk.Image, moving: sitk.Image, grid: sitk.Image, config: MisalignmentConfig,
+                            device: torch.device) -> torch.Tensor:
+    """HU (2, D, H, W) of the pair (fixed, moving) on the 1 mm ``grid``, uploaded once and resampled on ``device``."""
+    # prepare_pair put both images on the fixed grid, so one resampling serves the pair.
+    pair = torch.stack([torch.from_numpy(sitk.GetArrayFromImage(image)).to(device) for image in (fixed, moving)])
+    return resample_to_grid(pair, fixed, grid, config.background_hu)
 
 
 def predict(fixed: sitk.Image, moving: sitk.Image, model: LoadedModel | None = None, *,
@@ -236,11 +268,17 @@ def predict(fixed: sitk.Image, moving: sitk.Image, model: LoadedModel | None = N
 
     report(0.02, f"resampling to {config.spacing_mm:g} mm")
     grid = isotropic_reference(fixed, config.spacing_mm)
-    fixed_1mm = sitk.GetArrayFromImage(resample_onto(fixed, grid, config.background_hu))
-    moving_1mm = sitk.GetArrayFromImage(resample_onto(moving, grid, config.background_hu))
-    t = lap("resample", t)
-    pyramid = build_pyramid(fixed_1mm, moving_1mm, config, dev)
-    del fixed_1mm, moving_1mm
+    if stages_on_device(dev):
+        pair_1mm = resample_pair_on_device(fixed, moving, grid, config, dev)
+        t = lap("resample", t)
+        pyramid = pyramid_of(normalize_hu(pair_1mm, config), config)
+        del pair_1mm
+    else:
+        fixed_1mm, moving_1mm = (sitk.GetArrayFromImage(resample_onto(image, grid, config.background_hu))
+                                 for image in (fixed, moving))
+        t = lap("resample", t)
+        pyramid = build_pyramid(fixed_1mm, moving_1mm, config, dev)
+        del fixed_1mm, moving_1mm
     t = lap("pyramid", t)
 
     tile = tile_size or config.tile_size
@@ -249,13 +287,14 @@ def predict(fixed: sitk.Image, moving: sitk.Image, model: LoadedModel | None = N
     if model.decoder == "regnet-t":
         probabilities = regnet_t_probabilities(regnet_t_displacement(module, pyramid, config, tile, batch, report), config)
     else:
-        probabilities = network_probabilities(module, model.decoder, pyramid, config, tile, batch, report)
+        probabilities = network_probabilities(module, model.decoder, pyramid, config, tile, batch, report,
+                                              out_device=dev if stages_on_device(dev) else "cpu")
     del pyramid
     t = lap("network", t)
 
     report(0.92, "mapping back to the fixed image grid")
-    labelmap, probs_image = to_fixed_grid(probabilities, grid, fixed, mask, config)
+    labelmap, probs_image = to_fixed_grid(probabilities, grid, fixed, mask, config, with_probabilities)
     lap("resample_back", t)
     report(1.0, "done")
-    return Prediction(labelmap=labelmap, probabilities=probs_image if with_probabilities else None,
+    return Prediction(labelmap=labelmap, probabilities=probs_image,
                       seconds=time.perf_counter() - start, timings=timings)

@@ -39,10 +39,11 @@ def resample_onto(image: sitk.Image, reference: sitk.Image, default: float,
     return sitk.Resample(image, reference, sitk.Transform(), interpolator, float(default), sitk.sitkFloat32)
 
 
-def normalize_hu(array: np.ndarray, config: MisalignmentConfig) -> np.ndarray:
-    """Clip to the HU window and map it linearly to [-1, 1] (float32)."""
+def normalize_hu(array: np.ndarray | torch.Tensor, config: MisalignmentConfig) -> np.ndarray | torch.Tensor:
+    """Clip to the HU window and map it linearly to [-1, 1] (float32; a tensor stays on its device)."""
     lo, hi = config.hu_window
-    return ((np.clip(array, lo, hi) - lo) * (2.0 / (hi - lo)) - 1.0).astype(np.float32)
+    scaled = (array.clip(lo, hi) - lo) * (2.0 / (hi - lo)) - 1.0
+    return scaled.float() if isinstance(scaled, torch.Tensor) else scaled.astype(np.float32)
 
 
 def background_value(config: MisalignmentConfig) -> float:
@@ -85,6 +86,11 @@ def build_pyramid(fixed: np.ndarray, moving: np.ndarray, config: MisalignmentCon
     Channel 0 is the fixed image, channel 1 the (deformed) moving image.
     """
     pair = torch.from_numpy(np.stack([normalize_hu(fixed, config), normalize_hu(moving, config)])).to(device)
+    return pyramid_of(pair, config)
+
+
+def pyramid_of(pair: torch.Tensor, config: MisalignmentConfig) -> dict[int, torch.Tensor]:
+    """Every level of a normalised 1 mm (2, D, H, W) pair, on the pair's device."""
     return {s: pyramid_level(pair, s, config) for s in config.scales}
 
 
