@@ -181,7 +181,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="output labelmap (0 outside, 1 correct, 2 poor, 3 wrong)")
     p.add_argument("--probabilities", help="also write the 3-class probabilities (vector image)")
     p.add_argument("--mask", help="restrict the output to this fixed-image mask (e.g. lungs)")
-    p.add_argument("--tile-size", type=int, help="1 mm voxels per tile side, a multiple of 16 (default: the model's, 128; "
+    p.add_argument("--tile-size", type=int, help="1 mm voxels per tile side, a multiple of 16 (default: the model's, 128 on CPU, 192 on CUDA; "
                    "smaller needs less memory, larger re-reads less context)")
     model_flags(p)
     p.set_defaults(func=cmd_predict)

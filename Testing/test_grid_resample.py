@@ -47,7 +47,8 @@ def test_resampling_refuses_a_volume_of_another_grid():
 
 @pytest.mark.parametrize("name", ["test_lstm", "test_regnet_t"])
 def test_stages_on_device_give_the_host_paths_outputs(model_dir, small_pair, monkeypatch, name):
-    """CUDA keeps every stage on the device; forced here on the CPU, it must reproduce the SimpleITK path."""
+    """CUDA keeps every stage on the device, in channels-last tensors; forced here on the CPU, that path must
+    reproduce the SimpleITK one."""
     fixed, moving = small_pair
     model = load_model(model_dir / f"{name}.pt")
     mask = sitk.Image(fixed.GetSize(), sitk.sitkUInt8)
@@ -55,6 +56,7 @@ def test_stages_on_device_give_the_host_paths_outputs(model_dir, small_pair, mon
     mask[2:20, 0:15, 1:12] = 1
     host = predict(fixed, moving, model, mask=mask, tile_size=16, with_probabilities=True, device="cpu")
     monkeypatch.setattr(inference, "stages_on_device", lambda device: True)
+    monkeypatch.setattr(inference, "memory_format", lambda device: torch.channels_last_3d)
     on_device = predict(fixed, moving, model, mask=mask, tile_size=16, with_probabilities=True, device="cpu")
     expected = sitk.GetArrayFromImage(host.probabilities)
     assert expected.std() > 1e-3, "outputs must vary in space for the comparison to mean anything"

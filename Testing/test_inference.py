@@ -5,9 +5,11 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import SimpleITK as sitk
+import torch
 
+from RegistrationMisalignmentLib.config import DEFAULT_CONFIG
 from RegistrationMisalignmentLib.errors import InputError, PredictionCancelled
-from RegistrationMisalignmentLib.inference import predict, resolve_device, tile_shape
+from RegistrationMisalignmentLib.inference import default_tile_size, predict, resolve_device, tile_shape
 from RegistrationMisalignmentLib.weights import load_model
 
 
@@ -84,8 +86,6 @@ def test_bad_inputs_are_refused_before_any_work(model_dir, small_pair):
 def test_device_resolution():
     assert resolve_device("cpu").type == "cpu"
     assert resolve_device("auto").type in ("cpu", "cuda")
-    import torch
-
     if not torch.cuda.is_available():
         with pytest.raises(InputError, match="CUDA"):
             resolve_device("cuda")
@@ -106,3 +106,10 @@ def test_tiles_cover_the_axis_with_little_overshoot(n, tile_size, expected):
     assert side == expected and side % 16 == 0 and side <= tile_size
     assert count == -(-n // tile_size), "no more tiles than tile_size itself needs"
     assert count * side - n < 16 * count
+
+
+def test_default_tile_size_is_per_device_and_checked():
+    cpu, cuda = (default_tile_size(DEFAULT_CONFIG, torch.device(d)) for d in ("cpu", "cuda"))
+    assert (cpu, cuda) == (DEFAULT_CONFIG.tile_size, DEFAULT_CONFIG.cuda_tile_size) and cuda > cpu
+    with pytest.raises(ValueError, match="cuda_tile_size must be a multiple of 16"):
+        DEFAULT_CONFIG.replace(cuda_tile_size=100)

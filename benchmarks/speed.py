@@ -118,6 +118,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--threads", type=int, help="torch CPU threads (default torch's choice)")
     p.add_argument("--naive-patch", type=int, help="x1 input side of the seed's per-patch loop (default 205; 0 skips)")
     p.add_argument("--skip-comparisons", action="store_true", help="no RegNet-t and per-patch rows")
+    p.add_argument("--skip-regnet-t", action="store_true", help="no RegNet-t row (the per-patch row stays)")
     p.add_argument("--no-tile-profile", action="store_true", help="skip the encoder/decoder split of one tile batch")
     p.add_argument("--ci", action="store_true", help="tiny CI preset; explicit flags still override it")
     p.add_argument("--cache", type=Path, help=f"pair and random-model cache (default {default_cache_dir()})")
@@ -215,7 +216,7 @@ def main(argv: list[str] | None = None) -> int:
                 scaling_rows.append(rows[-1])
             write()
     if not args.skip_comparisons:
-        if not any(m["decoder"] == "regnet-t" for m in models):
+        if not args.skip_regnet_t and not any(m["decoder"] == "regnet-t" for m in models):
             baseline = {"path": random_model("regnet-t", cache / "models"), "decoder": "regnet-t",
                         "random_weights": True, "sha256": None}
             rows.append(measure("RegNet-t baseline", "comparison", "predict", baseline, args.scale, tiles[0]))

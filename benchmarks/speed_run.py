@@ -25,7 +25,9 @@ import SimpleITK as sitk
 import torch
 
 from RegistrationMisalignmentLib.config import round_up_encoder_output
-from RegistrationMisalignmentLib.inference import predict, resolve_device, tile_shape, tile_starts, to_fixed_grid
+from RegistrationMisalignmentLib.inference import (
+    default_tile_size, memory_format, predict, resolve_device, tile_shape, tile_starts, to_fixed_grid,
+)
 from RegistrationMisalignmentLib.io import prepare_pair
 from RegistrationMisalignmentLib.preprocess import build_pyramid, isotropic_reference, resample_onto, scale_blocks
 from RegistrationMisalignmentLib.weights import LoadedModel, load_model
@@ -128,8 +130,8 @@ def tile_profile(fixed: sitk.Image, moving: sitk.Image, model: LoadedModel, devi
     tile = tile_shape(shape, tile_size)
     starts = tile_starts(shape, tile)
     blocks = [scale_blocks(pyramid, p0, tile, config) for p0 in starts[:batch]]
-    x = {s: torch.stack([b[s] for b in blocks]) for s in config.scales}
-    module = model.module.to(device)
+    x = {s: torch.stack([b[s] for b in blocks]).contiguous(memory_format=memory_format(device)) for s in config.scales}
+    module = model.module.to(device).to(memory_format=memory_format(device))  # as predict runs it
     encoders = [(getattr(module, f"encoder{s}"), x[s]) for s in config.scales
                 if model.decoder != "singlescale" or s == 1]
     cuda_dtype = torch.bfloat16 if device.type == "cuda" and torch.cuda.is_bf16_supported() else torch.float16
@@ -181,7 +183,7 @@ def run_job(job: dict) -> dict:
     device = resolve_device(job["device"])
     fixed, moving = sitk.ReadImage(job["fixed"]), sitk.ReadImage(job["moving"])
     model = load_model(job["model"], device=device)
-    tile_size = job.get("tile_size") or model.config.tile_size
+    tile_size = job.get("tile_size") or default_tile_size(model.config, device)
     batch = job.get("tile_batch") or model.config.tile_batch
     rss_loaded = current_rss_bytes()
 
