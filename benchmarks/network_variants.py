@@ -25,7 +25,7 @@ import torch
 from RegistrationMisalignmentLib.inference import _autocast, resolve_device, tile_shape
 from RegistrationMisalignmentLib.networks.model import MisalignmentNet
 from RegistrationMisalignmentLib.preprocess import block_geometry
-from RegistrationMisalignmentLib.weights import load_model
+from RegistrationMisalignmentLib.weights import LoadedModel, load_model
 from benchmarks.speed_pair import PairGeometry
 from benchmarks.speed_report import machine_info
 
@@ -57,9 +57,11 @@ def timed(fn: Callable[[], torch.Tensor], device: torch.device, repeats: int) ->
     return statistics.median(times), out
 
 
-def variants(path: str, device: torch.device) -> dict[str, tuple[Callable, bool, torch.dtype | None]]:
-    """name -> (module factory, channels-last inputs, input dtype or None for autocast)."""
-    loaded = load_model(path, device=device)
+def variants(loaded: LoadedModel, device: torch.device) -> dict[str, tuple[Callable, bool, torch.dtype | None]]:
+    """name -> (module factory, channels-last inputs, input dtype or None for autocast).
+
+    No factory changes ``loaded.module``, so it also serves as the fp32 reference.
+    """
 
     def eager() -> torch.nn.Module:
         net = MisalignmentNet(loaded.decoder, loaded.config)
@@ -97,10 +99,10 @@ def main(argv: list[str] | None = None) -> int:
     args.out.mkdir(parents=True, exist_ok=True)
     report = {"command": "python -m benchmarks.network_variants " + " ".join(sys.argv[1:] if argv is None else argv),
               "machine": machine_info(), "model": args.model, "repeats": args.repeats, "rows": []}
-    table = variants(args.model, device)
+    loaded = load_model(args.model, device=device)
+    table = variants(loaded, device)
     for tile_size in (int(t) for t in args.tiles.split(",")):
-        config = load_model(args.model).config
-        tile, x = chest_inputs(config, tile_size, device)
+        tile, x = chest_inputs(loaded.config, tile_size, device)
         reference = None
         for name, (factory, channels_last, dtype) in table.items():
             row = {"variant": name, "tile_size": tile_size, "tile": list(tile)}
@@ -123,8 +125,7 @@ def main(argv: list[str] | None = None) -> int:
                 row["forward_s"], out = timed(run, device, args.repeats)
                 if reference is None:
                     with torch.inference_mode():
-                        reference = load_model(args.model, device=device).module.probabilities(
-                            *[x[s] for s in (1, 2, 4)]).float()
+                        reference = loaded.module.probabilities(*[x[s] for s in (1, 2, 4)]).float()
                 row["max_prob_diff_vs_fp32"] = float((out - reference).abs().max())
                 row["argmax_agreement_vs_fp32"] = float((out.argmax(1) == reference.argmax(1)).float().mean())
                 if device.type == "cuda":
