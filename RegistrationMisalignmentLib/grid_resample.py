@@ -35,6 +35,23 @@ def index_map(source: sitk.Image, target: sitk.Image) -> tuple[np.ndarray, np.nd
     return to_source @ frame(target), to_source @ offset
 
 
+def source_box(source: sitk.Image, target: sitk.Image, z0: int, z1: int) -> tuple[list[int], list[int]]:
+    """Source index box [lo, hi) (x, y, z) that target slices z0..z1-1 read, with linear interpolation and
+    nearest-voxel extrapolation: resampling a slab from this crop gives the numbers the whole source would.
+
+    The slab maps to a parallelepiped whose corners bound it; one voxel of margin absorbs rounding. Where
+    the slab leaves the source the box reaches the source's edge, whose voxels the extrapolation repeats.
+    """
+    a, b = index_map(source, target)
+    width, height, _ = target.GetSize()
+    corners = np.array([[x, y, z] for x in (0, width - 1) for y in (0, height - 1) for z in (z0, z1 - 1)], float)
+    index = corners @ a.T + b
+    size = np.array(source.GetSize())
+    lo = np.clip(np.floor(index.min(axis=0)).astype(int) - 1, 0, size - 1)
+    hi = np.clip(np.floor(index.max(axis=0)).astype(int) + 3, lo + 1, size)
+    return lo.tolist(), hi.tolist()
+
+
 def resample_to_grid(volume: torch.Tensor, source: sitk.Image, target: sitk.Image, default: float | None,
                      slab_voxels: int = SLAB_VOXELS) -> torch.Tensor:
     """``volume`` (C, D, H, W) on ``source``'s grid, linearly resampled onto ``target``'s: (C, D', H', W').

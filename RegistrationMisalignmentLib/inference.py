@@ -9,9 +9,11 @@ Back to the fixed grid: the 3 class probabilities are resampled linearly onto th
 exact grid (origin, spacing, direction) and the label is their argmax there — smoother than nearest
 on labels and correct for any fixed spacing. Voxels outside the optional mask get label 0.
 
-Where the stages run. On the CPU resampling is SimpleITK's. On CUDA every stage stays on the device
-(``grid_resample`` computes the same resampling with ``grid_sample``): the images go up once and only
-the labelmap (and the probabilities, when asked for) come back.
+Where the stages run. On the CPU resampling is SimpleITK's; the pyramid and the stitched probabilities
+are stored in float16 and the way back runs slab by slab, so the RAM that grows with the image stays
+small. On CUDA every stage stays on the device (``grid_resample`` computes the same resampling with
+``grid_sample``): the images go up once and only the labelmap (and the probabilities, when asked for)
+come back.
 """
 
 from __future__ import annotations
@@ -29,7 +31,7 @@ import torch
 
 from RegistrationMisalignmentLib.config import MisalignmentConfig
 from RegistrationMisalignmentLib.errors import InputError, PredictionCancelled
-from RegistrationMisalignmentLib.grid_resample import resample_to_grid
+from RegistrationMisalignmentLib.grid_resample import SLAB_VOXELS, resample_to_grid, source_box
 from RegistrationMisalignmentLib.io import prepare_mask, prepare_pair
 from RegistrationMisalignmentLib.networks.regnet import ENCODER_CONTEXT, HEAD_CONTEXT
 from RegistrationMisalignmentLib.preprocess import (
@@ -106,6 +108,16 @@ def memory_format(device: torch.device) -> torch.memory_format:
     return torch.channels_last_3d if device.type == "cuda" else torch.contiguous_format
 
 
+def host_storage_dtype(decoder: str) -> torch.dtype:
+    """What the host path stores the pyramid and the stitched probabilities in; both are computed in float32.
+
+    float16 halves the two buffers that grow with the image, which is what keeps the CPU's peak RAM under
+    6 GB at twice the chest CT (benchmarks/results/speed-cpu-double.md); its rounding (< 5e-4) is well
+    inside the tolerance the GPU's bf16 autocast is held to. RegNet-t warps its pyramid: float32.
+    """
+    return torch.float32 if decoder == "regnet-t" else torch.float16
+
+
 def default_tile_size(config: MisalignmentConfig, device: torch.device) -> int:
     """The configuration's tile side for ``device``: GPUs take larger tiles (less re-read context)."""
     return config.cuda_tile_size if device.type == "cuda" else config.tile_size
@@ -132,10 +144,12 @@ def tile_shape(shape: tuple[int, ...], tile_size: int, multiple: int = 16) -> tu
 
 def network_probabilities(module: torch.jit.ScriptModule, decoder: str, pyramid: dict[int, torch.Tensor],
                           config: MisalignmentConfig, tile_size: int, batch: int, report: _Reporter,
-                          span: tuple[float, float] = (0.1, 0.9), out_device: torch.device | str = "cpu") -> torch.Tensor:
+                          span: tuple[float, float] = (0.1, 0.9), out_device: torch.device | str = "cpu",
+                          dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """(D, H, W, 3) class probabilities on the 1 mm grid, computed tile by tile, stitched on ``out_device``.
 
-    Classes last: the layout a SimpleITK vector image takes without a copy (``to_fixed_grid``).
+    Classes last: the layout a SimpleITK vector image takes without a copy (``to_fixed_grid``). Blocks
+    go through the network in float32 whatever the pyramid's ``dtype``; the stitched result is ``dtype``.
     """
     device = pyramid[1].device
     shape = tuple(pyramid[1].shape[1:])
@@ -143,11 +157,11 @@ def network_probabilities(module: torch.jit.ScriptModule, decoder: str, pyramid:
     starts = tile_starts(shape, tile)
     scales = (1,) if decoder == "singlescale" else tuple(config.scales)
     empty = torch.empty(0, device=device)
-    out = torch.zeros((*shape, 3), dtype=torch.float32, device=out_device)
+    out = torch.zeros((*shape, 3), dtype=dtype, device=out_device)
     for first in range(0, len(starts), batch):
         group = starts[first : first + batch]
         blocks = [scale_blocks(pyramid, p0, tile, config, scales) for p0 in group]
-        x = {s: torch.stack([b[s] for b in blocks]).contiguous(memory_format=memory_format(device))
+        x = {s: torch.stack([b[s] for b in blocks]).float().contiguous(memory_format=memory_format(device))
              if s in scales else empty for s in config.scales}
         with torch.inference_mode(), _autocast(device):
             probs = module.probabilities(x[1], x[2], x[4]).float().to(out.device)
@@ -206,18 +220,20 @@ def regnet_t_probabilities(displacement: torch.Tensor, config: MisalignmentConfi
 
 
 def to_fixed_grid(probabilities: torch.Tensor, grid_1mm: sitk.Image, fixed: sitk.Image, mask: sitk.Image | None,
-                  config: MisalignmentConfig, with_probabilities: bool = True) -> tuple[sitk.Image, sitk.Image | None]:
+                  config: MisalignmentConfig, with_probabilities: bool = True,
+                  slab_voxels: int = SLAB_VOXELS) -> tuple[sitk.Image, sitk.Image | None]:
     """Resample (D, H, W, 3) probabilities onto the fixed grid; labelmap = argmax (+1), 0 outside the mask.
 
     A CPU tensor goes through SimpleITK, a device tensor through ``grid_resample`` on its device;
     the probabilities image is made only ``with_probabilities``.
     """
     if probabilities.device.type == "cpu":
-        vector = sitk.GetImageFromArray(probabilities.numpy(), isVector=True)
-        vector.CopyInformation(grid_1mm)
-        resampled = sitk.Resample(vector, fixed, sitk.Transform(), sitk.sitkLinear, 0.0, sitk.sitkVectorFloat32,
-                                  useNearestNeighborExtrapolator=True)
-        classes = np.argmax(sitk.GetArrayViewFromImage(resampled), axis=-1)
+        classes, probs = _resample_back_on_host(probabilities, grid_1mm, fixed, with_probabilities, slab_voxels)
+        resampled = None
+        if with_probabilities:
+            resampled = sitk.GetImageFromArray(probs, isVector=True)
+            resampled.CopyInformation(fixed)
+        del probs
     else:
         probs = resample_to_grid(probabilities.permute(3, 0, 1, 2), grid_1mm, fixed, default=None)
         classes = probs.argmax(dim=0).to(torch.uint8).cpu().numpy()
@@ -232,6 +248,44 @@ def to_fixed_grid(probabilities: torch.Tensor, grid_1mm: sitk.Image, fixed: sitk
     labelmap = sitk.GetImageFromArray(labels)
     labelmap.CopyInformation(fixed)
     return labelmap, resampled if with_probabilities else None
+
+
+def _resample_back_on_host(probabilities: torch.Tensor, grid_1mm: sitk.Image, fixed: sitk.Image,
+                           with_probabilities: bool, slab_voxels: int) -> tuple[np.ndarray, np.ndarray | None]:
+    """Class index (uint8) and, when asked, float32 (D, H, W, 3) probabilities on the fixed grid, slab by slab.
+
+    Each slab of the fixed grid is resampled by SimpleITK from the crop of the 1 mm grid it reads
+    (``source_box``), so memory beyond the outputs stays bounded by the slab, whatever the image size.
+    """
+    width, height, depth = fixed.GetSize()
+    classes = np.empty((depth, height, width), dtype=np.uint8)
+    probs = np.empty((depth, height, width, 3), dtype=np.float32) if with_probabilities else None
+    slab = max(1, slab_voxels // (width * height))
+    for z0 in range(0, depth, slab):
+        z1 = min(z0 + slab, depth)
+        lo, hi = source_box(grid_1mm, fixed, z0, z1)
+        crop = probabilities[lo[2] : hi[2], lo[1] : hi[1], lo[0] : hi[0]].float().numpy()
+        vector = sitk.GetImageFromArray(crop, isVector=True)
+        vector.SetSpacing(grid_1mm.GetSpacing())
+        vector.SetDirection(grid_1mm.GetDirection())
+        vector.SetOrigin(grid_1mm.TransformIndexToPhysicalPoint(lo))
+        resampled = sitk.Resample(vector, size=[width, height, z1 - z0], transform=sitk.Transform(),
+                                  interpolator=sitk.sitkLinear, outputOrigin=fixed.TransformIndexToPhysicalPoint((0, 0, z0)),
+                                  outputSpacing=fixed.GetSpacing(), outputDirection=fixed.GetDirection(),
+                                  defaultPixelValue=0.0, outputPixelType=sitk.sitkVectorFloat32,
+                                  useNearestNeighborExtrapolator=True)
+        values = sitk.GetArrayViewFromImage(resampled)
+        classes[z0:z1] = np.argmax(values, axis=-1)
+        if probs is not None:
+            probs[z0:z1] = values
+    return classes, probs
+
+
+def _geometry_of(image: sitk.Image) -> sitk.Image:
+    """A uint8 image on ``image``'s grid: what the way back needs of the fixed image, at a quarter of its float32."""
+    grid = sitk.Image(image.GetSize(), sitk.sitkUInt8)
+    grid.CopyInformation(image)
+    return grid
 
 
 def resample_pair_on_device(fixed: sitk.Image, moving: sitk.Image, grid: sitk.Image, config: MisalignmentConfig,
@@ -282,16 +336,20 @@ def predict(fixed: sitk.Image, moving: sitk.Image, model: LoadedModel | None = N
 
     report(0.02, f"resampling to {config.spacing_mm:g} mm")
     grid = isotropic_reference(fixed, config.spacing_mm)
-    if stages_on_device(dev):
+    on_device = stages_on_device(dev)
+    storage = torch.float32 if on_device else host_storage_dtype(model.decoder)
+    if on_device:
         pair_1mm = resample_pair_on_device(fixed, moving, grid, config, dev)
+        fixed, moving = _geometry_of(fixed), None
         t = lap("resample", t)
         pyramid = pyramid_of(normalize_hu(pair_1mm, config), config)
         del pair_1mm
     else:
         fixed_1mm, moving_1mm = (sitk.GetArrayFromImage(resample_onto(image, grid, config.background_hu))
                                  for image in (fixed, moving))
+        fixed, moving = _geometry_of(fixed), None
         t = lap("resample", t)
-        pyramid = build_pyramid(fixed_1mm, moving_1mm, config, dev)
+        pyramid = build_pyramid(fixed_1mm, moving_1mm, config, dev, dtype=storage)
         del fixed_1mm, moving_1mm
     t = lap("pyramid", t)
 
@@ -302,7 +360,7 @@ def predict(fixed: sitk.Image, moving: sitk.Image, model: LoadedModel | None = N
         probabilities = regnet_t_probabilities(regnet_t_displacement(module, pyramid, config, tile, batch, report), config)
     else:
         probabilities = network_probabilities(module, model.decoder, pyramid, config, tile, batch, report,
-                                              out_device=dev if stages_on_device(dev) else "cpu")
+                                              out_device=dev if on_device else "cpu", dtype=storage)
     del pyramid
     t = lap("network", t)
 

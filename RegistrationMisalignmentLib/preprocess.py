@@ -21,6 +21,9 @@ from RegistrationMisalignmentLib.config import MisalignmentConfig, round_up_enco
 
 Triple = tuple[int, int, int]
 
+SMOOTH_CHUNK_VOXELS = 1 << 22
+"""Voxels per channel that one smoothing convolution reads at a time (16 MB in float32)."""
+
 
 def isotropic_reference(image: sitk.Image, spacing_mm: float) -> sitk.Image:
     """An empty image on the isotropic grid that covers ``image`` (same origin and direction)."""
@@ -75,18 +78,32 @@ def smooth(volume: torch.Tensor, sigma: float | tuple[float, float, float], stri
         kernel = (kernel / kernel.sum()).reshape(1, 1, *kernel_shape).expand(channels, 1, *kernel_shape)
         pad = [0] * 6
         pad[2 * (2 - axis)] = pad[2 * (2 - axis) + 1] = radius  # F.pad lists the last axis first
-        out = F.conv3d(F.pad(out, pad, mode="replicate"), kernel, stride=strides, groups=channels)
+        # The pass mixes voxels along ``axis`` only, so it runs in chunks along another axis: the padded
+        # copy and the convolution's work buffers then stay small, whatever the volume's size.
+        other = 2 + (axis + 1) % 3
+        chunk = max(1, SMOOTH_CHUNK_VOXELS // max(1, out[0, 0].numel() // out.shape[other]))
+        out = torch.cat([F.conv3d(F.pad(part, pad, mode="replicate"), kernel, stride=strides, groups=channels)
+                         for part in out.split(chunk, dim=other)], dim=other)
     return out[0]
 
 
 def build_pyramid(fixed: np.ndarray, moving: np.ndarray, config: MisalignmentConfig,
-                  device: torch.device | str = "cpu") -> dict[int, torch.Tensor]:
+                  device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32) -> dict[int, torch.Tensor]:
     """Normalised (2, D_s, H_s, W_s) tensors for every scale s, from HU arrays on the 1 mm grid.
 
-    Channel 0 is the fixed image, channel 1 the (deformed) moving image.
+    Channel 0 is the fixed image, channel 1 the (deformed) moving image. The levels are computed in
+    float32 one image at a time and stored as ``dtype``: a float16 pyramid takes half the memory.
     """
-    pair = torch.from_numpy(np.stack([normalize_hu(fixed, config), normalize_hu(moving, config)])).to(device)
-    return pyramid_of(pair, config)
+    levels: dict[int, torch.Tensor] = {}
+    for channel, array in enumerate((fixed, moving)):
+        image = torch.from_numpy(normalize_hu(array, config)[None]).to(device)
+        for s in config.scales:
+            level = pyramid_level(image, s, config)
+            if s not in levels:
+                levels[s] = torch.empty((2, *level.shape[1:]), dtype=dtype, device=level.device)
+            levels[s][channel] = level[0]
+        del image, level
+    return levels
 
 
 def pyramid_of(pair: torch.Tensor, config: MisalignmentConfig) -> dict[int, torch.Tensor]:

@@ -8,6 +8,7 @@ import SimpleITK as sitk
 import torch
 
 from RegistrationMisalignmentLib import inference
+from RegistrationMisalignmentLib.config import DEFAULT_CONFIG
 from RegistrationMisalignmentLib.grid_resample import resample_to_grid
 from RegistrationMisalignmentLib.inference import predict
 from RegistrationMisalignmentLib.weights import load_model
@@ -48,7 +49,8 @@ def test_resampling_refuses_a_volume_of_another_grid():
 @pytest.mark.parametrize("name", ["test_lstm", "test_regnet_t"])
 def test_stages_on_device_give_the_host_paths_outputs(model_dir, small_pair, monkeypatch, name):
     """CUDA keeps every stage on the device, in channels-last tensors; forced here on the CPU, that path must
-    reproduce the SimpleITK one."""
+    reproduce the SimpleITK one (host storage in float32 here, so that only the stages differ)."""
+    monkeypatch.setattr(inference, "host_storage_dtype", lambda decoder: torch.float32)
     fixed, moving = small_pair
     model = load_model(model_dir / f"{name}.pt")
     mask = sitk.Image(fixed.GetSize(), sitk.sitkUInt8)
@@ -66,3 +68,22 @@ def test_stages_on_device_give_the_host_paths_outputs(model_dir, small_pair, mon
     assert (a == b).mean() >= 0.999
     assert on_device.probabilities.GetSize() == fixed.GetSize()
     assert predict(fixed, moving, model, tile_size=16, device="cpu").probabilities is None
+
+
+def test_way_back_in_slabs_gives_one_simpleitk_resampling():
+    """The host resamples the 1 mm probabilities back slab by slab, each from the crop it reads (bounded RAM):
+    on an oblique grid, and in slabs down to 3 slices, the result must be SimpleITK's on the whole volume."""
+    grid = oblique_source()
+    probabilities = torch.from_numpy(np.random.default_rng(1).random((20, 30, 25, 3), dtype=np.float32))
+    fixed = sitk.Image([31, 27, 40], sitk.sitkUInt8)
+    fixed.SetOrigin((2.0, -4.0, 3.0))
+    fixed.SetSpacing((0.8, 0.9, 1.3))
+    vector = sitk.GetImageFromArray(probabilities.numpy(), isVector=True)
+    vector.CopyInformation(grid)
+    expected = sitk.GetArrayFromImage(sitk.Resample(vector, fixed, sitk.Transform(), sitk.sitkLinear, 0.0,
+                                                    sitk.sitkVectorFloat32, useNearestNeighborExtrapolator=True))
+    for slab_slices in (3, 7, 40):
+        labelmap, resampled = inference.to_fixed_grid(probabilities, grid, fixed, None, DEFAULT_CONFIG,
+                                                      slab_voxels=31 * 27 * slab_slices)
+        np.testing.assert_allclose(sitk.GetArrayFromImage(resampled), expected, atol=1e-6)
+        assert np.array_equal(sitk.GetArrayFromImage(labelmap), expected.argmax(axis=-1) + 1)

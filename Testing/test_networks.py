@@ -9,6 +9,7 @@ import torch
 from RegistrationMisalignmentLib.config import DEFAULT_CONFIG, SPLITS, MisalignmentConfig
 from RegistrationMisalignmentLib.networks.model import DECODERS, MisalignmentNet, align_to_fine
 from RegistrationMisalignmentLib.networks.regnet import RegNet, RegNetEncoder
+from RegistrationMisalignmentLib import preprocess
 from RegistrationMisalignmentLib.preprocess import block_geometry, extract_block, pyramid_level, smooth
 
 from conftest import randomise_batch_norm
@@ -129,6 +130,14 @@ def test_strided_smoothing_equals_smoothing_then_subsampling(sigma, stride):
     volume = torch.randn(2, 37, 50, 43, generator=torch.Generator().manual_seed(0))
     expected = smooth(volume, sigma)[:, ::stride, ::stride, ::stride]
     torch.testing.assert_close(smooth(volume, sigma, stride=stride), expected, atol=1e-6, rtol=0)
+
+
+def test_smoothing_in_chunks_equals_smoothing_at_once(monkeypatch):
+    """Each pass is cut into slices along an axis it does not mix (bounded memory); the numbers must not change."""
+    volume = torch.randn(2, 37, 50, 43, generator=torch.Generator().manual_seed(1))
+    at_once = smooth(volume, (1.5, 0.0, 2.0), stride=2)
+    monkeypatch.setattr(preprocess, "SMOOTH_CHUNK_VOXELS", 300)  # a few slices per chunk, uneven last chunk
+    torch.testing.assert_close(smooth(volume, (1.5, 0.0, 2.0), stride=2), at_once, atol=1e-6, rtol=0)
 
 
 def straightforward_logits(model: MisalignmentNet, x1, x2, x4) -> list[torch.Tensor]:
