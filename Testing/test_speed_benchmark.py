@@ -13,7 +13,7 @@ import pytest
 import SimpleITK as sitk
 
 from benchmarks.speed_pair import PairGeometry, make_pair
-from benchmarks.speed_report import fit_exponent, markdown
+from benchmarks.speed_report import fit_exponent, markdown, timing_basis
 from benchmarks.speed_run import STAGES, naive_patch_output
 
 REPO = Path(__file__).resolve().parents[1]
@@ -50,6 +50,11 @@ def test_exponent_fit_and_naive_patch_geometry():
     assert naive_patch_output(101) == 16
     with pytest.raises(ValueError):
         naive_patch_output(200)
+
+
+def test_timing_basis_names_a_single_run_as_such():
+    assert timing_basis(3, "crop") == "medians of 3 runs after a crop warm-up"
+    assert timing_basis(1, "none") == "from 1 run without warm-up"
 
 
 def test_ci_run_writes_well_formed_json_and_one_table_row_per_configuration(tmp_path):

@@ -100,6 +100,12 @@ def _seconds(value: float) -> str:
     return f"{value:.3g}" if value < 100 else f"{value:.0f}"
 
 
+def timing_basis(repeats: int, warmup: str) -> str:
+    """How the times were taken, in words (a single unwarmed run is not called a median)."""
+    runs = f"medians of {repeats} runs" if repeats > 1 else "from 1 run"
+    return f"{runs} without warm-up" if warmup == "none" else f"{runs} after a {warmup} warm-up"
+
+
 def markdown(report: dict) -> str:
     """The results as a Markdown page: the machine, one table row per configuration, the scaling fit."""
     m = report["machine"]
@@ -112,7 +118,7 @@ def markdown(report: dict) -> str:
         f"Command: `{report['command']}`",
         "",
         *([] if report.get("complete", True) else ["**Unfinished**: the run stopped before its last configuration.", ""]),
-        f"Times are medians of {report['repeats']} runs after a {report['warmup']} warm-up, in seconds; "
+        f"Times are {timing_basis(report['repeats'], report['warmup'])}, in seconds; "
         "Mvox/s counts fixed-grid voxels and 1 mm voxels; peak RSS is the process's high-water mark.",
         "",
         "| configuration | model | device | scale | fixed grid | 1 mm grid | tile x batch | "
