@@ -224,8 +224,8 @@ def to_fixed_grid(probabilities: torch.Tensor, grid_1mm: sitk.Image, fixed: sitk
                   slab_voxels: int = SLAB_VOXELS) -> tuple[sitk.Image, sitk.Image | None]:
     """Resample (D, H, W, 3) probabilities onto the fixed grid; labelmap = argmax (+1), 0 outside the mask.
 
-    A CPU tensor goes through SimpleITK, a device tensor through ``grid_resample`` on its device;
-    the probabilities image is made only ``with_probabilities``.
+    A CPU tensor goes through SimpleITK slab by slab (``slab_voxels`` fixed voxels each), a device tensor
+    through ``grid_resample`` on its device; the probabilities image is made only ``with_probabilities``.
     """
     if probabilities.device.type == "cpu":
         classes, probs = _resample_back_on_host(probabilities, grid_1mm, fixed, with_probabilities, slab_voxels)
@@ -340,14 +340,13 @@ def predict(fixed: sitk.Image, moving: sitk.Image, model: LoadedModel | None = N
     storage = torch.float32 if on_device else host_storage_dtype(model.decoder)
     if on_device:
         pair_1mm = resample_pair_on_device(fixed, moving, grid, config, dev)
-        fixed, moving = _geometry_of(fixed), None
         t = lap("resample", t)
         pyramid = pyramid_of(normalize_hu(pair_1mm, config), config)
         del pair_1mm
     else:
         fixed_1mm, moving_1mm = (sitk.GetArrayFromImage(resample_onto(image, grid, config.background_hu))
                                  for image in (fixed, moving))
-        fixed, moving = _geometry_of(fixed), None
+        fixed, moving = _geometry_of(fixed), None  # only the grid is needed from here: drop the float32 pair
         t = lap("resample", t)
         pyramid = build_pyramid(fixed_1mm, moving_1mm, config, dev, dtype=storage)
         del fixed_1mm, moving_1mm

@@ -78,10 +78,13 @@ def smooth(volume: torch.Tensor, sigma: float | tuple[float, float, float], stri
         kernel = (kernel / kernel.sum()).reshape(1, 1, *kernel_shape).expand(channels, 1, *kernel_shape)
         pad = [0] * 6
         pad[2 * (2 - axis)] = pad[2 * (2 - axis) + 1] = radius  # F.pad lists the last axis first
-        # The pass mixes voxels along ``axis`` only, so it runs in chunks along another axis: the padded
-        # copy and the convolution's work buffers then stay small, whatever the volume's size.
+        # The pass mixes voxels along ``axis`` only, so on the host it runs in chunks along another axis:
+        # the padded copy and the convolution's work buffers then stay small, whatever the volume's size.
+        # A GPU takes the whole pass in one call (its memory goal is met; benchmarks/results/speed_gpu_h100).
         other = 2 + (axis + 1) % 3
-        chunk = max(1, SMOOTH_CHUNK_VOXELS // max(1, out[0, 0].numel() // out.shape[other]))
+        chunk = out.shape[other]
+        if volume.device.type == "cpu":
+            chunk = max(1, SMOOTH_CHUNK_VOXELS // max(1, out[0, 0].numel() // out.shape[other]))
         out = torch.cat([F.conv3d(F.pad(part, pad, mode="replicate"), kernel, stride=strides, groups=channels)
                          for part in out.split(chunk, dim=other)], dim=other)
     return out[0]
