@@ -14,6 +14,8 @@ nearest voxel (ITK's nearest-neighbour extrapolator). The target grid is process
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+
 import numpy as np
 import SimpleITK as sitk
 import torch
@@ -33,6 +35,14 @@ def index_map(source: sitk.Image, target: sitk.Image) -> tuple[np.ndarray, np.nd
     to_source = np.linalg.inv(frame(source))
     offset = np.array(target.GetOrigin(), dtype=np.float64) - np.array(source.GetOrigin(), dtype=np.float64)
     return to_source @ frame(target), to_source @ offset
+
+
+def target_slabs(target: sitk.Image, slab_voxels: int) -> Iterator[tuple[int, int]]:
+    """Slice ranges [z0, z1) of ``target`` holding at most ``slab_voxels`` voxels each (at least one slice)."""
+    width, height, depth = target.GetSize()
+    slab = max(1, slab_voxels // (width * height))
+    for z0 in range(0, depth, slab):
+        yield z0, min(z0 + slab, depth)
 
 
 def source_box(source: sitk.Image, target: sitk.Image, z0: int, z1: int) -> tuple[list[int], list[int]]:
@@ -67,10 +77,9 @@ def resample_to_grid(volume: torch.Tensor, source: sitk.Image, target: sitk.Imag
     x = torch.arange(width, dtype=torch.float64, device=device).reshape(1, 1, -1, 1)
     y = torch.arange(height, dtype=torch.float64, device=device).reshape(1, -1, 1, 1)
     in_plane = x * a[:, 0] + y * a[:, 1] + b  # (1, H', W', 3): the part of every coordinate that z does not change
-    slab = max(1, slab_voxels // (width * height))
     out = volume.new_empty((volume.shape[0], depth, height, width))
-    for z0 in range(0, depth, slab):
-        z = torch.arange(z0, min(z0 + slab, depth), dtype=torch.float64, device=device).reshape(-1, 1, 1, 1)
+    for z0, z1 in target_slabs(target, slab_voxels):
+        z = torch.arange(z0, z1, dtype=torch.float64, device=device).reshape(-1, 1, 1, 1)
         index = in_plane + z * a[:, 2]  # (dz, H', W', 3) source (x, y, z) continuous indices
         inside = ((index >= -0.5) & (index < source_size - 0.5)).all(dim=-1, keepdim=True)
         if default is None:  # nearest voxel outside: integer coordinates make the interpolation exact

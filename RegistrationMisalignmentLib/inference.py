@@ -31,7 +31,7 @@ import torch
 
 from RegistrationMisalignmentLib.config import MisalignmentConfig
 from RegistrationMisalignmentLib.errors import InputError, PredictionCancelled
-from RegistrationMisalignmentLib.grid_resample import SLAB_VOXELS, resample_to_grid, source_box
+from RegistrationMisalignmentLib.grid_resample import SLAB_VOXELS, resample_to_grid, source_box, target_slabs
 from RegistrationMisalignmentLib.io import prepare_mask, prepare_pair
 from RegistrationMisalignmentLib.networks.regnet import ENCODER_CONTEXT, HEAD_CONTEXT
 from RegistrationMisalignmentLib.preprocess import (
@@ -229,25 +229,22 @@ def to_fixed_grid(probabilities: torch.Tensor, grid_1mm: sitk.Image, fixed: sitk
     """
     if probabilities.device.type == "cpu":
         classes, probs = _resample_back_on_host(probabilities, grid_1mm, fixed, with_probabilities, slab_voxels)
-        resampled = None
-        if with_probabilities:
-            resampled = sitk.GetImageFromArray(probs, isVector=True)
-            resampled.CopyInformation(fixed)
-        del probs
     else:
-        probs = resample_to_grid(probabilities.permute(3, 0, 1, 2), grid_1mm, fixed, default=None)
-        classes = probs.argmax(dim=0).to(torch.uint8).cpu().numpy()
-        resampled = None
-        if with_probabilities:
-            resampled = sitk.GetImageFromArray(probs.permute(1, 2, 3, 0).cpu().numpy(), isVector=True)
-            resampled.CopyInformation(fixed)
+        on_device = resample_to_grid(probabilities.permute(3, 0, 1, 2), grid_1mm, fixed, default=None)
+        classes = on_device.argmax(dim=0).to(torch.uint8).cpu().numpy()
+        probs = on_device.permute(1, 2, 3, 0).cpu().numpy() if with_probabilities else None
+        del on_device
+    resampled = None
+    if probs is not None:
+        resampled = sitk.GetImageFromArray(probs, isVector=True)
+        resampled.CopyInformation(fixed)
         del probs
     labels = np.asarray(config.label_values, dtype=np.uint8)[classes]
     if mask is not None:
         labels[sitk.GetArrayViewFromImage(mask) == 0] = config.label_outside
     labelmap = sitk.GetImageFromArray(labels)
     labelmap.CopyInformation(fixed)
-    return labelmap, resampled if with_probabilities else None
+    return labelmap, resampled
 
 
 def _resample_back_on_host(probabilities: torch.Tensor, grid_1mm: sitk.Image, fixed: sitk.Image,
@@ -260,9 +257,7 @@ def _resample_back_on_host(probabilities: torch.Tensor, grid_1mm: sitk.Image, fi
     width, height, depth = fixed.GetSize()
     classes = np.empty((depth, height, width), dtype=np.uint8)
     probs = np.empty((depth, height, width, 3), dtype=np.float32) if with_probabilities else None
-    slab = max(1, slab_voxels // (width * height))
-    for z0 in range(0, depth, slab):
-        z1 = min(z0 + slab, depth)
+    for z0, z1 in target_slabs(fixed, slab_voxels):
         lo, hi = source_box(grid_1mm, fixed, z0, z1)
         crop = probabilities[lo[2] : hi[2], lo[1] : hi[1], lo[0] : hi[0]].float().numpy()
         vector = sitk.GetImageFromArray(crop, isVector=True)
