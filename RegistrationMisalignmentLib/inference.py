@@ -82,6 +82,20 @@ class _Reporter:
             self.progress(min(max(fraction, 0.0), 1.0), message)
 
 
+def cpu_has_native_bf16() -> bool:
+    """Whether this CPU computes bfloat16 natively (AVX-512 BF16 or AMX flags in /proc/cpuinfo).
+
+    Where it does, bf16 autocast runs the network 2-3x faster than float32 (one 64^3 LSTM tile on the
+    project's 2-core EPYC: 3.01 s fp32, 1.37 s bf16); elsewhere bf16 is emulated and slower.
+    """
+    try:
+        with open("/proc/cpuinfo") as f:
+            flags = next((line for line in f if line.startswith("flags")), "").split()
+    except OSError:
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
 def _autocast(device: torch.device):
     """bf16 (fp16 on older GPUs) autocast plus cuDNN autotuning on CUDA; plain fp32 on CPU.
 

@@ -1,4 +1,4 @@
-"""Trainer: balanced sampling, patches cut by the Lib's code, smoke run, bit-for-bit resume, export."""
+"""Trainer: dense blocks cut by the Lib's code, class-balanced weights, smoke run, bit-for-bit resume, export."""
 
 from __future__ import annotations
 
@@ -13,7 +13,8 @@ from RegistrationMisalignmentLib.preprocess import scale_blocks
 from RegistrationMisalignmentLib.weights import load_model
 from trainer.config import TrainConfig
 from trainer.data import phantom_images
-from trainer.dataset import IGNORE, PatchSampler, build_pool
+from trainer import checkpoint
+from trainer.dataset import CLASS_BALANCE, BlockSampler, DeformedPair, build_pool, class_weights
 from trainer.deformations import DVFSettings
 from trainer.train import main
 
@@ -24,40 +25,70 @@ def pool():
     return build_pool(images, 4, 11, DEFAULT_CONFIG, DVFSettings(), kinds=("single", "mixed", "respiratory"))
 
 
-def test_centre_classes_follow_the_60_20_20_balance(pool):
-    sampler = PatchSampler(pool, DEFAULT_CONFIG, np.random.default_rng(0))
-    draws = np.array([sampler.draw_start()[2] for _ in range(4000)])
-    shares = np.bincount(draws, minlength=3) / len(draws)
-    np.testing.assert_allclose(shares, [0.6, 0.2, 0.2], atol=0.025)
+def test_class_weights_give_the_60_20_20_balance_over_the_body(pool):
+    sampler = BlockSampler(pool, DEFAULT_CONFIG, np.random.default_rng(0))
+    mass = np.zeros(3)
+    for pair in pool:
+        classes = DEFAULT_CONFIG.classify_mm(pair.magnitude[::2, ::2, ::2][pair.body[::2, ::2, ::2]])
+        mass += np.bincount(classes, minlength=3) * sampler.weights
+    np.testing.assert_allclose(mass / mass.sum(), CLASS_BALANCE, rtol=1e-5)
+    # a class the pool lacks gets no weight, and the others share its part
+    identity = [DeformedPair(p.name, p.pyramid, p.dvf * 0, p.magnitude * 0, p.body, p.centres) for p in pool]
+    assert class_weights(identity, DEFAULT_CONFIG).tolist() == [1.0, 0.0, 0.0]
 
 
-def test_patch_labels_and_inputs_come_from_the_shared_block_code(pool):
-    sampler = PatchSampler(pool, DEFAULT_CONFIG, np.random.default_rng(1))
-    for _ in range(20):
-        pair, start, cls = sampler.draw_start()
-        labels = sampler.labels(pair, start)
-        t = DEFAULT_CONFIG.train_output
-        assert labels[-1][t // 2, t // 2, t // 2] == cls   # the centre voxel has the drawn class
-        mm = pair.magnitude[start[0] : start[0] + t, start[1] : start[1] + t, start[2] : start[2] + t]
-        inside = labels[-1][: mm.shape[0], : mm.shape[1], : mm.shape[2]]
-        assert np.array_equal(inside, DEFAULT_CONFIG.classify_mm(mm))
-        assert (labels[-1][mm.shape[0] :] == IGNORE).all() and (labels[-1][:, mm.shape[1] :] == IGNORE).all()
-        assert [l.max() < n for l, n in zip(labels[:-1], DEFAULT_CONFIG.step_num_classes())] == [True] * 3
+@pytest.mark.parametrize("block_input", [101, 109])
+def test_dense_blocks_are_cut_by_the_shared_block_code(pool, block_input):
+    sampler = BlockSampler(pool, DEFAULT_CONFIG, np.random.default_rng(1), block_input)
+    side = block_input - 82
+    assert sampler.labels_side == side and sampler.dvf_side == block_input - 80
     sampler.rng = np.random.default_rng(5)
-    batch = sampler.batch(2)
+    batch = sampler.batch(3)
     sampler.rng = np.random.default_rng(5)
-    pair, start, _ = sampler.draw_start()
-    blocks = scale_blocks(pair.pyramid, start, (DEFAULT_CONFIG.train_output,) * 3, DEFAULT_CONFIG)
-    for s in DEFAULT_CONFIG.scales:
-        assert torch.equal(batch.inputs[s][0], blocks[s])
+    for i in range(3):
+        pair, centre = sampler.draw_centre()
+        assert pair.body[tuple(centre)]                       # blocks sit on the body
+        start = tuple(int(c - side // 2) // 4 * 4 for c in centre)
+        assert all(s % 4 == 0 for s in start)                 # the model's alignment
+        blocks = scale_blocks(pair.pyramid, start, (side,) * 3, DEFAULT_CONFIG)
+        for s in DEFAULT_CONFIG.scales:
+            assert torch.equal(batch.inputs[s][i], blocks[s])
+        lo = [max(a, 0) for a in start]
+        hi = [min(a + side, n) for a, n in zip(start, pair.magnitude.shape)]
+        inner = tuple(slice(l - a, h - a) for l, h, a in zip(lo, hi, start))
+        mm = pair.magnitude[tuple(slice(l, h) for l, h in zip(lo, hi))]
+        body = pair.body[tuple(slice(l, h) for l, h in zip(lo, hi))]
+        assert np.array_equal(batch.final_labels[i][inner].numpy(), DEFAULT_CONFIG.classify_mm(mm))
+        weights = batch.weights[i].numpy()
+        assert np.array_equal(weights[inner] > 0, body)     # every body voxel is supervised, nothing else
+        outside = np.ones(weights.shape, bool)
+        outside[inner] = False
+        assert (weights[outside] == 0).all()                  # nothing outside the image
+        for step, n in zip(batch.step_labels, DEFAULT_CONFIG.step_num_classes()):
+            assert step.shape == (3, side, side, side) and int(step.max()) < n
 
 
-def test_regnet_targets_are_the_dvf_on_the_level_grid(pool):
-    sampler = PatchSampler(pool, DEFAULT_CONFIG, np.random.default_rng(2))
-    x, y, inside = sampler.regnet_batch(2, 2)
-    assert x.shape == (2, 2, 101, 101, 101) and y.shape == (2, 3, 21, 21, 21) and inside.shape == (2, 1, 21, 21, 21)
-    assert float(y.abs().sum(1)[inside[:, 0] == 0].sum()) == 0.0  # no target where the DVF is unknown
+@pytest.mark.parametrize("scale", [4, 2, 1])
+def test_regnet_targets_are_the_dvf_on_the_level_grid(pool, scale):
+    sampler = BlockSampler(pool, DEFAULT_CONFIG, np.random.default_rng(2))
+    sampler.rng = np.random.default_rng(7)
+    x, y, weights = sampler.regnet_batch(2, scale)
+    assert x.shape == (2, 2, 101, 101, 101) and y.shape == (2, 3, 21, 21, 21) and weights.shape == (2, 1, 21, 21, 21)
     assert float(y.abs().max()) <= DVFSettings().max_displacement_mm + 1e-3
+    sampler.rng = np.random.default_rng(7)
+    for i in range(2):
+        pair, centre = sampler.draw_centre()
+        level = [int(c) // scale for c in centre]
+        full = pair.dvf[:, ::scale, ::scale, ::scale]
+        start = [q - 10 for q in level]
+        lo = [max(a, 0) for a in start]
+        hi = [min(a + 21, n) for a, n in zip(start, full.shape[1:])]
+        inner = tuple(slice(l - a, h - a) for l, h, a in zip(lo, hi, start))
+        assert torch.equal(y[i][(slice(None), *inner)], full[(slice(None), *(slice(l, h) for l, h in zip(lo, hi)))])
+        outside = torch.ones(21, 21, 21, dtype=torch.bool)
+        outside[inner] = False
+        assert float(weights[i, 0][outside].abs().sum()) == 0.0      # no target where the DVF is unknown
+        assert float(weights[i, 0][10, 10, 10]) > 0                  # the centre is a body voxel
 
 
 @pytest.fixture(scope="module")
@@ -91,12 +122,28 @@ def test_lr_schedule_picks_the_last_entry_reached_and_rejects_bad_entries():
 
 def test_resume_continues_bit_for_bit(smoke_runs):
     straight, resumed = smoke_runs
-    a = torch.load(straight / "checkpoint.pt", weights_only=False)
-    b = torch.load(resumed / "checkpoint.pt", weights_only=False)
+    a = checkpoint.load(straight / "checkpoint")
+    b = checkpoint.load(resumed / "checkpoint")
     assert a["epoch"] == b["epoch"] == 2
     for stage, state in a["models"].items():
         for key, value in state.items():
             assert torch.equal(value, b["models"][stage][key]), f"{stage}.{key}"
+    for key, entry in a["optimizer"]["state"].items():
+        for name, value in entry.items():
+            assert torch.equal(value, b["optimizer"]["state"][key][name]), f"optimizer {key}.{name}"
+
+
+def test_checkpoint_is_compact_and_keeps_finished_stages_unchanged(smoke_runs):
+    straight, resumed = smoke_runs
+    folder = straight / "checkpoint"
+    assert sorted(p.name for p in folder.iterdir()) == [
+        "misalignment.pt", "regnet1.pt", "regnet2.pt", "regnet4.pt", "state.json"]
+    saved = torch.load(folder / "misalignment.pt", weights_only=True)
+    params = sum(v.numel() for v in saved["model"].values() if v.is_floating_point())
+    assert {v["exp_avg"].dtype for v in saved["optimizer"]["state"].values()} == {torch.bfloat16}
+    assert (folder / "misalignment.pt").stat().st_size < 9 * params   # fp32 weights + two bf16 moments
+    for stage in ("regnet4", "regnet2", "regnet1"):   # stage 2 never rewrites stage 1's files
+        assert (folder / f"{stage}.pt").read_bytes() == (resumed / "checkpoint" / f"{stage}.pt").read_bytes()
 
 
 def test_exported_model_equals_the_eager_model(smoke_runs):
@@ -106,7 +153,7 @@ def test_exported_model_equals_the_eager_model(smoke_runs):
     loaded = load_model(straight / "smoke_lstm_631.pt")
     assert loaded.card["training"]["images"] and "validation_patches" in loaded.card["metrics"]
     eager = MisalignmentNet("lstm", loaded.config)
-    eager.load_state_dict(torch.load(straight / "checkpoint.pt", weights_only=False)["models"]["misalignment"])
+    eager.load_state_dict(checkpoint.load(straight / "checkpoint")["models"]["misalignment"])
     eager.eval()
     torch.manual_seed(0)
     x1, x2, x4 = torch.randn(1, 2, 101, 101, 101), torch.randn(1, 2, 93, 93, 93), torch.randn(1, 2, 85, 85, 85)
@@ -119,11 +166,11 @@ def test_second_decoder_reuses_the_pretrained_regnets(smoke_runs, tmp_path):
     straight, _ = smoke_runs
     out = tmp_path / "multiscale"
     assert main(["--smoke", "--out", str(out), "--decoder", "multiscale", "--name", "smoke_ms", "--epochs", "1",
-                 "--pretrained", str(straight / "checkpoint.pt")]) == 0
+                 "--pretrained", str(straight / "checkpoint")]) == 0
     stages = [l.split('"stage": "')[1].split('"')[0] for l in (out / "history.jsonl").read_text().splitlines()]
     assert stages == ["misalignment"]
-    first = torch.load(straight / "checkpoint.pt", weights_only=False)["models"]["regnet1"]
-    again = torch.load(out / "checkpoint.pt", weights_only=False)["models"]["regnet1"]
+    first = checkpoint.load(straight / "checkpoint")["models"]["regnet1"]
+    again = checkpoint.load(out / "checkpoint")["models"]["regnet1"]
     assert all(torch.equal(first[k], again[k]) for k in first)
     assert load_model(out / "smoke_ms.pt").decoder == "multiscale"
 
@@ -131,7 +178,7 @@ def test_second_decoder_reuses_the_pretrained_regnets(smoke_runs, tmp_path):
 def test_time_limit_stops_stage_2_after_an_epoch_and_still_exports(smoke_runs, tmp_path):
     straight, _ = smoke_runs
     out = tmp_path / "limited"
-    assert main(["--smoke", "--out", str(out), "--epochs", "3", "--pretrained", str(straight / "checkpoint.pt"),
+    assert main(["--smoke", "--out", str(out), "--epochs", "3", "--pretrained", str(straight / "checkpoint"),
                  "--set", "time_limit_minutes=1e-6"]) == 0
     rows = [json.loads(l) for l in (out / "history.jsonl").read_text().splitlines()]
     assert [(r["stage"], r["epoch"]) for r in rows] == [("misalignment", 1)]

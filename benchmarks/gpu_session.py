@@ -9,7 +9,7 @@ pre-training, 75 % the misalignment model). The config actually used is written 
     python -m benchmarks.gpu_session --out OUT --data ../shared/data --budget-s 540
 
 Writes to OUT: ``results.tgz`` (throughput, speed report, training history, curves, model cards,
-config, logs), the two exported models, and the checkpoint split in parts under 16 MB.
+config, logs), the two exported models, and the checkpoint's files split in parts under 16 MB.
 """
 
 from __future__ import annotations
@@ -157,8 +157,8 @@ def main(argv: list[str] | None = None) -> int:
     for name in ("regmis_lstm_631.pt", "regmis_regnet_t.pt"):
         if (train_dir / name).exists():
             shutil.copy(train_dir / name, out / name)
-    if (train_dir / "checkpoint.pt").exists():
-        split_file(train_dir / "checkpoint.pt", out)
+    for part in sorted((train_dir / "checkpoint").glob("*")) if (train_dir / "checkpoint").exists() else []:
+        split_file(part, out)
     with tarfile.open(out / "results.tgz", "w:gz") as tar:
         tar.add(results, arcname="results")
         for item in sorted(train_dir.glob("*")) if train_dir.exists() else []:

@@ -20,7 +20,14 @@ class TrainConfig:
     """Procedural chest phantoms added to the training images (variety, not a replacement)."""
     phantom_size_mm: tuple[float, float, float] = (160.0, 128.0, 128.0)
     holdout_fraction: float = 0.25
-    """Of every real image, the caudal slab of this fraction of slices is kept for validation only."""
+    """Of every real image, the caudal slab of this fraction of slices is kept for validation only
+    (used when ``holdout`` names no scan)."""
+    holdout: tuple[str, ...] = ()
+    """File names of whole scans kept out of training, for validation only (then no slab is cut)."""
+    block_input: int = 101
+    """Side (1 mm voxels) of the x1 input block of one training sample, 101 + 4k: the misalignment model
+    is supervised on every body voxel of its block_input - 82 labels per side (19 for the paper's 101^3
+    patch, 59 for 141^3), a RegNet on block_input - 80 DVF voxels."""
     out: str = "runs/regmis"
     name: str = "regmis_lstm_631"
     decoder: str = "lstm"
@@ -49,10 +56,12 @@ class TrainConfig:
     val_patches: int = 24
     device: str = "auto"
     amp: bool = True
-    """Mixed precision on CUDA (ignored on CPU)."""
+    """bf16 autocast on CUDA and on CPUs with native bf16 (AVX-512 BF16 or AMX): forward + backward of a
+    141^3 block 2.2x faster on this project's 2-core EPYC (benchmarks/results/train_throughput_cpu.md)."""
     num_threads: int = 0
     """CPU threads for torch (0: all cores)."""
     resume: bool = False
+    """Continue from OUT/checkpoint/ when it exists (start afresh otherwise)."""
     pretrained: str | None = None
     """Checkpoint of an earlier run whose pre-trained RegNets are reused (stage 1 is skipped), e.g. to
     train a second decoder on the same encoders."""
@@ -63,6 +72,8 @@ class TrainConfig:
         for entry in self.lr_schedule:
             if len(entry) != 2 or int(entry[0]) < 1 or float(entry[1]) <= 0:
                 raise ValueError(f"lr_schedule entry {entry!r}: give [first_epoch >= 1, rate > 0]")
+        if self.block_input < 101 or (self.block_input - 101) % 4:
+            raise ValueError(f"block_input {self.block_input}: give 101 + 4k voxels (101, 105, ..., 141, ...)")
 
     def lr_at(self, epoch: int) -> float:
         """The learning rate of 1-based ``epoch``: ``lr``, or the last schedule entry it has reached."""
@@ -88,7 +99,8 @@ class TrainConfig:
         if unknown:
             raise ValueError(f"{path}: unknown training settings {sorted(unknown)}")
         values.update(overrides)
-        return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in values.items()})
+        return cls(**{k: tuple(tuple(x) if isinstance(x, list) else x for x in v) if isinstance(v, list) else v
+                      for k, v in values.items()})
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)

@@ -6,11 +6,14 @@ works on; the trainer then deforms these arrays in memory.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from functools import cached_property
 from pathlib import Path
 
 import numpy as np
 import SimpleITK as sitk
+import torch
+import torch.nn.functional as F
 
 from RegistrationMisalignmentLib.config import MisalignmentConfig
 from RegistrationMisalignmentLib.errors import InputError
@@ -19,6 +22,8 @@ from RegistrationMisalignmentLib.preprocess import isotropic_reference, resample
 from trainer.phantom import make_chest_phantom
 
 IMAGE_SUFFIXES = (".nii", ".nii.gz", ".nrrd", ".nhdr", ".mha", ".mhd")
+BODY_HU = -950.0
+"""Voxels denser than this are body (lung parenchyma is about -850 HU, air outside the body -1000)."""
 
 
 @dataclass
@@ -26,7 +31,13 @@ class TrainingImage:
     """One CT on the 1 mm grid: (D, H, W) HU array plus where it came from."""
 
     name: str
-    hu: np.ndarray
+    hu: np.ndarray = field(repr=False)
+
+    @cached_property
+    def body(self) -> np.ndarray:
+        """(D, H, W) bool: voxels above ``BODY_HU``, grown by one voxel (what training supervises)."""
+        dense = torch.from_numpy(self.hu > BODY_HU)[None, None].float()
+        return F.max_pool3d(dense, 3, stride=1, padding=1)[0, 0].numpy() > 0
 
     def crop_z(self, start: int, stop: int) -> "TrainingImage":
         """A slab of axial slices [start, stop) — how a held-out region of one scan is kept apart."""

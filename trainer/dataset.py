@@ -1,11 +1,14 @@
-"""Balanced patch sampling from synthetically deformed CT, cut with the Lib's block code.
+"""Dense training blocks from synthetically deformed CT, cut with the Lib's block code.
 
 A *pair pool* holds a few deformed pairs (fixed = real CT, moving = the CT warped by a random DVF,
-with sponge model and noise). Patches are drawn from the pool with the paper's magnitude balance —
-60 % [0,3), 20 % [3,6), 20 % [6,inf) mm by the class of the patch's centre voxel — and cut with
-``preprocess.scale_blocks``, exactly as inference cuts its tiles. Patch output blocks start on 1 mm
-voxels that are multiples of 4 (the alignment the model assumes), so candidate centres are the voxels
-at 4k + T//2.
+with sponge model and noise). A training sample is one dense block: the encoders' inputs for an
+output block of ``block_input - 82`` labels per side (stage 2; 19 for the paper's 101^3 patch, 59 for
+141^3) or ``block_input - 80`` DVF voxels (stage 1), cut with ``preprocess.scale_blocks`` exactly as
+inference cuts its tiles. Blocks are placed on body voxels; every labelled voxel inside the body is
+supervised, each weighted so that the classes correct / poor / wrong carry the paper's 60 / 20 / 20 %
+of the loss (the paper balances the *patches* 60/20/20 by their centre voxel; with dense blocks the
+balance moves into the per-voxel weights). Output blocks start on 1 mm voxels that are multiples of 4,
+the alignment the model assumes (see ``networks.model``).
 """
 
 from __future__ import annotations
@@ -14,6 +17,7 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 
 from RegistrationMisalignmentLib.config import MisalignmentConfig
 from RegistrationMisalignmentLib.networks.regnet import ENCODER_CONTEXT, HEAD_CONTEXT
@@ -21,131 +25,169 @@ from RegistrationMisalignmentLib.preprocess import background_value, build_pyram
 from trainer.data import TrainingImage
 from trainer.deformations import KINDS, DVFSettings, deform_pair
 
-BODY_HU = -950.0
-"""Patch centres must be denser than this (lung parenchyma is about -850 HU, outside air -1000)."""
 CLASS_BALANCE = (0.6, 0.2, 0.2)
-IGNORE = -100
-"""Label of voxels outside the image (a patch near the border): cross-entropy ignores them."""
-"""Share of patches whose centre voxel is correct / poor / wrong (the paper's 60/20/20)."""
+"""Share of the loss carried by correct / poor / wrong voxels (the paper's 60/20/20)."""
+CENTRE_STRIDE = 4
+"""Block centres are drawn among the body voxels of this sub-grid (the model's alignment)."""
 
 
 @dataclass
 class DeformedPair:
-    """A training pair on the 1 mm grid: its pyramid, its DVF (3, D, H, W) mm and |DVF|."""
+    """A training pair on the 1 mm grid: its pyramid, its DVF (3, D, H, W) mm, |DVF| and the body."""
 
     name: str
     pyramid: dict[int, torch.Tensor]
     dvf: torch.Tensor
     magnitude: np.ndarray
-    candidates: list[np.ndarray]
-    """Per final class, (N, 3) output-block starts whose centre voxel has that class."""
+    body: np.ndarray
+    """(D, H, W) bool: voxels that are supervised (air outside the body carries no misalignment)."""
+    centres: np.ndarray
+    """(N, 3) body voxels on the ``CENTRE_STRIDE`` sub-grid: where blocks are centred."""
 
 
 def make_pair(image: TrainingImage, kind: str, seed: int, config: MisalignmentConfig, settings: DVFSettings,
-              patch_output: int, device: str | torch.device = "cpu") -> DeformedPair:
+              device: str | torch.device = "cpu") -> DeformedPair:
     generator = torch.Generator(device=device).manual_seed(seed)
     fixed = torch.from_numpy(image.hu).to(device)
     moving, dvf = deform_pair(fixed, kind, (config.spacing_mm,) * 3, generator, settings)
     pyramid = build_pyramid(image.hu, moving.cpu().numpy(), config, device)
-    magnitude = torch.linalg.vector_norm(dvf, dim=0).cpu().numpy()
-    half = patch_output // 2
-    # Centres at 4k + half; the block start 4k keeps the model's alignment (see networks.model).
-    # Only centres in the body count: air against air carries no misalignment information.
-    centres = magnitude[half::4, half::4, half::4]
-    inside = image.hu[half::4, half::4, half::4] > BODY_HU
-    classes = config.classify_mm(centres)
-    candidates = [np.argwhere((classes == c) & inside) * 4 for c in range(3)]
-    return DeformedPair(f"{image.name}/{kind}/{seed}", pyramid, dvf.cpu(), magnitude, candidates)
+    magnitude = dvf.square().sum(0).sqrt().cpu().numpy()  # |u|; vector_norm is several times slower here
+    body = image.body
+    centres = np.argwhere(body[::CENTRE_STRIDE, ::CENTRE_STRIDE, ::CENTRE_STRIDE]) * CENTRE_STRIDE
+    return DeformedPair(f"{image.name}/{kind}/{seed}", pyramid, dvf.cpu(), magnitude, body, centres)
+
+
+def class_weights(pairs: list[DeformedPair], config: MisalignmentConfig,
+                  balance: tuple[float, float, float] = CLASS_BALANCE) -> np.ndarray:
+    """Per final class, the voxel weight that gives each class ``balance`` of the loss over the pool's body.
+
+    A class the pool lacks gets weight 0 and its share goes to the others. Counted on every second voxel.
+    """
+    counts = np.zeros(3)
+    for pair in pairs:
+        classes = config.classify_mm(pair.magnitude[::2, ::2, ::2][pair.body[::2, ::2, ::2]])
+        counts += np.bincount(classes, minlength=3)
+    present = counts > 0
+    target = np.where(present, balance, 0.0)
+    target = target / target.sum()
+    share = counts / counts.sum()
+    return np.where(present, target / np.where(present, share, 1.0), 0.0).astype(np.float32)
 
 
 @dataclass
 class Batch:
-    """Network inputs per scale (B, 2, ...) and targets for the misalignment model."""
+    """Network inputs per scale (B, 2, ...) and dense targets of the misalignment model."""
 
     inputs: dict[int, torch.Tensor]
     step_labels: list[torch.Tensor]
-    """Per conv-LSTM step, (B, T, T, T) int64 class indices."""
+    """Per conv-LSTM step, (B, T, T, T) int64 class indices (0 where the weight is 0)."""
     final_labels: torch.Tensor
-    centre_classes: np.ndarray
+    """(B, T, T, T) int64: 0 correct, 1 poor, 2 wrong."""
+    weights: torch.Tensor
+    """(B, T, T, T) float32 voxel weights: the class weight inside the body, 0 outside it or the image."""
 
 
-class PatchSampler:
-    """Draws class-balanced patches from a pool of deformed pairs."""
+class BlockSampler:
+    """Draws dense training blocks from a pool of deformed pairs."""
 
     def __init__(self, pairs: list[DeformedPair], config: MisalignmentConfig, rng: np.random.Generator,
-                 balance: tuple[float, float, float] = CLASS_BALANCE):
+                 block_input: int = 101, balance: tuple[float, float, float] = CLASS_BALANCE):
+        if (block_input - 101) % 4 or block_input < 101:
+            raise ValueError(f"block_input {block_input}: give 101 + 4k voxels (the encoder's input sizes)")
         self.pairs, self.config, self.rng = pairs, config, rng
-        self.balance = np.asarray(balance, dtype=np.float64)
-        self.output = config.train_output
+        self.block_input = block_input
+        self.labels_side = block_input - 2 * config.encoder_context - 2 * config.decoder_margin
+        self.dvf_side = block_input - 2 * (ENCODER_CONTEXT + HEAD_CONTEXT)
+        self.weights = class_weights(pairs, config, balance)
 
-    def draw_start(self) -> tuple[DeformedPair, tuple[int, int, int], int]:
-        """A pair, an output-block start and the centre's class, with the balance over classes."""
-        available = [c for c in range(3) if any(len(p.candidates[c]) for p in self.pairs)]
-        weights = self.balance[available] / self.balance[available].sum()
-        cls = int(self.rng.choice(available, p=weights))
-        holders = [p for p in self.pairs if len(p.candidates[cls])]
+    def draw_centre(self) -> tuple[DeformedPair, np.ndarray]:
+        """A pair (uniformly) and a body voxel of it (uniformly on the centre sub-grid)."""
+        holders = [p for p in self.pairs if len(p.centres)]
+        if not holders:
+            raise ValueError("no body voxel in any pair of the pool")
         pair = holders[int(self.rng.integers(len(holders)))]
-        start = pair.candidates[cls][int(self.rng.integers(len(pair.candidates[cls])))]
-        return pair, (int(start[0]), int(start[1]), int(start[2])), cls
+        return pair, pair.centres[int(self.rng.integers(len(pair.centres)))]
 
-    def labels(self, pair: DeformedPair, start: tuple[int, int, int]) -> list[np.ndarray]:
-        """Per-step labels and the final classes of the output block; ``IGNORE`` outside the image."""
-        size = (self.output,) * 3
-        block = extract_block(torch.from_numpy(pair.magnitude)[None], start, size, -1.0)[0].numpy()
-        outside = block < 0
-        return [np.where(outside, IGNORE, labels) for labels in self.config.step_labels(block)
-                + [self.config.classify_mm(block)]]
+    def voxel_weights(self, magnitude: np.ndarray, body: np.ndarray) -> np.ndarray:
+        """Class weight of every voxel of a |DVF| block; 0 outside the body (or the image: body False)."""
+        return np.where(body, self.weights[self.config.classify_mm(magnitude)], 0.0).astype(np.float32)
+
+    def _targets(self, pair: DeformedPair, start: tuple[int, ...], size: int, stride: int = 1):
+        """|DVF|, body and DVF of the block at ``start`` of the level-``stride`` grid (outside: 0 / False)."""
+        shape = (size,) * 3
+        magnitude = torch.from_numpy(pair.magnitude[::stride, ::stride, ::stride])[None]
+        body = torch.from_numpy(pair.body[::stride, ::stride, ::stride])[None]
+        return (extract_block(magnitude, start, shape, 0.0)[0].numpy(),
+                extract_block(body, start, shape, False)[0].numpy())
 
     def batch(self, size: int) -> Batch:
+        """``size`` dense blocks for stage 2, each centred (to the model's 4-voxel alignment) on a body voxel."""
+        side = self.labels_side
         inputs: dict[int, list[torch.Tensor]] = {s: [] for s in self.config.scales}
-        labels: list[list[np.ndarray]] = []
-        centres = []
+        finals, steps, weights = [], [], []
         for _ in range(size):
-            pair, start, cls = self.draw_start()
-            for s, block in scale_blocks(pair.pyramid, start, (self.output,) * 3, self.config).items():
+            pair, centre = self.draw_centre()
+            start = tuple(int(c - side // 2) // 4 * 4 for c in centre)
+            for s, block in scale_blocks(pair.pyramid, start, (side,) * 3, self.config).items():
                 inputs[s].append(block)
-            labels.append(self.labels(pair, start))
-            centres.append(cls)
-        steps = len(labels[0]) - 1
+            magnitude, body = self._targets(pair, start, side)
+            weights.append(self.voxel_weights(magnitude, body))
+            finals.append(self.config.classify_mm(magnitude))
+            steps.append(self.config.step_labels(magnitude))
         return Batch(
             inputs={s: torch.stack(v) for s, v in inputs.items()},
-            step_labels=[torch.from_numpy(np.stack([l[k] for l in labels])).long() for k in range(steps)],
-            final_labels=torch.from_numpy(np.stack([l[-1] for l in labels])).long(),
-            centre_classes=np.asarray(centres),
+            step_labels=[torch.from_numpy(np.stack([l[k] for l in steps])).long() for k in range(len(steps[0]))],
+            final_labels=torch.from_numpy(np.stack(finals)).long(),
+            weights=torch.from_numpy(np.stack(weights)),
         )
 
     def regnet_batch(self, size: int, scale: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """RegNet pre-training patches of level ``scale``: inputs (B, 2, 101^3), DVF targets (B, 3, 21^3)
-        and a mask (B, 1, 21^3) of target voxels inside the image.
+        """Stage-1 blocks of level ``scale``: inputs (B, 2, n, n, n) with n = ``block_input``, DVF targets
+        (B, 3, m, m, m) in mm with m = n - 80, and voxel weights (B, 1, m, m, m).
 
-        The centre is drawn with the same class balance; the target is the DVF sampled on the level's
-        grid (level voxel q on 1 mm voxel s*q), in mm.
+        The target is the DVF sampled on the level's grid (level voxel q on 1 mm voxel s*q); the weights
+        are the class weights of its magnitude inside the body, 0 elsewhere.
         """
-        n_in = self.config.encoder_input
-        n_out = n_in - 2 * (ENCODER_CONTEXT + HEAD_CONTEXT)
+        n_in, n_out = self.block_input, self.dvf_side
         fill = background_value(self.config)
-        xs, ys, masks = [], [], []
+        xs, ys, ws = [], [], []
         for _ in range(size):
-            pair, start, _ = self.draw_start()
-            centre = [(a + self.output // 2) // scale for a in start]
-            in_start = tuple(c - n_in // 2 for c in centre)
-            out_start = tuple(c - n_out // 2 for c in centre)
+            pair, centre = self.draw_centre()
+            level = [int(c) // scale for c in centre]
+            in_start = tuple(c - n_in // 2 for c in level)
+            out_start = tuple(c - n_out // 2 for c in level)
             xs.append(extract_block(pair.pyramid[scale], in_start, (n_in,) * 3, fill))
-            dvf_level = pair.dvf[:, ::scale, ::scale, ::scale]
-            ys.append(extract_block(dvf_level, out_start, (n_out,) * 3, 0.0))
-            inside = torch.ones((1, *dvf_level.shape[1:]))
-            masks.append(extract_block(inside, out_start, (n_out,) * 3, 0.0))
-        return torch.stack(xs), torch.stack(ys), torch.stack(masks)
+            ys.append(extract_block(pair.dvf[:, ::scale, ::scale, ::scale], out_start, (n_out,) * 3, 0.0))
+            magnitude, body = self._targets(pair, out_start, n_out, scale)
+            ws.append(torch.from_numpy(self.voxel_weights(magnitude, body))[None])
+        return torch.stack(xs), torch.stack(ys), torch.stack(ws)
+
+
+def weighted_cross_entropy(logits: torch.Tensor, labels: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    """Sum of per-voxel cross-entropies times ``weights`` (B, ...), over the sum of the weights."""
+    loss = F.cross_entropy(logits.float(), labels, reduction="none")
+    return (loss * weights).sum() / weights.sum().clamp(min=1e-6)
+
+
+def weighted_huber(prediction: torch.Tensor, target: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    """Huber loss of the DVF (B, 3, ...) weighted per voxel by ``weights`` (B, 1, ...), over the weights."""
+    loss = F.smooth_l1_loss(prediction.float(), target, reduction="none") * weights
+    return loss.sum() / (weights.sum() * prediction.shape[1]).clamp(min=1e-6)
 
 
 def build_pool(images: list[TrainingImage], count: int, seed: int, config: MisalignmentConfig,
                settings: DVFSettings, device: str | torch.device = "cpu",
                kinds: tuple[str, ...] = KINDS) -> list[DeformedPair]:
-    """``count`` deformed pairs, image and DVF kind drawn from ``seed`` (reproducible)."""
+    """``count`` deformed pairs, reproducible from ``seed``.
+
+    Images are drawn in proportion to their body volume, so every millimetre of body is equally likely
+    to be trained on whatever the size of its scan; kinds cycle through ``kinds``.
+    """
     rng = np.random.default_rng(seed)
+    volume = np.array([float(i.body.sum()) for i in images]) + 1.0
     pairs = []
     for i in range(count):
-        image = images[int(rng.integers(len(images)))]
+        image = images[int(rng.choice(len(images), p=volume / volume.sum()))]
         kind = kinds[i % len(kinds)] if count >= len(kinds) else kinds[int(rng.integers(len(kinds)))]
-        pairs.append(make_pair(image, kind, int(rng.integers(2**31)), config, settings, config.train_output, device))
+        pairs.append(make_pair(image, kind, int(rng.integers(2**31)), config, settings, device))
     return pairs

@@ -97,18 +97,26 @@ def plot_curves(history_path: Path, png_path: Path) -> Path:
 
     rows = [json.loads(line) for line in history_path.read_text().splitlines() if line.strip()]
     stages = list(dict.fromkeys(r["stage"] for r in rows))
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    fig, axes = plt.subplots(1, 3, figsize=(15, 4))
     for stage in stages:
         rs = [r for r in rows if r["stage"] == stage]
-        axes[0].plot([r["epoch"] for r in rs], [r["train_loss"] for r in rs], marker="o", label=stage)
+        epochs = [r["epoch"] for r in rs]
+        line = axes[0].plot(epochs, [r["train_loss"] for r in rs], marker="o", ms=3, label=stage)[0]
+        if "val_endpoint_error_mm" in rs[0]:
+            axes[1].plot(epochs, [r["val_endpoint_error_mm"] for r in rs], marker="o", ms=3, color=line.get_color(),
+                         label=f"{stage} EPE")
+            axes[1].plot(epochs, [r["val_target_magnitude_mm"] for r in rs], ls="--", color=line.get_color(),
+                         label=f"{stage} zero predictor")
         if "val_mean_f1" in rs[0]:
-            axes[1].plot([r["epoch"] for r in rs], [100 * r["val_mean_f1"] for r in rs], marker="o", label=f"{stage} mean F1")
-            axes[1].plot([r["epoch"] for r in rs], [100 * r["val_kappa"] for r in rs], marker="s", label=f"{stage} kappa")
-    axes[0].set(xlabel="epoch", ylabel="training loss", yscale="log", title="training loss per stage")
-    axes[1].set(xlabel="epoch", ylabel="%", title="validation (held-out pairs)")
+            axes[2].plot(epochs, [100 * r["val_mean_f1"] for r in rs], marker="o", ms=3, label=f"{stage} mean F1")
+            axes[2].plot(epochs, [100 * r["val_kappa"] for r in rs], marker="s", ms=3, label=f"{stage} kappa")
+    axes[0].set(xlabel="epoch of the stage", ylabel="training loss", yscale="log", title="training loss per stage")
+    axes[1].set(xlabel="epoch of the stage", ylabel="mm", title="stage 1: validation end-point error")
+    axes[2].set(xlabel="epoch of the stage", ylabel="%", title="stage 2: validation (held-out pairs)")
     for ax in axes:
         ax.grid(alpha=0.3)
-        ax.legend(fontsize=8)
+        if ax.lines:
+            ax.legend(fontsize=8)
     fig.tight_layout()
     png_path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(png_path, dpi=110)

@@ -24,24 +24,29 @@ from tqdm import tqdm
 
 from RegistrationMisalignmentLib.config import MisalignmentConfig
 from RegistrationMisalignmentLib.errors import InputError
-from RegistrationMisalignmentLib.inference import resolve_device
+from RegistrationMisalignmentLib.inference import cpu_has_native_bf16, resolve_device
 from RegistrationMisalignmentLib.metrics import evaluate_classes
 from RegistrationMisalignmentLib.networks.model import MisalignmentNet
 from RegistrationMisalignmentLib.networks.regnet import RegNet
+from trainer import checkpoint
 from trainer.config import TrainConfig
 from trainer.data import TrainingImage, load_images, phantom_images
-from trainer.dataset import IGNORE, PatchSampler, build_pool
+from trainer.dataset import BlockSampler, build_pool, weighted_cross_entropy, weighted_huber
 from trainer.deformations import DVFSettings
 from trainer.export import export_misalignment, export_regnet_t, plot_curves
+from trainer.ledger import write_ledger
 
 REGNET_STAGES = {4: "regnet4", 2: "regnet2", 1: "regnet1"}
 STAGES = ("regnet4", "regnet2", "regnet1", "misalignment")
 
 
-def masked_huber(prediction: torch.Tensor, target: torch.Tensor, inside: torch.Tensor) -> torch.Tensor:
-    """Huber loss over the target voxels inside the image (the DVF is unknown in the padding)."""
-    loss = F.smooth_l1_loss(prediction, target, reduction="none") * inside
-    return loss.sum() / (inside.sum() * prediction.shape[1]).clamp(min=1.0)
+def split_by_name(images: list[TrainingImage], names: tuple[str, ...]) -> tuple[list[TrainingImage], list[TrainingImage]]:
+    """Whole scans named in ``names`` for validation, the others for training; every name must match."""
+    missing = set(names) - {i.name for i in images}
+    if missing:
+        raise InputError(f"held-out scan(s) {sorted(missing)} not among the training data "
+                         f"({', '.join(i.name for i in images)}); fix 'holdout' in the training config")
+    return [i for i in images if i.name not in names], [i for i in images if i.name in names]
 
 
 def split_holdout(images: list[TrainingImage], fraction: float) -> tuple[list[TrainingImage], list[TrainingImage]]:
@@ -75,13 +80,15 @@ class Trainer:
             self.out.mkdir(parents=True, exist_ok=True)
         self.history_path = self.out / "history.jsonl"
         self.started = time.perf_counter()
+        self.export_only = False
         self.writer = self._tensorboard()
         self.train_images, self.val_images = self._images()
-        self.val_sampler = PatchSampler(
+        self.amp = cfg.amp and (self.device.type == "cuda" or cpu_has_native_bf16())
+        val_sampler = BlockSampler(
             build_pool(self.val_images, cfg.val_pairs, cfg.seed + 100_000, self.config, self.settings),
-            self.config, np.random.default_rng(cfg.seed + 100_000))
-        self.val_batch = self.val_sampler.batch(cfg.val_patches)
-        self.val_regnet = {s: self.val_sampler.regnet_batch(cfg.val_patches, s) for s in self.config.scales}
+            self.config, np.random.default_rng(cfg.seed + 100_000), cfg.block_input)
+        self.val_batch = val_sampler.batch(cfg.val_patches)
+        self.val_regnet = {s: val_sampler.regnet_batch(cfg.val_patches, s) for s in self.config.scales}
 
     # ---- set-up --------------------------------------------------------------------------
     def _tensorboard(self):
@@ -98,7 +105,9 @@ class Trainer:
         train: list[TrainingImage] = []
         val: list[TrainingImage] = []
         if cfg.data:
-            train, val = split_holdout(load_images(cfg.data, self.config), cfg.holdout_fraction)
+            images = load_images(cfg.data, self.config)
+            train, val = (split_by_name(images, cfg.holdout) if cfg.holdout
+                          else split_holdout(images, cfg.holdout_fraction))
         if cfg.phantoms:
             train += phantom_images(cfg.phantoms, cfg.phantom_size_mm, cfg.seed, self.config)
             val += phantom_images(max(1, cfg.phantoms // 4), cfg.phantom_size_mm, cfg.seed + 50_000, self.config)
@@ -112,40 +121,34 @@ class Trainer:
 
     # ---- checkpoints ----------------------------------------------------------------------
     @property
-    def checkpoint_path(self) -> Path:
-        return self.out / "checkpoint.pt"
-
-    def save_checkpoint(self, state: dict) -> None:
-        if self.main:
-            tmp = self.checkpoint_path.with_suffix(".tmp")
-            torch.save(state, tmp)
-            tmp.replace(self.checkpoint_path)
+    def checkpoint_dir(self) -> Path:
+        return self.out / "checkpoint"
 
     def load_checkpoint(self) -> dict:
-        if self.cfg.resume and self.checkpoint_path.exists():
-            state = torch.load(self.checkpoint_path, map_location="cpu", weights_only=False)
-            self.log(f"resuming from {self.checkpoint_path}: stage {state['stage']}, epoch {state['epoch']} done")
+        if self.cfg.resume and checkpoint.exists(self.checkpoint_dir):
+            state = checkpoint.load(self.checkpoint_dir)
+            self.log(f"resuming from {self.checkpoint_dir}: stage {state['stage']}, epoch {state['epoch']} done")
             return state
         if self.main and self.history_path.exists():
             self.history_path.unlink()
         if self.cfg.pretrained:
-            earlier = torch.load(self.cfg.pretrained, map_location="cpu", weights_only=False)
-            regnets = {k: v for k, v in earlier["models"].items() if k in REGNET_STAGES.values()}
+            earlier = checkpoint.load(Path(self.cfg.pretrained)) if checkpoint.exists(Path(self.cfg.pretrained)) else {}
+            regnets = {k: v for k, v in earlier.get("models", {}).items() if k in REGNET_STAGES.values()}
             if len(regnets) != len(REGNET_STAGES):
                 raise InputError(f"{self.cfg.pretrained} holds no complete RegNet pre-training "
-                                 f"(found {sorted(regnets)}); train stage 1 first")
+                                 f"(found {sorted(regnets)}); give the checkpoint folder of a run that finished stage 1")
             self.log(f"reusing the pre-trained RegNets of {self.cfg.pretrained}")
             return {"stage": "regnet1", "epoch": self.cfg.regnet_epochs, "models": regnets, "optimizer": None,
-                    "seconds": {k: v for k, v in earlier["seconds"].items() if k in regnets}}
+                    "seconds": {k: v for k, v in earlier["seconds"].items() if k in regnets}, "reused": True}
         return {"stage": None, "epoch": 0, "models": {}, "optimizer": None, "seconds": {}}
 
     # ---- the loop ---------------------------------------------------------------------------
-    def _pool_sampler(self, stage_index: int, epoch: int) -> PatchSampler:
+    def _pool_sampler(self, stage_index: int, epoch: int) -> BlockSampler:
         seed = [self.cfg.seed, stage_index, epoch, self.rank]
         pool_seed = int(np.random.default_rng(seed).integers(2**31))
         device = self.device if self.cfg.pool_on_device else "cpu"
         pool = build_pool(self.train_images, self.cfg.pool_pairs, pool_seed, self.config, self.settings, device)
-        return PatchSampler(pool, self.config, np.random.default_rng(seed))
+        return BlockSampler(pool, self.config, np.random.default_rng(seed), self.cfg.block_input)
 
     def _wrap(self, model: torch.nn.Module) -> torch.nn.Module:
         if self.world > 1:
@@ -154,8 +157,7 @@ class Trainer:
         return model
 
     def _autocast(self):
-        enabled = self.cfg.amp and self.device.type == "cuda"
-        return torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=enabled)
+        return torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.amp)
 
     def fit(self, stage: str, model: torch.nn.Module, epochs: int, state: dict) -> dict:
         """Train ``model`` for ``stage``; skip or resume according to the checkpoint ``state``."""
@@ -164,7 +166,7 @@ class Trainer:
         if stage in state["models"]:
             model.load_state_dict(state["models"][stage])
         first_epoch = 0
-        if done_index > stage_index or (done_index == stage_index and state["epoch"] >= epochs):
+        if self.export_only or done_index > stage_index or (done_index == stage_index and state["epoch"] >= epochs):
             return state
         model.to(self.device)
         net = self._wrap(model)
@@ -173,11 +175,12 @@ class Trainer:
             first_epoch = state["epoch"]
             optimizer.load_state_dict(state["optimizer"])
         for epoch in range(first_epoch, epochs):
-            start = time.perf_counter()
+            wall, cpu = time.perf_counter(), time.process_time()
             lr = self.cfg.lr_at(epoch + 1)
             for group in optimizer.param_groups:  # set every epoch, so a resumed run follows the schedule too
                 group["lr"] = lr
             sampler = self._pool_sampler(stage_index, epoch)
+            pool_seconds = time.perf_counter() - wall
             net.train()
             losses = []
             bar = tqdm(range(self.cfg.steps_per_epoch), desc=f"{stage} {epoch + 1}/{epochs}", disable=not self.main,
@@ -192,16 +195,21 @@ class Trainer:
                 losses.append(loss.detach())
                 if step % 10 == 0:
                     bar.set_postfix(loss=f"{losses[-1].item():.4f}")
-            seconds = time.perf_counter() - start
-            train_loss = float(torch.stack(losses).float().mean())
-            row = {"stage": stage, "epoch": epoch + 1, "lr": lr, "train_loss": train_loss, "seconds": seconds,
-                   "patches_per_s": self.cfg.steps_per_epoch * self.cfg.batch_size * self.world / seconds}
+            seconds = time.perf_counter() - wall
+            samples = self.cfg.steps_per_epoch * self.cfg.batch_size * self.world
+            side = sampler.labels_side if stage == "misalignment" else sampler.dvf_side
+            row = {"stage": stage, "epoch": epoch + 1, "lr": lr, "train_loss": float(torch.stack(losses).float().mean()),
+                   "seconds": seconds, "cpu_seconds": time.process_time() - cpu, "pool_seconds": pool_seconds,
+                   "device": self.device.type, "world": self.world, "amp": self.amp, "samples": samples,
+                   "patches_per_s": samples / seconds, "labelled_voxels_per_s": samples * side**3 / seconds}
             row.update(self.validate(stage, model))
-            self.record(row)
-            state = {"stage": stage, "epoch": epoch + 1, "optimizer": optimizer.state_dict(),
+            state = {"stage": stage, "epoch": epoch + 1, "optimizer": None,
                      "models": {**state["models"], stage: model.state_dict()},
                      "seconds": {**state["seconds"], stage: state["seconds"].get(stage, 0.0) + seconds}}
-            self.save_checkpoint(state)
+            if self.main:
+                checkpoint.save(self.checkpoint_dir, stage, epoch + 1, model, optimizer, state["seconds"],
+                                {k: v for k, v in state["models"].items() if k != stage})
+            self.record(row)
             if stage == "misalignment" and self.out_of_time():
                 self.log(f"time limit of {self.cfg.time_limit_minutes:g} min reached: stage 2 stops after epoch "
                          f"{epoch + 1} of {epochs}")
@@ -212,34 +220,39 @@ class Trainer:
         limit = self.cfg.time_limit_minutes
         return limit > 0 and time.perf_counter() - self.started > 60.0 * limit
 
-    def _step(self, stage: str, net: torch.nn.Module, sampler: PatchSampler) -> torch.Tensor:
+    def _step(self, stage: str, net: torch.nn.Module, sampler: BlockSampler) -> torch.Tensor:
         with self._autocast():
             if stage == "misalignment":
                 batch = sampler.batch(self.cfg.batch_size)
                 x = {s: v.to(self.device) for s, v in batch.inputs.items()}
+                weights = batch.weights.to(self.device)
                 logits = net(x[1], x[2], x[4])
                 targets = batch.step_labels if len(logits) > 1 else [batch.final_labels]
-                return sum(F.cross_entropy(l.float(), t.to(self.device), ignore_index=IGNORE)
-                           for l, t in zip(logits, targets))
+                return sum(weighted_cross_entropy(l, t.to(self.device), weights) for l, t in zip(logits, targets))
             scale = int(stage.removeprefix("regnet"))
-            x, y, inside = sampler.regnet_batch(self.cfg.batch_size, scale)
-            return masked_huber(net(x.to(self.device)).float(), y.to(self.device), inside.to(self.device))
+            x, y, weights = sampler.regnet_batch(self.cfg.batch_size, scale)
+            return weighted_huber(net(x.to(self.device)), y.to(self.device), weights.to(self.device))
 
     @torch.no_grad()
     def validate(self, stage: str, model: torch.nn.Module) -> dict:
+        """Held-out blocks, every body voxel counted once (no class weights): the misalignment model's
+        metrics, or a RegNet's end-point error beside the zero predictor's (the mean |DVF|)."""
         model.eval()
         if stage == "misalignment":
-            probs = torch.cat([model.probabilities(*(self.val_batch.inputs[s][i : i + 1].to(self.device) for s in (1, 2, 4)))
-                               for i in range(len(self.val_batch.final_labels))]).cpu()
-            truth = self.val_batch.final_labels.numpy().ravel()
-            inside = truth != IGNORE
-            report = evaluate_classes(truth[inside], probs.argmax(1).numpy().ravel()[inside])
+            with self._autocast():
+                probs = torch.cat([model.probabilities(*(self.val_batch.inputs[s][i : i + 1].to(self.device)
+                                                         for s in (1, 2, 4)))
+                                   for i in range(len(self.val_batch.final_labels))]).float().cpu()
+            inside = self.val_batch.weights.numpy().ravel() > 0
+            truth = self.val_batch.final_labels.numpy().ravel()[inside]
+            report = evaluate_classes(truth, probs.argmax(1).numpy().ravel()[inside])
             return {"val_mean_f1": report.mean_f1, "val_kappa": report.kappa, "val_accuracy": report.accuracy,
                     "val_cw": report.cw, "val_f1": list(report.f1), "val_n": report.n}
         scale = int(stage.removeprefix("regnet"))
-        x, y, inside = self.val_regnet[scale]
-        pred = torch.cat([model(x[i : i + 1].to(self.device)).float().cpu() for i in range(len(x))])
-        keep = inside[:, 0] > 0
+        x, y, weights = self.val_regnet[scale]
+        with self._autocast():
+            pred = torch.cat([model(x[i : i + 1].to(self.device)) for i in range(len(x))]).float().cpu()
+        keep = weights[:, 0] > 0
         return {"val_endpoint_error_mm": float(torch.linalg.vector_norm(pred - y, dim=1)[keep].mean()),
                 "val_target_magnitude_mm": float(torch.linalg.vector_norm(y, dim=1)[keep].mean())}
 
@@ -252,11 +265,15 @@ class Trainer:
             for key, value in row.items():
                 if isinstance(value, (int, float)) and key not in ("epoch",):
                     self.writer.add_scalar(f"{row['stage']}/{key}", value, row["epoch"])
+        write_ledger(self.history_path, self.out)
         shown = {k: round(v, 4) if isinstance(v, float) else v for k, v in row.items() if k not in ("stage", "val_f1")}
         self.log(f"{row['stage']} {shown}")
 
-    def run(self) -> dict[str, Path]:
+    def run(self, export_only: bool = False) -> dict[str, Path]:
+        """Train what the checkpoint has not done yet, then export; ``export_only`` exports the checkpoint
+        as it is (e.g. to evaluate a run that is still growing)."""
         cfg = self.cfg
+        self.export_only = export_only
         state = self.load_checkpoint()
         regnets = {s: RegNet() for s in self.config.scales}
         for s in self.config.scales:
@@ -286,19 +303,21 @@ class Trainer:
         }
         val = {k: v for k, v in last.get("misalignment", {}).items() if k.startswith("val_")}
         val_regnet = {s: {k: v for k, v in last.get(s, {}).items() if k.startswith("val_")} for s in REGNET_STAGES.values()}
-        paths = {
-            "model": export_misalignment(model.cpu(), self.config, self.out / f"{self.cfg.name}.pt", training,
-                                         {"validation_patches": val}),
-            "regnet-t": export_regnet_t({s: r.cpu() for s, r in regnets.items()}, self.config,
-                                        self.out / "regmis_regnet_t.pt", training, {"validation_patches": val_regnet}),
-            "curves": plot_curves(self.history_path, self.out / "curves.png"),
-        }
+        paths = {"curves": plot_curves(self.history_path, self.out / "curves.png")}
+        if "misalignment" in state["models"]:
+            paths["model"] = export_misalignment(model.cpu(), self.config, self.out / f"{self.cfg.name}.pt", training,
+                                                 {"validation_patches": val})
+        if all(stage in state["models"] for stage in REGNET_STAGES.values()):
+            paths["regnet-t"] = export_regnet_t({s: r.cpu() for s, r in regnets.items()}, self.config,
+                                                self.out / "regmis_regnet_t.pt", training,
+                                                {"validation_patches": val_regnet})
         for key, path in paths.items():
             self.log(f"wrote {key}: {path}")
         return paths
 
 
-def parse_args(argv: list[str] | None) -> TrainConfig:
+def parse_args(argv: list[str] | None) -> tuple[TrainConfig, bool]:
+    """The run's configuration and whether only to export (``--export``)."""
     parser = argparse.ArgumentParser(prog="regmis-train", description=__doc__.split("\n\n")[0])
     parser.add_argument("--config", help="TOML file with TrainConfig fields")
     parser.add_argument("--smoke", action="store_true", help="tiny run of every stage (CI; < 3 min on 2 CPU cores)")
@@ -306,29 +325,33 @@ def parse_args(argv: list[str] | None) -> TrainConfig:
                         help="override any TrainConfig field, e.g. --set epochs=5 (repeatable)")
     for name in ("data", "out", "decoder", "split", "device", "name", "pretrained"):
         parser.add_argument(f"--{name}")
-    for name in ("phantoms", "epochs", "regnet-epochs", "steps-per-epoch", "batch-size", "seed"):
+    for name in ("phantoms", "epochs", "regnet-epochs", "steps-per-epoch", "batch-size", "seed", "block-input"):
         parser.add_argument(f"--{name}", type=int)
-    parser.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint.pt")
+    parser.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint/ (start afresh without one)")
+    parser.add_argument("--export", action="store_true",
+                        help="export the checkpoint's models now, without training (needs --resume)")
     args = parser.parse_args(argv)
     overrides = {k.replace("-", "_"): v for k, v in vars(args).items()
-                 if k not in ("config", "smoke", "set") and v not in (None, False)}
+                 if k not in ("config", "smoke", "set", "export") and v not in (None, False)}
     for item in args.set:
         key, _, value = item.partition("=")
         try:
             overrides[key] = json.loads(value)
         except json.JSONDecodeError:
             overrides[key] = value
+    if args.export and not args.resume:
+        parser.error("--export writes the models of an existing checkpoint: add --resume")
     if args.smoke:
-        return TrainConfig.smoke(**overrides)
+        return TrainConfig.smoke(**overrides), args.export
     if args.config:
-        return TrainConfig.from_toml(args.config, **overrides)
-    return TrainConfig(**overrides)
+        return TrainConfig.from_toml(args.config, **overrides), args.export
+    return TrainConfig(**overrides), args.export
 
 
 def main(argv: list[str] | None = None) -> int:
     try:
-        cfg = parse_args(argv)
-        Trainer(cfg).run()
+        cfg, export_only = parse_args(argv)
+        Trainer(cfg).run(export_only)
     except InputError as exc:
         print(f"regmis-train: {exc}", file=sys.stderr)
         return 2

@@ -1,0 +1,61 @@
+"""The ledger of a growing run: what it has cost and what it has reached, rewritten after every epoch.
+
+Read from the run's ``history.jsonl`` (one row per epoch, never rewritten), so the ledger of a run that
+was resumed on several machines adds up every stretch: CPU hours and GPU minutes, epochs and samples per
+stage, and the last validation numbers, beside the curves.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from trainer.export import plot_curves
+
+
+def read_history(history_path: Path) -> list[dict]:
+    return [json.loads(line) for line in history_path.read_text().splitlines() if line.strip()]
+
+
+def totals(rows: list[dict]) -> dict:
+    """Wall hours per device type, and per stage: epochs, samples, last validation row."""
+    hours: dict[str, float] = {}
+    stages: dict[str, dict] = {}
+    for row in rows:
+        device = row.get("device", "unknown")
+        hours[device] = hours.get(device, 0.0) + row["seconds"] / 3600.0
+        entry = stages.setdefault(row["stage"], {"epochs": 0, "samples": 0, "hours": 0.0})
+        entry["epochs"] = row["epoch"]
+        entry["samples"] += row.get("samples", 0)
+        entry["hours"] += row["seconds"] / 3600.0
+        entry["last"] = row
+    return {"hours": hours, "stages": stages}
+
+
+def _validation(row: dict) -> str:
+    if "val_mean_f1" in row:
+        return (f"mean F1 {100 * row['val_mean_f1']:.1f} %, kappa {row['val_kappa']:.3f}, "
+                f"F1 c/p/w {' / '.join(f'{100 * f:.1f}' for f in row['val_f1'])} %")
+    if "val_endpoint_error_mm" in row:
+        return (f"EPE {row['val_endpoint_error_mm']:.2f} mm vs {row['val_target_magnitude_mm']:.2f} mm "
+                "for the zero predictor")
+    return ""
+
+
+def write_ledger(history_path: Path, out: Path) -> Path:
+    """``ledger.md`` and ``curves.png`` beside the history; returns the ledger's path."""
+    rows = read_history(history_path)
+    summary = totals(rows)
+    hours = summary["hours"]
+    lines = ["# Training ledger", "",
+             f"CPU: **{hours.get('cpu', 0.0):.2f} h** of wall time; GPU: **{60 * hours.get('cuda', 0.0):.1f} min**. "
+             f"{len(rows)} epochs in all; one row per epoch in `history.jsonl`.", "",
+             "| stage | epochs | samples | hours | last validation (held-out pairs) |", "|---|---|---|---|---|"]
+    for stage, entry in summary["stages"].items():
+        lines.append(f"| {stage} | {entry['epochs']} | {entry['samples']} | {entry['hours']:.2f} | "
+                     f"{_validation(entry['last'])} |")
+    lines += ["", "![curves](curves.png)", ""]
+    path = out / "ledger.md"
+    path.write_text("\n".join(lines))
+    plot_curves(history_path, out / "curves.png")
+    return path
