@@ -12,27 +12,57 @@ import json
 import os
 import platform
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
 
 from RegistrationMisalignmentLib.errors import InputError, PredictionCancelled
+from RegistrationMisalignmentLib.outputs import Output, check_outputs
 
 DECODER_CHOICES = ("lstm", "multiscale", "singlescale", "regnet-t")
+DEVICE_CHOICES = ("auto", "cpu", "cuda")
 
 
-def _progress_bar() -> tuple[Callable[[float, str], None], Callable[[], None]]:
-    """A tqdm bar driven by the Lib's (fraction, message) progress callback."""
+def say(message: str) -> None:
+    """A console line on stderr that never shares a line with a progress bar (tqdm clears and redraws it)."""
     from tqdm import tqdm
 
-    bar = tqdm(total=1000, unit="‰", file=sys.stderr, bar_format="{l_bar}{bar}| {elapsed}<{remaining} {postfix}")
+    tqdm.write(message, file=sys.stderr)
+
+
+@contextmanager
+def progress_bar(description: str = "") -> Iterator[Callable[[float, str], None]]:
+    """A tqdm bar driven by the Lib's (fraction, message) progress callback, closed on the way out."""
+    from tqdm import tqdm
+
+    bar = tqdm(total=1000, desc=description or None, file=sys.stderr,
+               bar_format="{desc}{percentage:3.0f}%|{bar}| {elapsed}<{remaining} {postfix}")
 
     def update(fraction: float, message: str) -> None:
         bar.n = int(1000 * fraction)
         bar.set_postfix_str(message)
 
-    return update, bar.close
+    try:
+        yield update
+    finally:
+        bar.close()
+
+
+def positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{value} is not a positive whole number")
+    return value
+
+
+def tile_size(text: str) -> int:
+    value = positive_int(text)
+    if value % 16:
+        raise argparse.ArgumentTypeError(f"{value} is not a multiple of 16 (e.g. {max(16, value // 16 * 16)} or "
+                                         f"{(value // 16 + 1) * 16})")
+    return value
 
 
 def _model_for(args: argparse.Namespace):
@@ -54,17 +84,16 @@ def cmd_predict(args: argparse.Namespace) -> int:
     from RegistrationMisalignmentLib.inference import predict
     from RegistrationMisalignmentLib.io import read_image, write_image
 
+    check_outputs([Output("--out", args.out, "image"), Output("--probabilities", args.probabilities, "image")],
+                  inputs=[args.fixed, args.moving, args.mask, args.model])
+    model = _model_for(args)
     fixed = read_image(args.fixed, "fixed image")
     moving = read_image(args.moving, "moving image")
     mask = read_image(args.mask, "mask") if args.mask else None
-    model = _model_for(args)
-    update, close = _progress_bar()
-    try:
+    with progress_bar(model.name) as update:
         prediction = predict(fixed, moving, model, mask=mask, device=args.device,
                              with_probabilities=bool(args.probabilities), progress=update,
-                             log=lambda m: print(f"note: {m}", file=sys.stderr), tile_size=args.tile_size)
-    finally:
-        close()
+                             log=lambda m: say(f"note: {m}"), tile_size=args.tile_size)
     out = write_image(prediction.labelmap, args.out, "labelmap")
     if args.probabilities:
         write_image(prediction.probabilities, args.probabilities, "probabilities")
@@ -86,19 +115,20 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     from RegistrationMisalignmentLib.io import read_image
     from RegistrationMisalignmentLib.landmarks import read_landmarks, read_transform
 
+    if not args.labelmap and not (args.fixed and args.moving):
+        raise InputError("evaluate needs --labelmap, or --fixed and --moving to predict one")
+    check_outputs([Output("--out-csv", args.out_csv, "csv"), Output("--out-json", args.out_json, "json")],
+                  inputs=[args.labelmap, args.fixed, args.moving, args.fixed_landmarks, args.moving_landmarks,
+                          args.transform, args.reference, args.model])
     if args.labelmap:
         labelmap = read_image(args.labelmap, "labelmap")
-    elif args.fixed and args.moving:
+    else:
         from RegistrationMisalignmentLib.inference import predict
 
-        update, close = _progress_bar()
-        try:
-            labelmap = predict(read_image(args.fixed, "fixed image"), read_image(args.moving, "moving image"),
-                               _model_for(args), device=args.device, progress=update).labelmap
-        finally:
-            close()
-    else:
-        raise InputError("evaluate needs --labelmap, or --fixed and --moving to predict one")
+        model = _model_for(args)
+        fixed, moving = read_image(args.fixed, "fixed image"), read_image(args.moving, "moving image")
+        with progress_bar(model.name) as update:
+            labelmap = predict(fixed, moving, model, device=args.device, progress=update).labelmap
     reference = read_image(args.reference, "reference image") if args.reference else labelmap
     fixed_points = read_landmarks(args.fixed_landmarks, reference)
     moving_points = read_landmarks(args.moving_landmarks, reference)
@@ -134,11 +164,8 @@ def cmd_info(args: argparse.Namespace) -> int:
 def cmd_demo(args: argparse.Namespace) -> int:
     from RegistrationMisalignmentLib.demo import run_demo
 
-    update, close = _progress_bar()
-    try:
-        run_demo(args.out, device=args.device, progress=update, log=lambda m: print(m, file=sys.stderr))
-    finally:
-        close()
+    check_outputs([Output("--out", args.out, "folder")])
+    run_demo(args.out, device=args.device, progress_bar=progress_bar, log=say)
     return 0
 
 
@@ -146,13 +173,14 @@ def cmd_benchmark(args: argparse.Namespace) -> int:
     from RegistrationMisalignmentLib.protocol import BenchmarkOptions, run_benchmark
     from RegistrationMisalignmentLib.protocol_elastix import parse_settings
 
+    check_outputs([Output("--out", args.out, "folder")], inputs=[args.dirlab, args.pairs])
     study = next(s for s in ("phantom", "real_ct", "dirlab", "pairs") if getattr(args, s))
     options = BenchmarkOptions(study=study.replace("_", "-"), source=args.dirlab or args.pairs, cases=args.cases,
                                landmarks=args.landmarks, settings=parse_settings(args.settings), tiny=args.tiny,
                                out=args.out, device=args.device, models_dir=args.models_dir, threads=args.threads,
                                resume=args.resume)
     try:
-        report = run_benchmark(options, log=lambda m: print(m, file=sys.stderr))
+        report = run_benchmark(options, log=say)
     except KeyboardInterrupt:
         print(f"regmis: interrupted; the cases finished so far are in {Path(args.out) / 'report.md'}: run the same "
               "command with --resume to continue", file=sys.stderr)
@@ -173,7 +201,10 @@ def build_parser() -> argparse.ArgumentParser:
     def model_flags(p: argparse.ArgumentParser) -> None:
         p.add_argument("--model", help="model .pt file or shipped model name (default: the shipped LSTM 6-3-1)")
         p.add_argument("--decoder", choices=DECODER_CHOICES, help="pick the shipped model with this decoder")
-        p.add_argument("--device", default="auto", help="auto (CUDA when present), cuda or cpu")
+        device_flag(p)
+
+    def device_flag(p: argparse.ArgumentParser) -> None:
+        p.add_argument("--device", default="auto", choices=DEVICE_CHOICES, help="auto (CUDA when present), cpu or cuda")
 
     p = sub.add_parser("predict", help="predict the misalignment labelmap of a registered pair")
     p.add_argument("--fixed", required=True, help="fixed image (any SimpleITK format or DICOM folder)")
@@ -181,7 +212,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="output labelmap (0 outside, 1 correct, 2 poor, 3 wrong)")
     p.add_argument("--probabilities", help="also write the 3-class probabilities (vector image)")
     p.add_argument("--mask", help="restrict the output to this fixed-image mask (e.g. lungs)")
-    p.add_argument("--tile-size", type=int, help="1 mm voxels per tile side, a multiple of 16 (default: the model's, 128 on CPU, 192 on CUDA; "
+    p.add_argument("--tile-size", type=tile_size, help="1 mm voxels per tile side, a multiple of 16 (default: the model's, 128 on CPU, 192 on CUDA; "
                    "smaller needs less memory, larger re-reads less context)")
     model_flags(p)
     p.set_defaults(func=cmd_predict)
@@ -201,8 +232,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_evaluate)
 
     p = sub.add_parser("demo", help="known deformation of the held-out real CT, predicted and scored")
-    p.add_argument("--out", default="regmis_demo", help="output folder")
-    p.add_argument("--device", default="auto")
+    p.add_argument("--out", default="regmis_demo", help="output folder (created when missing)")
+    device_flag(p)
     p.set_defaults(func=cmd_demo)
 
     p = sub.add_parser("benchmark", help="the paper's evaluation protocol: elastix settings x methods at landmarks")
@@ -213,16 +244,16 @@ def build_parser() -> argparse.ArgumentParser:
     study.add_argument("--dirlab", metavar="FOLDER", help="DIR-Lab 4DCT / COPDgene files (.img + landmark .txt)")
     study.add_argument("--pairs", metavar="CSV",
                        help="table case,fixed,moving,fixed_landmarks,moving_landmarks (paths relative to it)")
-    p.add_argument("--cases", type=int, help="synthetic: number of cases (default 10); external: the first N")
-    p.add_argument("--landmarks", type=int, default=300, help="lung landmarks per synthetic case (default 300)")
+    p.add_argument("--cases", type=positive_int, help="synthetic: number of cases (default 10); external: the first N")
+    p.add_argument("--landmarks", type=positive_int, default=300, help="lung landmarks per synthetic case (default 300)")
     p.add_argument("--settings", default="affine,bspline20,bspline100,bspline500,bspline2000",
                    help="comma-separated registration settings (default: all five)")
     p.add_argument("--tiny", action="store_true", help="CI size: synthetic images 32 x 32 x 32 mm, elastix "
                    "iterations / 10 and at most 512 samples; the numbers then mean nothing")
     p.add_argument("--out", default="regmis_benchmark", help="output folder (report.md, report.json, CSV, PNGs)")
-    p.add_argument("--device", default="auto", help="auto (CUDA when present), cuda or cpu")
+    device_flag(p)
     p.add_argument("--models-dir", help="folder of models to compare (default: the shipped models)")
-    p.add_argument("--threads", type=int, help="CPU threads for torch and elastix (default: all cores)")
+    p.add_argument("--threads", type=positive_int, help="CPU threads for torch and elastix (default: all cores)")
     p.add_argument("--resume", action="store_true", help="continue the unfinished (or extend the finished) study in "
                    "--out: its finished cases are read back, not recomputed")
     p.set_defaults(func=cmd_benchmark)

@@ -28,9 +28,12 @@ import SimpleITK as sitk
 from scipy import ndimage
 
 from RegistrationMisalignmentLib.config import DEFAULT_CONFIG
-from RegistrationMisalignmentLib.demo import SHARED_CHEST
+from RegistrationMisalignmentLib.demo import SHARED_DATA
 from RegistrationMisalignmentLib.errors import InputError
 from RegistrationMisalignmentLib.landmarks import Landmarks
+
+SHARED_CHEST = SHARED_DATA / "chest_ct_1.5mm.nii.gz"
+"""The real chest CT crop whose lowest-z slab this study holds out."""
 
 STUDY_SEED = 7_000_000
 DVF_SEED = STUDY_SEED + 10_000
