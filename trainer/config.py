@@ -50,8 +50,9 @@ class TrainConfig:
     """Generate the training pairs on the training device. On CUDA this takes the DVFs, warps and pyramids
     off the CPU, which otherwise limits a GPU run; CPU runs are unaffected (they resume bit for bit)."""
     time_limit_minutes: float = 0.0
-    """Wall-clock budget of the run (0: none). Stage 2 stops after the first epoch that ends past it and the
-    model is exported; the RegNet pre-training always completes. The card records the epochs done."""
+    """Wall-clock budget of this stretch of the run (0: none). Training stops after the first epoch that ends
+    past it, whatever the stage; the checkpoint holds that epoch and what is complete is exported (a lent GPU
+    comes back with its work). The card records the epochs done."""
     val_pairs: int = 4
     val_patches: int = 24
     device: str = "auto"

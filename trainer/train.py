@@ -30,23 +30,27 @@ from RegistrationMisalignmentLib.networks.model import MisalignmentNet
 from RegistrationMisalignmentLib.networks.regnet import RegNet
 from trainer import checkpoint
 from trainer.config import TrainConfig
-from trainer.data import TrainingImage, load_images, phantom_images
+from trainer.data import TrainingImage, load_images, phantom_images, scan_stem
 from trainer.dataset import BlockSampler, build_pool, weighted_cross_entropy, weighted_huber
 from trainer.deformations import DVFSettings
-from trainer.export import export_misalignment, export_regnet_t, plot_curves
+from trainer.export import export_misalignment, export_regnet_t
 from trainer.ledger import write_ledger
 
 REGNET_STAGES = {4: "regnet4", 2: "regnet2", 1: "regnet1"}
+LEDGER_EVERY_S = 60.0
+"""The ledger and its curves are rewritten after an epoch when this long has passed, and when the run stops."""
 STAGES = ("regnet4", "regnet2", "regnet1", "misalignment")
 
 
 def split_by_name(images: list[TrainingImage], names: tuple[str, ...]) -> tuple[list[TrainingImage], list[TrainingImage]]:
-    """Whole scans named in ``names`` for validation, the others for training; every name must match."""
-    missing = set(names) - {i.name for i in images}
+    """Whole scans named in ``names`` for validation, the others for training; every name must match one
+    scan (extensions aside, so a compact copy of the data holds out the same scan)."""
+    held = {scan_stem(n) for n in names}
+    missing = held - {scan_stem(i.name) for i in images}
     if missing:
         raise InputError(f"held-out scan(s) {sorted(missing)} not among the training data "
                          f"({', '.join(i.name for i in images)}); fix 'holdout' in the training config")
-    return [i for i in images if i.name not in names], [i for i in images if i.name in names]
+    return ([i for i in images if scan_stem(i.name) not in held], [i for i in images if scan_stem(i.name) in held])
 
 
 def split_holdout(images: list[TrainingImage], fraction: float) -> tuple[list[TrainingImage], list[TrainingImage]]:
@@ -81,6 +85,9 @@ class Trainer:
         self.history_path = self.out / "history.jsonl"
         self.started = time.perf_counter()
         self.export_only = False
+        self.ledger_written = -float("inf")
+        self.epochs_done = 0
+        """Epochs trained by this process: a time limit stops a stage only after at least one."""
         self.writer = self._tensorboard()
         self.train_images, self.val_images = self._images()
         self.amp = cfg.amp and (self.device.type == "cuda" or cpu_has_native_bf16())
@@ -166,7 +173,8 @@ class Trainer:
         if stage in state["models"]:
             model.load_state_dict(state["models"][stage])
         first_epoch = 0
-        if self.export_only or done_index > stage_index or (done_index == stage_index and state["epoch"] >= epochs):
+        if (self.export_only or (self.out_of_time() and self.epochs_done > 0) or done_index > stage_index
+                or (done_index == stage_index and state["epoch"] >= epochs)):
             return state
         model.to(self.device)
         net = self._wrap(model)
@@ -210,9 +218,10 @@ class Trainer:
                 checkpoint.save(self.checkpoint_dir, stage, epoch + 1, model, optimizer, state["seconds"],
                                 {k: v for k, v in state["models"].items() if k != stage})
             self.record(row)
-            if stage == "misalignment" and self.out_of_time():
-                self.log(f"time limit of {self.cfg.time_limit_minutes:g} min reached: stage 2 stops after epoch "
-                         f"{epoch + 1} of {epochs}")
+            self.epochs_done += 1
+            if self.out_of_time():
+                self.log(f"time limit of {self.cfg.time_limit_minutes:g} min reached: {stage} stops after epoch "
+                         f"{epoch + 1} of {epochs}; the checkpoint holds it")
                 break
         return state
 
@@ -265,9 +274,15 @@ class Trainer:
             for key, value in row.items():
                 if isinstance(value, (int, float)) and key not in ("epoch",):
                     self.writer.add_scalar(f"{row['stage']}/{key}", value, row["epoch"])
-        write_ledger(self.history_path, self.out)
+        if time.perf_counter() - self.ledger_written > LEDGER_EVERY_S:  # its plot would slow short GPU epochs
+            self.write_ledger()
         shown = {k: round(v, 4) if isinstance(v, float) else v for k, v in row.items() if k not in ("stage", "val_f1")}
         self.log(f"{row['stage']} {shown}")
+
+    def write_ledger(self) -> None:
+        if self.main and self.history_path.exists():
+            write_ledger(self.history_path, self.out)
+            self.ledger_written = time.perf_counter()
 
     def run(self, export_only: bool = False) -> dict[str, Path]:
         """Train what the checkpoint has not done yet, then export; ``export_only`` exports the checkpoint
@@ -284,6 +299,7 @@ class Trainer:
         state = self.fit("misalignment", model, cfg.epochs, state)
         if not self.main:
             return {}
+        self.write_ledger()
         return self.export(model, regnets, state)
 
     def export(self, model: MisalignmentNet, regnets: dict[int, RegNet], state: dict) -> dict[str, Path]:
@@ -303,7 +319,7 @@ class Trainer:
         }
         val = {k: v for k, v in last.get("misalignment", {}).items() if k.startswith("val_")}
         val_regnet = {s: {k: v for k, v in last.get(s, {}).items() if k.startswith("val_")} for s in REGNET_STAGES.values()}
-        paths = {"curves": plot_curves(self.history_path, self.out / "curves.png")}
+        paths = {"ledger": self.out / "ledger.md", "curves": self.out / "curves.png"}  # written by write_ledger
         if "misalignment" in state["models"]:
             paths["model"] = export_misalignment(model.cpu(), self.config, self.out / f"{self.cfg.name}.pt", training,
                                                  {"validation_patches": val})
