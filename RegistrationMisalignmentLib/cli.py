@@ -170,8 +170,8 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 
 def cmd_benchmark(args: argparse.Namespace) -> int:
-    from RegistrationMisalignmentLib.protocol import BenchmarkOptions, run_benchmark
-    from RegistrationMisalignmentLib.protocol_elastix import parse_settings
+    from RegistrationMisalignmentLib.benchmark.study import BenchmarkOptions, run_benchmark
+    from RegistrationMisalignmentLib.benchmark.elastix import parse_settings
 
     check_outputs([Output("--out", args.out, "folder")], inputs=[args.dirlab, args.pairs])
     study = next(s for s in ("phantom", "real_ct", "dirlab", "pairs") if getattr(args, s))

@@ -5,7 +5,7 @@ present: a whole chest CT that no shipped model was trained on (``DEMO_SCAN``). 
 deformed by a respiratory DVF (diaphragm shift + chest expansion + a random smooth field, with the
 sponge model and 5 HU noise; a seed disjoint from training), then the region is cut from both images
 and from the DVF, so the true class of every voxel is known. Without the shared data a procedural
-phantom stands in. Uses the trainer's deformation code (the distribution the models were trained on).
+phantom stands in. The deformation is ``synthetic.deform``'s, the distribution the models were trained on.
 """
 
 from __future__ import annotations
@@ -23,6 +23,8 @@ from RegistrationMisalignmentLib.config import CLASS_NAMES, DEFAULT_CONFIG
 from RegistrationMisalignmentLib.inference import Progress, predict
 from RegistrationMisalignmentLib.io import write_image
 from RegistrationMisalignmentLib.metrics import evaluate_classes
+from RegistrationMisalignmentLib.synthetic.deform import deform_pair
+from RegistrationMisalignmentLib.synthetic.images import phantom_images, to_training_image
 from RegistrationMisalignmentLib.weights import available_models, load_model
 
 SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
@@ -47,8 +49,6 @@ def _on_1mm_grid(array: np.ndarray, origin: tuple[float, float, float]) -> sitk.
 
 def make_demo_pair(kind: str = "respiratory", seed: int = DEMO_SEED) -> tuple[sitk.Image, sitk.Image, np.ndarray, str]:
     """(fixed, moving, |DVF| in mm on the fixed grid, a plain description of the pair)."""
-    from trainer.data import phantom_images, to_training_image
-    from trainer.deformations import deform_pair
 
     scan = SHARED_DATA / DEMO_SCAN
     if scan.exists():

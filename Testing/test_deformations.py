@@ -6,17 +6,9 @@ import numpy as np
 import pytest
 import torch
 
-from trainer.deformations import (
-    KINDS,
-    DVFSettings,
-    add_noise,
-    compose,
-    deform_pair,
-    jacobian_determinant,
-    random_dvf,
-    sponge,
-    warp,
-)
+from RegistrationMisalignmentLib.spatial import compose, warp
+from RegistrationMisalignmentLib.synthetic.deform import add_noise, deform_pair, jacobian_determinant, sponge
+from RegistrationMisalignmentLib.synthetic.dvf import KINDS, DVFSettings, random_dvf
 
 SHAPE = (40, 40, 40)
 SPACING = (2.0, 2.0, 2.0)

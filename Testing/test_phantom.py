@@ -10,7 +10,7 @@ import pytest
 import SimpleITK as sitk
 from scipy import ndimage
 
-from trainer.phantom import _rasterise_tubes, lung_mask, make_chest_phantom
+from RegistrationMisalignmentLib.synthetic.phantom import _rasterise_tubes, lung_mask, make_chest_phantom
 
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 SIZE_MM = (96.0, 80.0, 80.0)

@@ -19,9 +19,9 @@ from RegistrationMisalignmentLib.config import CLASS_NAMES, DEFAULT_CONFIG
 from RegistrationMisalignmentLib.errors import InputError
 from RegistrationMisalignmentLib.landmarks import Landmarks, write_landmarks
 from RegistrationMisalignmentLib.metrics import evaluate_classes
-from RegistrationMisalignmentLib.protocol_cases import LandmarkTruth, SyntheticTruth, sample_lung_landmarks
-from RegistrationMisalignmentLib.protocol_datasets import find_dirlab_cases, load_case, read_pairs_csv
-from RegistrationMisalignmentLib.protocol_elastix import ELASTIX_DIR, SETTINGS, parse_settings
+from RegistrationMisalignmentLib.benchmark.cases import LandmarkTruth, SyntheticTruth, sample_lung_landmarks
+from RegistrationMisalignmentLib.benchmark.datasets import find_dirlab_cases, load_case, read_pairs_csv
+from RegistrationMisalignmentLib.benchmark.elastix import ELASTIX_DIR, SETTINGS, parse_settings
 
 REPO = Path(__file__).resolve().parents[1]
 needs_elastix = pytest.mark.skipif(importlib.util.find_spec("itk") is None,
@@ -91,7 +91,7 @@ def test_report_numbers_equal_a_recomputation_from_the_csv(tiny_run):
 
 @needs_elastix
 def test_a_stopped_study_keeps_its_finished_cases_and_resumes_from_them(model_dir, tmp_path, monkeypatch, capsys):
-    import RegistrationMisalignmentLib.protocol as protocol
+    import RegistrationMisalignmentLib.benchmark.study as protocol
 
     out = tmp_path / "study"
     args = ["benchmark", "--phantom", "--cases", "2", "--tiny", "--out", str(out), "--models-dir", str(model_dir),
@@ -158,9 +158,9 @@ def test_synthetic_residual_composes_the_registration_with_the_known_dvf():
 
 @needs_elastix
 def test_elastix_recovers_a_known_translation_and_the_truth_sees_it():
-    from RegistrationMisalignmentLib.protocol_cases import TINY_SIZE_MM
-    from RegistrationMisalignmentLib.protocol_elastix import ElastixRunner
-    from trainer.phantom import make_chest_phantom
+    from RegistrationMisalignmentLib.benchmark.cases import TINY_SIZE_MM
+    from RegistrationMisalignmentLib.benchmark.elastix import ElastixRunner
+    from RegistrationMisalignmentLib.synthetic.phantom import make_chest_phantom
 
     fixed = make_chest_phantom(TINY_SIZE_MM, 1.0, seed=7_500_000)
     shift = 3  # voxels = mm along x: M(y) = I(y + t), t = (3, 0, 0)

@@ -177,3 +177,17 @@ def test_module_imports_existing_helpers_and_no_torch_at_load():
             if name.startswith(SLICER_LIB + "."):
                 assert (MODULE_DIR / (name.replace(".", "/") + ".py")).is_file(), (path.name, name)
             assert name.split(".")[0] != "torch", f"{path.name} imports torch at load"
+
+
+def test_the_lib_imports_nothing_above_it():
+    """The Lib is the floor: no module of it imports slicer, qt, vtk or the trainer (read from the code's AST)."""
+    import ast
+
+    forbidden = {"slicer", "qt", "vtk", "trainer", "benchmarks"}
+    offenders = []
+    for path in LIB_DIR.rglob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            names = [a.name for a in node.names] if isinstance(node, ast.Import) else \
+                [node.module or ""] if isinstance(node, ast.ImportFrom) and not node.level else []
+            offenders += [f"{path.relative_to(REPO)}: {n}" for n in names if n.split(".")[0] in forbidden]
+    assert offenders == []

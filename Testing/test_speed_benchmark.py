@@ -12,9 +12,8 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 
-from benchmarks.speed_pair import PairGeometry, make_pair
-from benchmarks.speed_report import fit_exponent, markdown, timing_basis
-from benchmarks.speed_run import STAGES, naive_patch_output
+from benchmarks.speed import fit_exponent, markdown, timing_basis
+from benchmarks.speed_run import STAGES, PairGeometry, make_pair, naive_patch_output
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -12,10 +12,10 @@ from RegistrationMisalignmentLib.config import DEFAULT_CONFIG
 from RegistrationMisalignmentLib.preprocess import scale_blocks
 from RegistrationMisalignmentLib.weights import load_model
 from trainer.config import TrainConfig
-from trainer.data import phantom_images
+from RegistrationMisalignmentLib.synthetic.images import phantom_images
 from trainer import checkpoint
 from trainer.dataset import CLASS_BALANCE, BlockSampler, DeformedPair, build_pool, class_weights
-from trainer.deformations import DVFSettings
+from RegistrationMisalignmentLib.synthetic.dvf import DVFSettings
 from trainer.train import main
 
 

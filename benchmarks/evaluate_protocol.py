@@ -1,8 +1,8 @@
-"""The paper's evaluation protocol as a script; the same as ``regmis benchmark`` (all flags alike).
+"""Measures every model on the paper's protocol (elastix settings x landmarks); the same as ``regmis benchmark``.
 
     python benchmarks/evaluate_protocol.py --real-ct --out benchmarks/results/protocol_real_ct
 
-The work lives in RegistrationMisalignmentLib/protocol.py; this file only makes it runnable from a
+The work lives in RegistrationMisalignmentLib/benchmark/study.py; this file only makes it runnable from a
 checkout without installing the package.
 """
 

@@ -1,4 +1,4 @@
-"""Held-out synthetic evaluation: every shipped model on real CT regions training never saw.
+"""Measures every shipped model voxel-wise on held-out synthetic pairs: real CT regions training never saw.
 
 Pairs: the validation slab of every real scan in ../shared/data (the lowest-z 25 % of slices that
 ``trainer.train.split_holdout`` keeps out of training) deformed by each DVF kind, plus phantoms of
@@ -27,8 +27,9 @@ from RegistrationMisalignmentLib.inference import predict
 from RegistrationMisalignmentLib.metrics import evaluate_classes
 from RegistrationMisalignmentLib.weights import available_models, load_model
 from trainer.config import DEFAULT_SHARED_DATA
-from trainer.data import TrainingImage, load_images, phantom_images
-from trainer.deformations import deform_pair
+from RegistrationMisalignmentLib.synthetic.deform import deform_pair
+from RegistrationMisalignmentLib.synthetic.images import TrainingImage, phantom_images
+from trainer.data import load_images
 from trainer.train import split_holdout
 
 SEED = 7_000_000

@@ -26,8 +26,8 @@ from RegistrationMisalignmentLib.inference import _autocast, resolve_device, til
 from RegistrationMisalignmentLib.networks.model import MisalignmentNet
 from RegistrationMisalignmentLib.preprocess import block_geometry
 from RegistrationMisalignmentLib.weights import LoadedModel, load_model
-from benchmarks.speed_pair import PairGeometry
-from benchmarks.speed_report import machine_info
+from benchmarks.speed import machine_info
+from benchmarks.speed_run import PairGeometry
 
 CL3D = torch.channels_last_3d
 

@@ -10,7 +10,7 @@ window, OpenGL, X display, Xvfb or trame-slicer. Not drawn: what the view widget
 is drawn with matplotlib from the module's class colours.
 
 Without ``--labelmap`` a stand-in map is drawn, NOT a prediction: the magnitude of a smooth
-synthetic displacement (``trainer.deformations.random_dvf``, single-frequency kind by default: it
+synthetic displacement (``synthetic.dvf.random_dvf``, single-frequency kind by default: it
 gives all three classes within one axial slice) classed at 3 and 6 mm inside the body. Give
 ``--labelmap`` a ``regmis`` prediction (on the fixed grid) to render that instead.
 
@@ -83,7 +83,7 @@ def standin_labelmap(fixed: sitk.Image, kind: str, seed: int) -> sitk.Image:
     import torch
 
     from RegistrationMisalignmentLib.config import DEFAULT_CONFIG
-    from trainer.deformations import random_dvf
+    from RegistrationMisalignmentLib.synthetic.dvf import random_dvf
 
     torch.set_num_threads(1)
     hu = sitk.GetArrayFromImage(fixed).astype(np.float32)
@@ -216,7 +216,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--crop-z", type=int, nargs=2, metavar=("START", "STOP"), help="keep these slices only")
     parser.add_argument("--opacity", type=float, default=0.5, help="label layer opacity (the module's default)")
     parser.add_argument("--window-level", type=float, nargs=2, default=(1500.0, -400.0), metavar=("W", "L"))
-    parser.add_argument("--dvf-kind", default="single", help="trainer.deformations kind of the stand-in displacement")
+    parser.add_argument("--dvf-kind", default="single", help="synthetic.dvf kind of the stand-in displacement")
     parser.add_argument("--seed", type=int, default=2, help="seed of the stand-in displacement")
     args = parser.parse_args(argv)
 

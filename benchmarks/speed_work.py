@@ -35,8 +35,8 @@ if __package__ in (None, ""):  # run as a file (python benchmarks/speed_work.py)
 import torch  # noqa: E402
 from torch.utils.flop_counter import FlopCounterMode  # noqa: E402
 
-from benchmarks.speed_pair import PairGeometry  # noqa: E402
-from benchmarks.speed_report import GOAL_CPU_S, machine_info  # noqa: E402
+from benchmarks.speed import GOAL_CPU_S, machine_info  # noqa: E402
+from benchmarks.speed_run import PairGeometry  # noqa: E402
 from RegistrationMisalignmentLib.config import DEFAULT_CONFIG, MisalignmentConfig  # noqa: E402
 from RegistrationMisalignmentLib.inference import tile_shape, tile_starts  # noqa: E402
 from RegistrationMisalignmentLib.networks.model import DECODERS, MisalignmentNet  # noqa: E402

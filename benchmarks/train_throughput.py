@@ -28,9 +28,9 @@ from RegistrationMisalignmentLib.config import DEFAULT_CONFIG
 from RegistrationMisalignmentLib.inference import cpu_has_native_bf16, resolve_device
 from RegistrationMisalignmentLib.networks.model import MisalignmentNet
 from RegistrationMisalignmentLib.networks.regnet import RegNet
-from trainer.data import phantom_images
 from trainer.dataset import BlockSampler, build_pool, make_pair, weighted_cross_entropy, weighted_huber
-from trainer.deformations import DVFSettings
+from RegistrationMisalignmentLib.synthetic.dvf import DVFSettings
+from RegistrationMisalignmentLib.synthetic.images import phantom_images
 
 REGNET_STAGE = "RegNet pre-training (one scale)"
 PAIR_STAGE = "deformed pair"

@@ -1,1 +1,1 @@
-"""Headless training of the misalignment model: phantom, synthetic deformations, sampling, training, export."""
+"""Headless training of the misalignment model on top of the Lib: data, dense sampling, training, checkpoints, export."""

@@ -2,7 +2,7 @@
 
 Every scan is resampled once to the 1 mm training grid, clipped to the network's HU window and stored
 as uint8 (steps of 7.8 HU, below the 5 HU noise the trainer adds plus the scanner's own), one compressed
-NRRD per scan; its window is written into the header (``regmis_hu_window``), and ``trainer.data``
+NRRD per scan; its window is written into the header (``regmis_hu_window``), and ``synthetic.images``
 maps the values back to HU when it reads such a file. What the network sees differs from the full data
 only by that rounding: the window clips everything outside it anyway.
 
@@ -20,7 +20,8 @@ import SimpleITK as sitk
 
 from RegistrationMisalignmentLib.config import DEFAULT_CONFIG, MisalignmentConfig
 from trainer.config import DEFAULT_SHARED_DATA
-from trainer.data import HU_WINDOW_KEY, list_image_files, load_images
+from RegistrationMisalignmentLib.synthetic.images import HU_WINDOW_KEY
+from trainer.data import list_image_files, load_images
 
 LEVELS = 255
 

@@ -1,68 +1,13 @@
-"""Training images: real CT from files, or procedural phantoms, on the 1 mm grid in HU.
-
-Every image is resampled once, with the Lib's own resampling, to the isotropic grid the network
-works on; the trainer then deforms these arrays in memory.
-"""
+"""Training images from files: every CT of a folder (or list file), on the 1 mm grid in HU."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-from functools import cached_property
 from pathlib import Path
-
-import numpy as np
-import SimpleITK as sitk
-import torch
-import torch.nn.functional as F
 
 from RegistrationMisalignmentLib.config import MisalignmentConfig
 from RegistrationMisalignmentLib.errors import InputError
-from RegistrationMisalignmentLib.io import read_image, validate_image
-from RegistrationMisalignmentLib.preprocess import isotropic_reference, resample_onto
-from trainer.phantom import make_chest_phantom
-
-IMAGE_SUFFIXES = (".nii", ".nii.gz", ".nrrd", ".nhdr", ".mha", ".mhd")
-BODY_HU = -950.0
-"""Voxels denser than this are body (lung parenchyma is about -850 HU, air outside the body -1000)."""
-HU_WINDOW_KEY = "regmis_hu_window"
-"""Header key of a compact uint8 copy (``trainer.cache``): 'lo hi', the HU that 0 and 255 stand for."""
-
-
-def scan_stem(name: str) -> str:
-    """A scan's name without its image extension: the same for a scan and its compact copy."""
-    for suffix in sorted(IMAGE_SUFFIXES, key=len, reverse=True):
-        if name.endswith(suffix):
-            return name[: -len(suffix)]
-    return name
-
-
-@dataclass
-class TrainingImage:
-    """One CT on the 1 mm grid: (D, H, W) HU array plus where it came from."""
-
-    name: str
-    hu: np.ndarray = field(repr=False)
-
-    @cached_property
-    def body(self) -> np.ndarray:
-        """(D, H, W) bool: voxels above ``BODY_HU``, grown by one voxel (what training supervises)."""
-        dense = torch.from_numpy(self.hu > BODY_HU)[None, None].float()
-        return F.max_pool3d(dense, 3, stride=1, padding=1)[0, 0].numpy() > 0
-
-    def crop_z(self, start: int, stop: int) -> "TrainingImage":
-        """A slab of axial slices [start, stop) — how a held-out region of one scan is kept apart."""
-        return TrainingImage(f"{self.name}[z{start}:{stop}]", self.hu[start:stop].copy())
-
-
-def to_training_image(image: sitk.Image, name: str, config: MisalignmentConfig) -> TrainingImage:
-    """The image on the 1 mm grid in HU (a compact uint8 copy mapped back through its window)."""
-    validate_image(image, name)
-    if image.HasMetaDataKey(HU_WINDOW_KEY):
-        lo, hi = (float(v) for v in image.GetMetaData(HU_WINDOW_KEY).split())
-        image = sitk.Cast(image, sitk.sitkFloat32) * ((hi - lo) / 255.0) + lo
-    grid = isotropic_reference(image, config.spacing_mm)
-    hu = sitk.GetArrayFromImage(resample_onto(image, grid, config.background_hu))
-    return TrainingImage(name, hu.astype(np.float32))
+from RegistrationMisalignmentLib.io import read_image
+from RegistrationMisalignmentLib.synthetic.images import IMAGE_SUFFIXES, TrainingImage, to_training_image
 
 
 def list_image_files(source: str | Path) -> list[Path]:
@@ -84,9 +29,3 @@ def list_image_files(source: str | Path) -> list[Path]:
 
 def load_images(source: str | Path, config: MisalignmentConfig) -> list[TrainingImage]:
     return [to_training_image(read_image(p, str(p)), p.name, config) for p in list_image_files(source)]
-
-
-def phantom_images(count: int, size_mm: tuple[float, float, float], seed: int,
-                   config: MisalignmentConfig) -> list[TrainingImage]:
-    return [to_training_image(make_chest_phantom(size_mm, config.spacing_mm, seed + i), f"phantom{seed + i}", config)
-            for i in range(count)]

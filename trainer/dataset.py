@@ -22,8 +22,9 @@ import torch.nn.functional as F
 from RegistrationMisalignmentLib.config import MisalignmentConfig
 from RegistrationMisalignmentLib.networks.regnet import ENCODER_CONTEXT, HEAD_CONTEXT
 from RegistrationMisalignmentLib.preprocess import background_value, build_pyramid, extract_block, scale_blocks
-from trainer.data import TrainingImage
-from trainer.deformations import KINDS, DVFSettings, deform_pair
+from RegistrationMisalignmentLib.synthetic.deform import deform_pair
+from RegistrationMisalignmentLib.synthetic.dvf import KINDS, DVFSettings
+from RegistrationMisalignmentLib.synthetic.images import TrainingImage
 
 CLASS_BALANCE = (0.6, 0.2, 0.2)
 """Share of the loss carried by correct / poor / wrong voxels (the paper's 60/20/20)."""

@@ -30,9 +30,10 @@ from RegistrationMisalignmentLib.networks.model import MisalignmentNet
 from RegistrationMisalignmentLib.networks.regnet import RegNet
 from trainer import checkpoint
 from trainer.config import TrainConfig
-from trainer.data import TrainingImage, load_images, phantom_images, scan_stem
+from RegistrationMisalignmentLib.synthetic.dvf import DVFSettings
+from RegistrationMisalignmentLib.synthetic.images import TrainingImage, phantom_images, scan_stem
+from trainer.data import load_images
 from trainer.dataset import BlockSampler, build_pool, weighted_cross_entropy, weighted_huber
-from trainer.deformations import DVFSettings
 from trainer.export import export_misalignment, export_regnet_t
 from trainer.ledger import write_ledger
 

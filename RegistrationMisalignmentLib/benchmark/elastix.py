@@ -23,7 +23,7 @@ import SimpleITK as sitk
 
 from RegistrationMisalignmentLib.errors import InputError
 
-ELASTIX_DIR = Path(__file__).resolve().parents[1] / "benchmarks" / "elastix"
+ELASTIX_DIR = Path(__file__).resolve().parents[2] / "benchmarks" / "elastix"
 SETTINGS: tuple[str, ...] = ("affine", "bspline20", "bspline100", "bspline500", "bspline2000")
 ELASTIX_T_FILE = "elastix_t.txt"
 TINY_ITERATION_DIVISOR = 10

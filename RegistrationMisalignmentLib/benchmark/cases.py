@@ -5,7 +5,7 @@ The truth is what a registration leaves at each fixed landmark x, given T (fixed
 * Landmark pairs (DIR-Lab, COPDgene, any files): TRE = ||T(x_F) - x_M||, the paper's definition and
   ``landmarks.residual_tre``'s formula.
 * Synthetic pairs with a known DVF u (the always-run studies): the moving image is M(y) = I(y + u(y))
-  against the fixed F = I (``trainer.deformations.deform_pair``). elastix finds T with M(T(x)) ~ F(x),
+  against the fixed F = I (``synthetic.deform.deform_pair``). elastix finds T with M(T(x)) ~ F(x),
   and the deformed moving image is D(x) = M(T(x)) = I(T(x) + u(T(x))). So D shows at x the point
   T(x) + u(T(x)) of I, which F shows at x itself: the residual misalignment of D against F is
   ``|| T(x) + u(T(x)) - x ||``. That is exactly the label the network is trained on (|u| of
@@ -108,7 +108,7 @@ class Case:
 
 def sample_lung_landmarks(fixed: sitk.Image, count: int, seed: int, name: str) -> Landmarks:
     """``count`` voxel centres drawn uniformly from the lungs (eroded by one voxel) of ``fixed``."""
-    from trainer.phantom import lung_mask
+    from RegistrationMisalignmentLib.synthetic.phantom import lung_mask
 
     lungs = ndimage.binary_erosion(sitk.GetArrayFromImage(lung_mask(fixed)).astype(bool))
     candidates = np.argwhere(lungs)  # (k, j, i)
@@ -123,7 +123,8 @@ def synthetic_case(hu: np.ndarray, name: str, index: int, landmarks: int, origin
     """Deform ``hu`` (a 1 mm (D, H, W) HU array) by a respiratory DVF of the case's seed."""
     import torch
 
-    from trainer.deformations import DVFSettings, deform_pair
+    from RegistrationMisalignmentLib.synthetic.deform import deform_pair
+    from RegistrationMisalignmentLib.synthetic.dvf import DVFSettings
 
     fixed = sitk.GetImageFromArray(hu.astype(np.float32))
     fixed.SetSpacing((DEFAULT_CONFIG.spacing_mm,) * 3)
@@ -140,7 +141,7 @@ def synthetic_case(hu: np.ndarray, name: str, index: int, landmarks: int, origin
 
 def phantom_cases(count: int, landmarks: int, tiny: bool) -> Iterator[Case]:
     """Procedural chest phantoms of seeds 7 000 000 + i (training used seeds below 100 000)."""
-    from trainer.phantom import make_chest_phantom
+    from RegistrationMisalignmentLib.synthetic.phantom import make_chest_phantom
 
     size = TINY_SIZE_MM if tiny else PHANTOM_SIZE_MM
     for i in range(count):
@@ -151,7 +152,7 @@ def phantom_cases(count: int, landmarks: int, tiny: bool) -> Iterator[Case]:
 
 def held_out_slab() -> np.ndarray:
     """The lowest-z quarter of the shared chest CT on the 1 mm grid (HU), never used in training."""
-    from trainer.data import to_training_image
+    from RegistrationMisalignmentLib.synthetic.images import to_training_image
 
     if not SHARED_CHEST.exists():
         raise InputError(f"the real chest CT {SHARED_CHEST} is missing; use --phantom, or --dirlab / --pairs "
@@ -162,7 +163,7 @@ def held_out_slab() -> np.ndarray:
 
 def crop_around_lungs(hu: np.ndarray, size_mm: tuple[float, float, float]) -> np.ndarray:
     """A (z, y, x) box of ``size_mm`` (x, y, z) centred on the lungs' centroid, kept inside the image."""
-    from trainer.phantom import lung_mask
+    from RegistrationMisalignmentLib.synthetic.phantom import lung_mask
 
     centre = np.argwhere(sitk.GetArrayFromImage(lung_mask(sitk.GetImageFromArray(hu)))).mean(axis=0)
     box = [int(round(s / DEFAULT_CONFIG.spacing_mm)) for s in size_mm[::-1]]

@@ -1,8 +1,8 @@
 """``regmis benchmark``: the paper's evaluation protocol, run on our models and baselines.
 
 For every case (a fixed image, a moving image, landmarks on the fixed image and a truth), elastix
-registers the pair in five settings from poor to good (``protocol_elastix``); each setting leaves a
-residual misalignment at every landmark (``protocol_cases``: ||T(x_F) - x_M|| for landmark pairs,
+registers the pair in five settings from poor to good (``benchmark.elastix``); each setting leaves a
+residual misalignment at every landmark (``benchmark.cases``: ||T(x_F) - x_M|| for landmark pairs,
 ||T(x) + u(T(x)) - x|| for synthetic pairs with a known DVF u), classed at 3 and 6 mm. Every method
 then classes the same landmarks from the fixed and the deformed moving image alone:
 
@@ -11,7 +11,7 @@ then classes the same landmarks from the fixed and the deformed moving image alo
   the deformed moving image; |displacement| at the landmark is thresholded at 3 / 6 mm.
 
 Studies: ``phantom`` and ``real-ct`` (always available, known DVF), ``dirlab`` and ``pairs`` (the
-user's landmark data). The report (``protocol_report``) gives the paper's columns per setting and
+user's landmark data). The report (``benchmark.report``) gives the paper's columns per setting and
 over all settings, with the published numbers beside ours, labelled as not re-measured.
 """
 
@@ -31,11 +31,11 @@ import numpy as np
 
 from RegistrationMisalignmentLib.config import DEFAULT_CONFIG
 from RegistrationMisalignmentLib.errors import InputError
-from RegistrationMisalignmentLib.protocol_cases import TINY_SIZE_MM, Case, phantom_cases, real_ct_cases
-from RegistrationMisalignmentLib.protocol_elastix import (
+from RegistrationMisalignmentLib.benchmark.cases import TINY_SIZE_MM, Case, phantom_cases, real_ct_cases
+from RegistrationMisalignmentLib.benchmark.elastix import (
     ELASTIX_DIR, ELASTIX_T_FILE, SETTINGS, TINY_CHANGES, ElastixRunner, setting_files,
 )
-from RegistrationMisalignmentLib.protocol_report import CSV_NAME, ProtocolRow, read_rows, write_report
+from RegistrationMisalignmentLib.benchmark.report import CSV_NAME, ProtocolRow, read_rows, write_report
 
 STUDIES = ("phantom", "real-ct", "dirlab", "pairs")
 ELASTIX_T = "elastix-t"
@@ -101,7 +101,7 @@ class BenchmarkOptions:
 def iter_cases(options: BenchmarkOptions) -> tuple[int, Iterator[Case]]:
     """How many cases the study has, and the cases one at a time (external data are checked completely
     before the first)."""
-    from RegistrationMisalignmentLib.protocol_datasets import find_dirlab_cases, load_case, read_pairs_csv
+    from RegistrationMisalignmentLib.benchmark.datasets import find_dirlab_cases, load_case, read_pairs_csv
 
     count = options.cases or DEFAULT_SYNTHETIC_CASES
     if options.study == "phantom":

@@ -24,7 +24,7 @@ import SimpleITK as sitk
 
 from RegistrationMisalignmentLib.errors import InputError
 from RegistrationMisalignmentLib.landmarks import read_landmarks
-from RegistrationMisalignmentLib.protocol_cases import Case, LandmarkTruth
+from RegistrationMisalignmentLib.benchmark.cases import Case, LandmarkTruth
 
 Geometry = tuple[tuple[int, int, int], tuple[float, float, float]]
 """(size x, y, z), (spacing x, y, z mm) of a headerless DIR-Lab image."""
