@@ -102,6 +102,7 @@ class RegistrationMisalignmentParameterNode:
     mask - optional region of the fixed image to predict in (segmentation or labelmap).
     modelPath - model file (.pt) chosen in the model list; empty means the shipped default.
     device - where inference runs.
+    bodyOnly - without a mask, predict only inside the fixed CT's body (air and table skipped, label 0).
     outputLabelmap - where the map goes; none means a new labelmap is created on Apply.
     opacity - label layer opacity in the slice views.
     fixedLandmarks, movingLandmarks, landmarkTransform - landmark pairs and the registration
@@ -113,6 +114,7 @@ class RegistrationMisalignmentParameterNode:
     mask: Union[vtkMRMLSegmentationNode, vtkMRMLLabelMapVolumeNode, None]
     modelPath: str = ""
     device: Annotated[str, Choice(DEVICES)] = "auto"
+    bodyOnly: bool = True
     outputLabelmap: Optional[vtkMRMLLabelMapVolumeNode]
     opacity: Annotated[float, WithinRange(0.0, 1.0)] = 0.5
     fixedLandmarks: vtkMRMLMarkupsFiducialNode
@@ -288,10 +290,11 @@ class RegistrationMisalignmentWidget(ScriptedLoadableModuleWidget, VTKObservatio
         except Exception as error:
             self._showError(error)
             return
-        device = node.device
+        device, bodyOnly = node.device, node.bodyOnly
         self._jobContext = (node.fixedVolume, node.movingVolume, node.outputLabelmap)
         self._job = BackgroundJob(
-            lambda progress, cancel, log: self.logic.predictImages(inputs, model, device, progress, cancel, log))
+            lambda progress, cancel, log: self.logic.predictImages(inputs, model, device, progress, cancel, log,
+                                                                   bodyOnly))
         self._setRunning(True)
         self._job.start()
         self._pollTimer.start()
@@ -512,12 +515,12 @@ class RegistrationMisalignmentLogic(ScriptedLoadableModuleLogic):
 
     @staticmethod
     def predictImages(inputs: PredictionInputs, model=None, device: str = "auto",
-                      progress=None, cancel=None, log=None):
+                      progress=None, cancel=None, log=None, bodyOnly: bool = True):
         """The Lib's ``predict`` on the prepared images; touches no MRML node, so any thread may run it."""
         from RegistrationMisalignmentLib.inference import predict
 
         return predict(inputs.fixed, inputs.moving, model, mask=inputs.mask, device=device,
-                       progress=progress, cancel=cancel, log=log)
+                       progress=progress, cancel=cancel, log=log, body_only=bodyOnly)
 
     def writeOutput(self, labelmap, fixedVolume, movingVolume, outputLabelmap=None):
         """Put the predicted map into ``outputLabelmap`` (a new node when None) with the colour table.
@@ -540,7 +543,8 @@ class RegistrationMisalignmentLogic(ScriptedLoadableModuleLogic):
         display.show_in_slice_views(outputLabelmap, fixedVolume, opacity)
 
     def process(self, fixedVolume, movingVolume, outputLabelmap=None, mask=None, model=None,
-                device: str = "auto", progress=None, cancel=None, log=None, showResult: bool = True):
+                device: str = "auto", progress=None, cancel=None, log=None, showResult: bool = True,
+                bodyOnly: bool = True):
         """Predict the misalignment map of a registered pair, in one blocking call.
 
         :param fixedVolume: the fixed CT (defines the output grid)
@@ -551,10 +555,11 @@ class RegistrationMisalignmentLogic(ScriptedLoadableModuleLogic):
         :param device: "auto", "cuda" or "cpu"
         :param progress, cancel, log: passed to the Lib's ``predict``
         :param showResult: show the map over the fixed volume in the slice views
+        :param bodyOnly: without a mask, predict only inside the fixed CT's body (label 0 outside)
         :return: the output labelmap node
         """
         inputs = self.prepareInputs(fixedVolume, movingVolume, mask)
-        prediction = self.predictImages(inputs, model, device, progress, cancel, log)
+        prediction = self.predictImages(inputs, model, device, progress, cancel, log, bodyOnly)
         output = self.writeOutput(prediction.labelmap, fixedVolume, movingVolume, outputLabelmap)
         if showResult:
             self.showResult(output, fixedVolume)
@@ -595,8 +600,11 @@ class RegistrationMisalignmentLogic(ScriptedLoadableModuleLogic):
         transform the moving volume sits under) the moving landmarks are taken where they were
         placed on the moving image and the residual is ||T(x_F) - x_M||; without it they are read
         in world coordinates, i.e. already in the registered space, and the residual is ||x_F - x_M||.
+        Pairs are matched by the Lib's ``pair_landmarks``: by label when both lists carry the same
+        labels, by order when they share none (Slicer's default F-1.. and M-1..).
         """
         from RegistrationMisalignmentLib.evaluation import evaluate_landmarks
+        from RegistrationMisalignmentLib.landmarks import pair_landmarks
 
         if not labelmapNode:
             raise InputError("select the misalignment labelmap to evaluate (run Apply first).")
@@ -604,8 +612,8 @@ class RegistrationMisalignmentLogic(ScriptedLoadableModuleLogic):
             labelmap = volume_to_sitk(labelmapVolume)
         fixed = self.markupsToLandmarks(fixedLandmarks)
         moving = self.markupsToLandmarks(movingLandmarks, world=transformNode is None)
-        if transformNode is not None:
-            moving = self._shiftByTransform(moving, fixed, transformNode)
+        if transformNode is not None:  # the shift is per pair, so the pairs are matched first (by the Lib)
+            moving = self._shiftByTransform(pair_landmarks(fixed, moving).moving, fixed, transformNode)
         return evaluate_landmarks(labelmap, fixed, moving, None, config or self._config())
 
     @staticmethod

@@ -21,6 +21,9 @@ SPLITS: dict[str, tuple[float, float, float]] = {
 """Hierarchical splits theta1 >= theta2 >= theta3 (mm); 6-3-1 was best in the paper."""
 
 CLASS_NAMES: tuple[str, str, str] = ("correct", "poor", "wrong")
+PRECISIONS: tuple[str, str] = ("auto", "float32")
+"""The network's precision: "auto" is bf16 where the device computes it natively (CUDA, or a CPU with
+AVX-512 BF16 / AMX), float32 elsewhere; "float32" always (``inference._autocast``)."""
 
 
 @dataclass(frozen=True)
@@ -151,4 +154,4 @@ def round_up_encoder_output(n: int, stride: int = 4) -> int:
 
 DEFAULT_CONFIG = MisalignmentConfig()
 
-__all__ = ["MisalignmentConfig", "DEFAULT_CONFIG", "SPLITS", "CLASS_NAMES", "round_up_encoder_output"]
+__all__ = ["MisalignmentConfig", "DEFAULT_CONFIG", "SPLITS", "CLASS_NAMES", "PRECISIONS", "round_up_encoder_output"]

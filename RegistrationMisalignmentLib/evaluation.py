@@ -16,24 +16,26 @@ import SimpleITK as sitk
 
 from RegistrationMisalignmentLib.config import CLASS_NAMES, DEFAULT_CONFIG, MisalignmentConfig
 from RegistrationMisalignmentLib.errors import InputError
-from RegistrationMisalignmentLib.landmarks import Landmarks, residual_tre, sample_labelmap
+from RegistrationMisalignmentLib.landmarks import Landmarks, pair_landmarks, residual_tre, sample_labelmap
 from RegistrationMisalignmentLib.metrics import ClassificationReport, evaluate_classes
 
 OUTSIDE = -1
 """``predicted_class`` of a landmark where the labelmap says 'not predicted' (label 0)."""
 OUTSIDE_NAME = "outside"
-CSV_COLUMNS = ("label", "x", "y", "z", "tre_mm", "true_class", "predicted_class", "agree")
+CSV_COLUMNS = ("label", "x", "y", "z", "tre_mm", "true_class", "predicted_class", "agree", "moving_label")
 
 
 @dataclass
 class LandmarkRow:
-    """One landmark: where it is (LPS mm), its residual TRE, true and predicted class."""
+    """One landmark: where it is (LPS mm), its residual TRE, true and predicted class, and the label of
+    the moving landmark it was paired with (the same label when pairs were matched by label)."""
 
     label: str
     position_lps: tuple[float, float, float]
     tre_mm: float
     true_class: int
     predicted_class: int
+    moving_label: str = ""
 
     @property
     def agree(self) -> bool:
@@ -57,15 +59,17 @@ def evaluate_landmarks(labelmap: sitk.Image, fixed: Landmarks, moving: Landmarks
     """Rows for every landmark, and the scores of those inside the prediction.
 
     ``transform`` maps fixed to moving physical points (None: the moving landmarks are already
-    in the registered space). Landmarks where the labelmap is 0 (or that lie outside it) keep
-    their row, with ``predicted_class = -1``, but do not count in the report; ``report.n``
-    says how many did.
+    in the registered space). Moving landmarks are matched to fixed ones by ``pair_landmarks``
+    (by label when both carry the same labels, else by order); each row names its moving label.
+    Landmarks where the labelmap is 0 (or that lie outside it) keep their row, with
+    ``predicted_class = -1``, but do not count in the report; ``report.n`` says how many did.
     """
+    fixed, moving, _ = pair_landmarks(fixed, moving)
     tre = residual_tre(fixed, moving, transform)
     true = np.asarray(config.classify_mm(tre), dtype=np.int64)
     pred = labelmap_values_to_classes(sample_labelmap(labelmap, fixed.points_lps), config)
-    rows = [LandmarkRow(label, tuple(float(v) for v in p), float(d), int(t), int(c))
-            for label, p, d, t, c in zip(fixed.labels, fixed.points_lps, tre, true, pred)]
+    rows = [LandmarkRow(label, tuple(float(v) for v in p), float(d), int(t), int(c), moving_label)
+            for label, p, d, t, c, moving_label in zip(fixed.labels, fixed.points_lps, tre, true, pred, moving.labels)]
     inside = pred != OUTSIDE
     return rows, evaluate_classes(true[inside], pred[inside])
 
@@ -75,7 +79,8 @@ def _class_name(index: int) -> str:
 
 
 def write_rows_csv(rows: list[LandmarkRow], path: str | Path) -> Path:
-    """One line per landmark; classes as words (correct/poor/wrong/outside), agree as true/false."""
+    """One line per landmark; classes as words (correct/poor/wrong/outside), agree as true/false, and the
+    paired moving landmark's label last."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     with path.open("w", newline="", encoding="utf-8") as f:
@@ -84,12 +89,13 @@ def write_rows_csv(rows: list[LandmarkRow], path: str | Path) -> Path:
         for r in rows:
             writer.writerow([r.label, *(repr(v) for v in r.position_lps), repr(r.tre_mm),
                              _class_name(r.true_class), _class_name(r.predicted_class),
-                             "true" if r.agree else "false"])
+                             "true" if r.agree else "false", r.moving_label])
     return path
 
 
 def read_rows_csv(path: str | Path) -> list[LandmarkRow]:
-    """Read back what ``write_rows_csv`` wrote (``agree`` is derived, so it is not read)."""
+    """Read back what ``write_rows_csv`` wrote (``agree`` is derived, so it is not read; tables written
+    before ``moving_label`` existed read with an empty one)."""
     path = Path(path)
     if not path.is_file():
         raise InputError(f"Landmark table not found: {path}. Check the path.")
@@ -97,7 +103,7 @@ def read_rows_csv(path: str | Path) -> list[LandmarkRow]:
     rows = []
     with path.open(newline="", encoding="utf-8") as f:
         reader = csv.DictReader(f)
-        missing = set(CSV_COLUMNS) - set(reader.fieldnames or [])
+        missing = set(CSV_COLUMNS) - {"moving_label"} - set(reader.fieldnames or [])
         if missing:
             raise InputError(f"{path} line 1: missing columns {sorted(missing)}; expected "
                              f"{','.join(CSV_COLUMNS)}.")
@@ -109,6 +115,7 @@ def read_rows_csv(path: str | Path) -> list[LandmarkRow]:
                     tre_mm=float(r["tre_mm"]),
                     true_class=classes[r["true_class"]],
                     predicted_class={**classes, OUTSIDE_NAME: OUTSIDE}[r["predicted_class"]],
+                    moving_label=r.get("moving_label") or "",
                 ))
             except (KeyError, TypeError, ValueError) as exc:
                 raise InputError(f"{path} line {reader.line_num}: bad value ({exc}); numbers for "

@@ -29,7 +29,8 @@ import numpy as np
 import SimpleITK as sitk
 import torch
 
-from RegistrationMisalignmentLib.config import MisalignmentConfig
+from RegistrationMisalignmentLib.body_mask import body_mask
+from RegistrationMisalignmentLib.config import PRECISIONS, MisalignmentConfig
 from RegistrationMisalignmentLib.errors import InputError, PredictionCancelled
 from RegistrationMisalignmentLib.grid_resample import SLAB_VOXELS, resample_to_grid, source_box, target_slabs
 from RegistrationMisalignmentLib.io import prepare_mask, prepare_pair
@@ -57,6 +58,8 @@ class Prediction:
     seconds: float
     timings: dict[str, float] = field(default_factory=dict)
     """Wall time per stage (s): prepare, resample, pyramid, network, resample_back."""
+    tiles: tuple[int, int] = (0, 0)
+    """(computed, in all) network tiles: those outside the mask or body are skipped (0, 0 for RegNet-t)."""
 
 
 def resolve_device(device: str | torch.device = "auto") -> torch.device:
@@ -96,14 +99,17 @@ def cpu_has_native_bf16() -> bool:
     return "avx512_bf16" in flags or "amx_bf16" in flags
 
 
-def _autocast(device: torch.device):
-    """bf16 (fp16 on older GPUs) autocast plus cuDNN autotuning on CUDA; plain fp32 on CPU.
+def _autocast(device: torch.device, precision: str = "auto"):
+    """The network's precision: bf16 (fp16 on older GPUs) autocast plus cuDNN autotuning on CUDA; bf16
+    autocast on a CPU with native bf16 (2.2-2.9x faster per tile, ``cpu_has_native_bf16``); else float32.
 
     Autotuning is scoped to the network calls (``cudnn.flags``), so a host process such as Slicer
     keeps its own cuDNN settings. Every tile has the same shape, so the tuning is paid once.
     """
-    if device.type != "cuda":
+    if precision == "float32":
         return nullcontext()
+    if device.type != "cuda":
+        return torch.autocast("cpu", dtype=torch.bfloat16) if cpu_has_native_bf16() else nullcontext()
     dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
     stack = ExitStack()
     stack.enter_context(torch.backends.cudnn.flags(enabled=True, benchmark=True))
@@ -156,19 +162,36 @@ def tile_shape(shape: tuple[int, ...], tile_size: int, multiple: int = 16) -> tu
     return tuple(sides)  # type: ignore[return-value]
 
 
+def tile_plan(shape: tuple[int, ...], tile_size: int, needed: torch.Tensor | None = None
+              ) -> tuple[tuple[int, int, int], list[tuple[int, int, int]], int]:
+    """(tile, starts of the tiles to compute, number of tiles in all) for a 1 mm grid of ``shape``.
+
+    With ``needed`` (bool (D, H, W)) a tile that holds no needed voxel is left out: air and the table
+    outside the body cost nothing.
+    """
+    tile = tile_shape(shape, tile_size)
+    starts = tile_starts(shape, tile)
+    total = len(starts)
+    if needed is not None:
+        starts = [p0 for p0 in starts if bool(needed[p0[0] : p0[0] + tile[0], p0[1] : p0[1] + tile[1],
+                                                       p0[2] : p0[2] + tile[2]].any())]
+    return tile, starts, total
+
+
 def network_probabilities(module: torch.jit.ScriptModule, decoder: str, pyramid: dict[int, torch.Tensor],
-                          config: MisalignmentConfig, tile_size: int, batch: int, report: _Reporter,
-                          span: tuple[float, float] = (0.1, 0.9), out_device: torch.device | str = "cpu",
-                          dtype: torch.dtype = torch.float32) -> torch.Tensor:
-    """(D, H, W, 3) class probabilities on the 1 mm grid, computed tile by tile, stitched on ``out_device``.
+                          config: MisalignmentConfig, tile: tuple[int, int, int], starts: list[tuple[int, int, int]],
+                          batch: int, report: _Reporter, span: tuple[float, float] = (0.1, 0.9),
+                          out_device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32,
+                          precision: str = "auto") -> torch.Tensor:
+    """(D, H, W, 3) class probabilities on the 1 mm grid, computed for the tiles at ``starts`` (``tile_plan``),
+    stitched on ``out_device``; voxels of no computed tile stay 0.
 
     Classes last: the layout a SimpleITK vector image takes without a copy (``to_fixed_grid``). Blocks
-    go through the network in float32 whatever the pyramid's ``dtype``; the stitched result is ``dtype``.
+    go in as float32 whatever the pyramid's ``dtype`` (the network then runs at ``precision``, see
+    ``_autocast``); the stitched result is ``dtype``.
     """
     device = pyramid[1].device
     shape = tuple(pyramid[1].shape[1:])
-    tile = tile_shape(shape, tile_size)
-    starts = tile_starts(shape, tile)
     scales = (1,) if decoder == "singlescale" else tuple(config.scales)
     empty = torch.empty(0, device=device)
     out = torch.zeros((*shape, 3), dtype=dtype, device=out_device)
@@ -177,7 +200,7 @@ def network_probabilities(module: torch.jit.ScriptModule, decoder: str, pyramid:
         blocks = [scale_blocks(pyramid, p0, tile, config, scales) for p0 in group]
         x = {s: torch.stack([b[s] for b in blocks]).float().contiguous(memory_format=memory_format(device))
              if s in scales else empty for s in config.scales}
-        with torch.inference_mode(), _autocast(device):
+        with torch.inference_mode(), _autocast(device, precision):
             probs = module.probabilities(x[1], x[2], x[4]).float().to(out.device)
         for p0, p in zip(group, probs):
             size = [min(t, n - a) for t, n, a in zip(tile, shape, p0)]
@@ -188,8 +211,16 @@ def network_probabilities(module: torch.jit.ScriptModule, decoder: str, pyramid:
     return out
 
 
+def needed_voxels(mask: sitk.Image, grid_1mm: sitk.Image, device: torch.device) -> torch.Tensor:
+    """bool (D, H, W) on the 1 mm grid: the mask (nearest), grown by 2 voxels so that the linear way back
+    to the fixed grid reads only computed voxels for every voxel of the mask."""
+    near = sitk.Resample(mask, grid_1mm, sitk.Transform(), sitk.sitkNearestNeighbor, 0, sitk.sitkUInt8)
+    grown = torch.from_numpy(sitk.GetArrayFromImage(near) > 0).to(device)[None, None].float()
+    return torch.nn.functional.max_pool3d(grown, 5, stride=1, padding=2)[0, 0] > 0
+
+
 def dense_dvf(module: torch.jit.ScriptModule, pair: torch.Tensor, scale: int, config: MisalignmentConfig,
-              tile_size: int, batch: int) -> torch.Tensor:
+              tile_size: int, batch: int, precision: str = "auto") -> torch.Tensor:
     """RegNet DVF (3, d, h, w) in mm over a whole pyramid level, tiled exactly (starts multiple of 4)."""
     shape = tuple(pair.shape[1:])
     tile = tile_shape(shape, tile_size, multiple=4)
@@ -201,7 +232,7 @@ def dense_dvf(module: torch.jit.ScriptModule, pair: torch.Tensor, scale: int, co
     for first in range(0, len(starts), batch):
         group = starts[first : first + batch]
         x = torch.stack([extract_block(pair, tuple(p - ctx for p in p0), size, fill) for p0 in group])
-        with torch.inference_mode(), _autocast(pair.device):
+        with torch.inference_mode(), _autocast(pair.device, precision):
             dvf = module(x, scale).float()
         for p0, d in zip(group, dvf):
             n = [min(t, m - a) for t, m, a in zip(tile, shape, p0)]
@@ -210,7 +241,7 @@ def dense_dvf(module: torch.jit.ScriptModule, pair: torch.Tensor, scale: int, co
 
 
 def regnet_t_displacement(module: torch.jit.ScriptModule, pyramid: dict[int, torch.Tensor], config: MisalignmentConfig,
-                          tile_size: int, batch: int, report: _Reporter) -> torch.Tensor:
+                          tile_size: int, batch: int, report: _Reporter, precision: str = "auto") -> torch.Tensor:
     """RegNet used as a 3-level registration (x4, then x2 and x1 on the warped result): total DVF (3, D, H, W)."""
     fixed, moving = pyramid[1][:1], pyramid[1][1:]
     shape = tuple(fixed.shape[1:])
@@ -219,7 +250,7 @@ def regnet_t_displacement(module: torch.jit.ScriptModule, pyramid: dict[int, tor
     warped = moving
     for i, s in enumerate(sorted(config.scales, reverse=True)):
         pair = torch.cat([pyramid[s][:1], pyramid_level(warped, s, config)])
-        residual = upsample_dvf(dense_dvf(module, pair, s, config, tile_size, batch), s, shape)
+        residual = upsample_dvf(dense_dvf(module, pair, s, config, tile_size, batch, precision), s, shape)
         total = compose(residual, total)
         warped = warp(moving, total, fill=fill)
         report(0.1 + 0.8 * (i + 1) / len(config.scales), f"RegNet level x{s} registered")
@@ -309,9 +340,16 @@ def predict(fixed: sitk.Image, moving: sitk.Image, model: LoadedModel | None = N
             mask: sitk.Image | None = None, device: str | torch.device = "auto", with_probabilities: bool = False,
             progress: Progress | None = None, cancel: Cancel | None = None,
             log: Callable[[str], None] | None = None, tile_size: int | None = None,
-            tile_batch: int | None = None) -> Prediction:
+            tile_batch: int | None = None, hu_offset: float | tuple[float, float] = 0.0, body_only: bool = True,
+            precision: str = "auto") -> Prediction:
     """Misalignment labelmap of the deformed ``moving`` image against ``fixed``, on the fixed grid.
 
+    Without a ``mask`` the map covers the fixed image's body (``body_mask``; ``body_only=False`` for the
+    whole image): tiles outside it are not computed and their voxels get label 0, as outside a mask.
+    ``precision``: "auto" (bf16 where the device computes it natively) or "float32" (see ``_autocast``).
+
+    ``hu_offset`` is added to the images' values before the HU check (``io.prepare_pair``): one number
+    for both, or (fixed, moving); e.g. -1024 for a CT stored as HU + 1024 without its rescale intercept.
     Raises ``InputError`` for bad inputs (before any work) and ``PredictionCancelled`` when ``cancel``
     is raised; nothing is written in either case.
     """
@@ -320,6 +358,8 @@ def predict(fixed: sitk.Image, moving: sitk.Image, model: LoadedModel | None = N
                          "multiples of 16 so that tiled prediction equals one-shot prediction")
     if tile_batch is not None and tile_batch < 1:
         raise InputError(f"tile batch {tile_batch} must be at least 1")
+    if precision not in PRECISIONS:
+        raise InputError(f"precision {precision!r} is not one of {', '.join(PRECISIONS)}")
     start = time.perf_counter()
     timings: dict[str, float] = {}
     report = _Reporter(progress, cancel)
@@ -333,9 +373,11 @@ def predict(fixed: sitk.Image, moving: sitk.Image, model: LoadedModel | None = N
         return now
 
     report(0.0, "checking inputs")
-    fixed, moving = prepare_pair(fixed, moving, log=log)
+    fixed, moving = prepare_pair(fixed, moving, log=log, hu_offset=hu_offset)
     if mask is not None:
         mask = prepare_mask(mask, fixed, log=log)
+    elif body_only:
+        mask = body_mask(fixed)
     model = model or load_model(device=dev)
     module = model.module.to(dev)
     if model.decoder != "regnet-t":  # RegNet-t's blocks are cut elsewhere (dense_dvf) and stay as measured
@@ -361,14 +403,20 @@ def predict(fixed: sitk.Image, moving: sitk.Image, model: LoadedModel | None = N
         del fixed_1mm, moving_1mm
     t = lap("pyramid", t)
 
-    tile = tile_size or default_tile_size(config, dev)
+    tile_side = tile_size or default_tile_size(config, dev)
     batch = tile_batch or config.tile_batch
     report(0.1, f"predicting with {model.name} ({model.decoder}) on {dev.type}")
+    tiles = (0, 0)
     if model.decoder == "regnet-t":
-        probabilities = regnet_t_probabilities(regnet_t_displacement(module, pyramid, config, tile, batch, report), config)
+        probabilities = regnet_t_probabilities(regnet_t_displacement(module, pyramid, config, tile_side, batch, report,
+                                                                     precision), config)
     else:
-        probabilities = network_probabilities(module, model.decoder, pyramid, config, tile, batch, report,
-                                              out_device=dev if on_device else "cpu", dtype=storage)
+        needed = needed_voxels(mask, grid, pyramid[1].device) if mask is not None else None
+        tile, starts, total = tile_plan(tuple(pyramid[1].shape[1:]), tile_side, needed)
+        tiles = (len(starts), total)
+        probabilities = network_probabilities(module, model.decoder, pyramid, config, tile, starts, batch, report,
+                                              out_device=dev if on_device else "cpu", dtype=storage,
+                                              precision=precision)
     del pyramid
     t = lap("network", t)
 
@@ -377,4 +425,4 @@ def predict(fixed: sitk.Image, moving: sitk.Image, model: LoadedModel | None = N
     lap("resample_back", t)
     report(1.0, "done")
     return Prediction(labelmap=labelmap, probabilities=probs_image,
-                      seconds=time.perf_counter() - start, timings=timings)
+                      seconds=time.perf_counter() - start, timings=timings, tiles=tiles)

@@ -1,8 +1,10 @@
 """Read, check, align and write images, turning every problem the user can fix into ``InputError``.
 
-Everything downstream (preprocess, inference, metrics) assumes a finite, scalar, 3-D float image and
-a moving image on the fixed image's grid. Checking that here, once, means a bad input stops with a
-sentence that names the input and the fix instead of a traceback from deep inside the network code.
+Everything downstream (preprocess, inference, metrics) assumes a finite, scalar, 3-D float image in
+Hounsfield units and a moving image on the fixed image's grid. Checking that here, once, means a bad
+input stops with a sentence that names the input and the fix instead of a traceback from deep inside
+the network code, or a wrong answer: a DICOM folder must hold one CT series (or the one chosen) whose
+slices lie on a regular grid, and every image that enters the network must look like HU (``check_hu``).
 """
 
 from __future__ import annotations
@@ -11,6 +13,7 @@ import os
 import shutil
 import tempfile
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -40,33 +43,169 @@ def _fmt(values) -> str:
     return "(" + ", ".join(f"{float(v):.4g}" for v in values) + ")"
 
 
-def _read_dicom_folder(folder: Path, name: str) -> sitk.Image:
-    """Read the largest DICOM series in ``folder`` (scanners often add a scout or dose report)."""
-    series_ids = sitk.ImageSeriesReader.GetGDCMSeriesIDs(str(folder))
-    if not series_ids:
+MIN_VOLUME_SLICES = 4
+"""A DICOM series with fewer files is not a CT volume (a scout, a dose report, a key image)."""
+MAX_SLICE_OFFSET_MM = 0.1
+"""Largest distance (mm, also at most a tenth of the slice spacing) between a slice's position in its
+DICOM header and where the regular grid read from the series puts it; beyond it the grid is wrong."""
+
+
+@dataclass(frozen=True)
+class DicomSeries:
+    """One series of a DICOM folder: its UID, description, size (columns, rows, files) and files."""
+
+    uid: str
+    description: str
+    size: tuple[int, int, int]
+    files: tuple[str, ...]
+
+    def describe(self) -> str:
+        description = f" '{self.description}'" if self.description else ""
+        return f"{self.uid}{description} ({' x '.join(str(n) for n in self.size)})"
+
+
+def dicom_series(folder: str | os.PathLike) -> list[DicomSeries]:
+    """Every series in a DICOM folder (not its sub-folders), largest first; empty when there is none."""
+    found = []
+    for uid in sitk.ImageSeriesReader.GetGDCMSeriesIDs(str(folder)):
+        files = tuple(sitk.ImageSeriesReader.GetGDCMSeriesFileNames(str(folder), uid))
+        if not files:
+            continue
+        header = sitk.ImageFileReader()
+        header.SetFileName(files[0])
+        description, columns, rows = "", 0, 0
+        try:
+            header.ReadImageInformation()
+            columns, rows = header.GetSize()[:2]
+            if header.HasMetaDataKey("0008|103e"):
+                description = header.GetMetaData("0008|103e").strip()
+        except RuntimeError:
+            pass  # an unreadable header still counts as a series; reading it later says what is wrong
+        found.append(DicomSeries(uid, description, (int(columns), int(rows), len(files)), files))
+    return sorted(found, key=lambda s: len(s.files), reverse=True)
+
+
+def _choose_series(folder: Path, name: str, series: str | None,
+                   log: Callable[[str], None] | None) -> DicomSeries:
+    """The series to read: the one asked for, the only one, or the only volume beside scouts and reports."""
+    found = dicom_series(folder)
+    if not found:
         raise InputError(
             f"{name}: the folder '{folder}' holds no DICOM series; give a folder of DICOM slices "
             "or an image file (.nii.gz, .nrrd, .mha)."
         )
-    file_lists = [sitk.ImageSeriesReader.GetGDCMSeriesFileNames(str(folder), sid) for sid in series_ids]
-    reader = sitk.ImageSeriesReader()
-    reader.SetFileNames(max(file_lists, key=len))
+    listing = "; ".join(s.describe() for s in found)
+    if series is not None:
+        chosen = [s for s in found if s.uid == series.strip()]
+        if not chosen:
+            raise InputError(f"{name}: the folder '{folder}' holds no DICOM series {series!r}; it holds {listing}.")
+        return chosen[0]
+    volumes = [s for s in found if len(s.files) >= MIN_VOLUME_SLICES]
+    if len(volumes) > 1:
+        raise InputError(
+            f"{name}: the folder '{folder}' holds {len(volumes)} DICOM series that could be the CT: "
+            f"{'; '.join(s.describe() for s in volumes)}. Choose one by its UID "
+            "(--fixed-series / --moving-series UID; read_image(..., series=UID))."
+        )
+    chosen = volumes[0] if volumes else found[0]
+    others = [s for s in found if s is not chosen]
+    if others and log is not None:
+        log(f"{name}: read DICOM series {chosen.describe()}; ignored {len(others)} series of fewer than "
+            f"{MIN_VOLUME_SLICES} slices: {'; '.join(s.describe() for s in others)}")
+    return chosen
+
+
+def _header_vector(reader: sitk.ImageSeriesReader, index: int, tag: str) -> np.ndarray | None:
+    if not reader.HasMetaDataKey(index, tag):
+        return None
     try:
-        return reader.Execute()
+        return np.array([float(v) for v in reader.GetMetaData(index, tag).strip().split("\\")])
+    except ValueError:
+        return None
+
+
+def _check_slice_geometry(reader: sitk.ImageSeriesReader, image: sitk.Image, folder: Path, name: str) -> None:
+    """Refuse a series whose slices do not lie on the regular grid it was read as.
+
+    Every slice's Image Position (Patient) is compared with the grid position of its first voxel; a
+    gantry tilt (slices stepping sideways along the slice normal), missing slices or uneven spacing,
+    and slices of different orientation all show up as an offset.
+    """
+    n = image.GetDepth()
+    if n < 2 or len(reader.GetFileNames()) != n:
+        return  # one slice per file is what can be compared (not a multi-frame file): the reader's geometry stands
+    positions = [_header_vector(reader, k, "0020|0032") for k in range(n)]
+    orientations = [_header_vector(reader, k, "0020|0037") for k in range(n)]
+    if any(p is None or p.size != 3 for p in positions):
+        return  # no positions to compare with: the reader's geometry stands
+    if any(o is None or o.size != 6 or not np.allclose(o, orientations[0], atol=1e-4) for o in orientations):
+        raise InputError(
+            f"{name}: the slices of the DICOM series in '{folder}' have different orientations; it is not one "
+            "volume. Export each orientation as its own series, or resample it in a DICOM tool first."
+        )
+    positions = np.array(positions)
+    grid = np.array([image.TransformIndexToPhysicalPoint((0, 0, k)) for k in range(n)])
+    offset = float(np.linalg.norm(positions - grid, axis=1).max())
+    spacing = image.GetSpacing()[2]
+    if offset <= min(MAX_SLICE_OFFSET_MM, 0.1 * spacing):
+        return
+    normal = np.cross(orientations[0][:3], orientations[0][3:])
+    steps = np.diff(positions, axis=0)
+    along = steps @ normal
+    sideways = np.linalg.norm(steps - np.outer(along, normal), axis=1)
+    tilt = float(np.degrees(np.arctan2(sideways.max(), np.abs(along).min())))
+    if np.abs(along).min() < 1e-3:
+        cause = "two slices lie at the same position (a duplicate or a second series with the same UID)"
+    elif tilt > 0.05:
+        cause = f"the slices are tilted by {tilt:.1f} deg against the slice normal (gantry tilt)"
+    else:
+        cause = (f"the slice spacing varies from {np.abs(along).min():.3g} to {np.abs(along).max():.3g} mm "
+                 "(missing or uneven slices)")
+    raise InputError(
+        f"{name}: in the DICOM series in '{folder}' {cause}; read as a regular grid, voxels would lie up to "
+        f"{offset:.1f} mm from where the headers put them. Resample the series onto a regular grid in a DICOM "
+        "tool first (e.g. 3D Slicer's DICOM import with acquisition geometry regularization, hardened and saved "
+        "as NRRD)."
+    )
+
+
+def _read_dicom_folder(folder: Path, name: str, series: str | None = None,
+                       log: Callable[[str], None] | None = None) -> sitk.Image:
+    """Read one DICOM series of ``folder`` and check that its slices form a regular, orthogonal grid."""
+    chosen = _choose_series(folder, name, series, log)
+    reader = sitk.ImageSeriesReader()
+    reader.SetFileNames(list(chosen.files))
+    reader.MetaDataDictionaryArrayUpdateOn()
+    try:
+        image = reader.Execute()
     except RuntimeError as error:
         raise InputError(
             f"{name}: the DICOM series in '{folder}' could not be read ({_sitk_reason(error)}); "
             "check that the slices are complete, or export the series to NIfTI/NRRD."
         ) from error
+    if image.GetDimension() == 3:
+        _check_slice_geometry(reader, image, folder, name)
+    return image
 
 
-def read_image(path: str | os.PathLike, name: str = "image") -> sitk.Image:
-    """Read any image file SimpleITK understands, or a folder holding a DICOM series."""
+def read_image(path: str | os.PathLike, name: str = "image", *, series: str | None = None,
+               log: Callable[[str], None] | None = None) -> sitk.Image:
+    """Read any image file SimpleITK understands, or a folder holding a DICOM series.
+
+    A DICOM folder must hold one CT series (series beside it with fewer than ``MIN_VOLUME_SLICES``
+    files, such as scouts, are ignored and named through ``log``); with several, ``series`` (a Series
+    Instance UID) chooses one. Its slices must lie on a regular grid: a gantry tilt, missing slices
+    or mixed orientations raise ``InputError`` instead of giving voxels in the wrong place.
+    Geometry is ITK's: LPS mm.
+    """
     path = Path(path).expanduser()
     if not path.exists():
         raise InputError(f"{name}: '{path}' was not found; check the path and spelling.")
     if path.is_dir():
-        return _read_dicom_folder(path, name)
+        return _read_dicom_folder(path, name, series, log)
+    if series is not None:
+        raise InputError(f"{name}: a DICOM series UID was given, but '{path}' is a file, not a DICOM folder; "
+                         "drop the series option or give the folder.")
     try:
         return sitk.ReadImage(str(path))
     except RuntimeError as error:
@@ -116,6 +255,80 @@ def validate_image(image: sitk.Image, name: str) -> None:
         raise InputError(
             f"{name} is constant (every voxel is {values.flat[0]}); it is blank, give an image with content."
         )
+
+
+AIR_HU = (-1100.0, -500.0)
+"""Air and lung in Hounsfield units; a chest CT in HU has a share of its voxels here."""
+MIN_AIR_FRACTION = 0.01
+"""Below this share of voxels in ``AIR_HU`` the values are not HU (padding rims stay well under it)."""
+_HU_SAMPLE_VOXELS = 1 << 22
+"""The HU check looks at a regular subsample of at most about this many voxels."""
+
+
+def _offsets(hu_offset: float | tuple[float, float]) -> tuple[float, float]:
+    """``hu_offset`` as (fixed, moving): one number counts for both images."""
+    values = (hu_offset, hu_offset) if np.isscalar(hu_offset) else tuple(hu_offset)
+    if len(values) != 2 or not all(np.isfinite(float(v)) for v in values):
+        raise InputError(f"hu offset {hu_offset!r}: give one finite number for both images, or two (fixed, moving).")
+    return float(values[0]), float(values[1])
+
+
+def _hu_problem(image: sitk.Image, name: str, hu_offset: float) -> tuple[str, float | None] | None:
+    """None when ``image`` + ``hu_offset`` looks like HU; else what is wrong and the offset that would fix it."""
+    values = sitk.GetArrayViewFromImage(image)
+    stride = max(1, int(np.ceil((values.size / _HU_SAMPLE_VOXELS) ** (1 / 3))))
+    sample = values[::stride, ::stride, ::stride]
+    low, high = AIR_HU[0] - hu_offset, AIR_HU[1] - hu_offset
+    fraction = np.count_nonzero((sample >= low) & (sample <= high)) / sample.size
+    if fraction >= MIN_AIR_FRACTION:
+        return None
+    shifted = sample.astype(np.float64) + hu_offset
+    above_padding = shifted[shifted > AIR_HU[0]]
+    air = float(np.percentile(above_padding, 1.0)) if above_padding.size else float(shifted.min())
+    if shifted.max() - shifted.min() <= 10:
+        cause, offset = "its values span only a few units: a normalised or windowed image, not HU", None
+    elif -300 <= air <= 300:
+        cause = f"its air lies near {air:.0f}: likely HU + 1024 stored without its rescale intercept"
+        offset = hu_offset - 1024.0
+    else:
+        cause, offset = f"its air lies near {air:.0f}", hu_offset + round(-1000.0 - air)
+    applied = f", hu offset {hu_offset:g} added" if hu_offset else ""
+    return (f"{name} does not look like a CT in Hounsfield units: {100 * fraction:.2f}% of its voxels lie in "
+            f"air/lung ({AIR_HU[0]:g}..{AIR_HU[1]:g} HU; at least {100 * MIN_AIR_FRACTION:g}% expected), values "
+            f"{shifted.min():g}..{shifted.max():g} ({image.GetPixelIDTypeAsString()}{applied}); {cause}."), offset
+
+
+def check_hu(image: sitk.Image, name: str, hu_offset: float = 0.0) -> None:
+    """Raise ``InputError`` unless ``image`` + ``hu_offset`` looks like a CT in Hounsfield units.
+
+    A chest CT in HU holds air and lung (``AIR_HU``, -1100..-500 HU) in at least ``MIN_AIR_FRACTION``
+    of its voxels. A CT stored as HU + 1024 without its rescale intercept (air near 0), or a normalised
+    or windowed image, fails; the message names the likely cause and the offset that would put air
+    at -1000 HU. ``image`` is a scalar 3-D image (see ``validate_image``); ``hu_offset`` is added first.
+    """
+    problem = _hu_problem(image, name, hu_offset)
+    if problem is not None:
+        message, offset = problem
+        fix = (f"If so, add {offset:g} to its values (hu offset) or fix the rescale intercept in the file."
+               if offset is not None else "Give the CT in Hounsfield units.")
+        raise InputError(f"{message} {fix}")
+
+
+def _check_pair_hu(fixed: sitk.Image, moving: sitk.Image, offsets: tuple[float, float]) -> None:
+    """``check_hu`` for both images at once, so that the suggested fix is the offset for the pair."""
+    problems = [_hu_problem(image, name, offset)
+                for image, name, offset in ((fixed, "fixed image", offsets[0]), (moving, "moving image", offsets[1]))]
+    if not any(problems):
+        return
+    messages = " ".join(problem[0] for problem in problems if problem)
+    if any(problem and problem[1] is None for problem in problems):
+        raise InputError(f"{messages} Give both images in Hounsfield units.")
+    fixed_offset, moving_offset = (problem[1] if problem else offset for problem, offset in zip(problems, offsets))
+    if fixed_offset == moving_offset:
+        fix = f"hu_offset={fixed_offset:g} (regmis --hu-offset {fixed_offset:g})"
+    else:
+        fix = f"hu_offset=({fixed_offset:g}, {moving_offset:g}) (regmis --hu-offset={fixed_offset:g},{moving_offset:g})"
+    raise InputError(f"{messages} If so, add the offset with {fix}, or fix the rescale intercept in the file.")
 
 
 def _geometry_differences(a: sitk.Image, b: sitk.Image, tol: float) -> list[str]:
@@ -184,13 +397,28 @@ def prepare_pair(
     *,
     log: Callable[[str], None] | None = None,
     fill_hu: float = -1000.0,
+    hu_offset: float | tuple[float, float] = 0.0,
 ) -> tuple[sitk.Image, sitk.Image]:
-    """Validate both images and return them as float32 with the moving image on the fixed grid."""
+    """Validate both images and return them as float32 HU with the moving image on the fixed grid.
+
+    ``hu_offset`` is added to the voxel values first: one number for both images or (fixed, moving),
+    e.g. -1024 for a CT stored as HU + 1024 without its rescale intercept. Raises ``InputError`` for an
+    image that is not a usable 3-D CT (``validate_image``), not in HU (``check_hu``), or that does not
+    overlap the other; the moving image is resampled linearly (``fill_hu`` outside) onto the fixed grid.
+    """
+    fixed_offset, moving_offset = _offsets(hu_offset)
     validate_image(fixed, "fixed image")
     validate_image(moving, "moving image")
+    _check_pair_hu(fixed, moving, (fixed_offset, moving_offset))
     _check_overlap(fixed, moving)
     fixed_f32 = sitk.Cast(fixed, sitk.sitkFloat32)
     moving_f32 = sitk.Cast(moving, sitk.sitkFloat32)
+    if fixed_offset:
+        fixed_f32 = fixed_f32 + fixed_offset
+    if moving_offset:
+        moving_f32 = moving_f32 + moving_offset
+    if log is not None and (fixed_offset or moving_offset):
+        log(f"hu offset added: {fixed_offset:g} to the fixed image, {moving_offset:g} to the moving image")
     differences = _geometry_differences(moving, fixed, 1e-4)
     if not differences:
         return fixed_f32, moving_f32

@@ -4,7 +4,9 @@ Inside the Lib every point is LPS (ITK's physical space, the space of SimpleITK 
 transforms). Slicer files may be RAS; ``ras_to_lps`` is the one place where the two meet.
 Supported landmark files: Slicer markups ``.mrk.json``, Slicer fiducial ``.fcsv``, DIR-Lab
 ``.txt`` (1-based voxel indices, needs the image they refer to) and a plain ``.csv``
-(``label,x,y,z`` in LPS mm).
+(``label,x,y,z`` in LPS mm). Fixed and moving landmarks are paired explicitly (``pair_landmarks``: by
+label, or by order when the two files share no label), and every transform that is read maps fixed to
+moving points, whatever direction its file was stored in (``read_transform``).
 """
 
 from __future__ import annotations
@@ -12,8 +14,12 @@ from __future__ import annotations
 import csv
 import io
 import json
+import re
+import tempfile
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 import SimpleITK as sitk
@@ -29,7 +35,7 @@ DISPLACEMENT_FIELD_SUFFIXES = (".nii", ".nii.gz", ".nrrd", ".nhdr", ".mha", ".mh
 
 @dataclass
 class Landmarks:
-    """Named points in LPS mm; the i-th fixed landmark pairs with the i-th moving one."""
+    """Named points (N, 3) in LPS mm with their labels; ``pair_landmarks`` matches fixed and moving ones."""
 
     points_lps: np.ndarray
     labels: list[str]
@@ -188,6 +194,87 @@ def read_landmarks(path: str | Path, reference: sitk.Image | None = None) -> Lan
                      "DIR-Lab .txt or .csv (label,x,y,z in LPS mm).")
 
 
+# ---- pairing ------------------------------------------------------------------------------
+INDEX_SUFFIXES = (".txt",)
+"""Landmark files that hold voxel indices and need the image they were placed on."""
+
+
+class Pairing(NamedTuple):
+    """Fixed and moving landmarks in matching order, and how they were matched: 'label' or 'order'."""
+
+    fixed: Landmarks
+    moving: Landmarks
+    by: str
+
+    def describe(self) -> str:
+        if self.by == "label":
+            return f"{len(self.fixed)} landmark pairs matched by label"
+        return (f"{len(self.fixed)} landmark pairs matched by order (the two files share no label: "
+                f"{_some(self.fixed.labels)} with {_some(self.moving.labels)})")
+
+
+def _some(labels: list[str], n: int = 3) -> str:
+    shown = ", ".join(repr(label) for label in labels[:n])
+    return f"{shown}, ... ({len(labels)})" if len(labels) > n else shown
+
+
+def _duplicates(labels: list[str]) -> list[str]:
+    seen: set[str] = set()
+    return sorted({label for label in labels if label in seen or seen.add(label)})
+
+
+def pair_landmarks(fixed: Landmarks, moving: Landmarks) -> Pairing:
+    """Match moving landmarks to fixed ones: by label when both carry the same labels, else by order.
+
+    Same set of labels (each once): the moving points are reordered to the fixed order. No label in
+    common (e.g. Slicer's defaults F-1, F-2.. and M-1, M-2..): the i-th fixed point pairs with the
+    i-th moving point, and the counts must agree. Raises ``InputError`` for a partial overlap (naming
+    the unmatched labels), for repeated labels that make label pairing ambiguous, and for different counts.
+    """
+    fixed_set, moving_set = set(fixed.labels), set(moving.labels)
+    if fixed.labels == moving.labels:
+        return Pairing(fixed, moving, "label")
+    if fixed_set == moving_set:
+        repeated = _duplicates(fixed.labels) or _duplicates(moving.labels)
+        if repeated or len(fixed) != len(moving):
+            raise InputError(f"landmark label(s) {_some(repeated)} appear more than once, so the fixed and moving "
+                             "landmarks cannot be matched by label; give every landmark its own label.")
+        where = {label: i for i, label in enumerate(moving.labels)}
+        order = [where[label] for label in fixed.labels]
+        return Pairing(fixed, Landmarks(moving.points_lps[order], [moving.labels[i] for i in order]), "label")
+    if fixed_set & moving_set:
+        only_fixed = [label for label in fixed.labels if label not in moving_set]
+        only_moving = [label for label in moving.labels if label not in fixed_set]
+        raise InputError(f"the fixed and moving landmark files share {len(fixed_set & moving_set)} labels but not "
+                         f"all: only in the fixed file {_some(only_fixed) or 'none'}; only in the moving file "
+                         f"{_some(only_moving) or 'none'}. Give both files the same labels (pairs are matched by "
+                         "label) or wholly different ones (matched by order).")
+    if len(fixed) != len(moving):
+        raise InputError(f"the fixed and moving landmark files have {len(fixed)} and {len(moving)} points and no "
+                         "label in common; they must pair one to one, in the same order (or by equal labels).")
+    return Pairing(fixed, moving, "order")
+
+
+def read_landmark_pair(fixed_path: str | Path, moving_path: str | Path, *,
+                       fixed_reference: sitk.Image | None = None, moving_reference: sitk.Image | None = None,
+                       moving_on_own_grid: bool = False) -> Pairing:
+    """Read both landmark files (LPS mm) and pair them (``pair_landmarks``).
+
+    Voxel-index files (DIR-Lab .txt) are converted with the image they were placed on: the fixed file
+    with ``fixed_reference``, the moving file with ``moving_reference``. When the moving landmarks lie
+    in the moving image's own space (``moving_on_own_grid``: a registration transform is given), the
+    moving image's grid is not the fixed one, so an index file without ``moving_reference`` raises
+    ``InputError``; otherwise (landmarks already in the registered space) it defaults to the fixed one.
+    """
+    if moving_reference is None and _suffix(Path(moving_path)) in INDEX_SUFFIXES:
+        if moving_on_own_grid:
+            raise InputError(f"{moving_path}: voxel-index landmarks of the moving image, used with a transform, "
+                             "need the moving image's own grid to become mm; give the moving image as moving "
+                             "reference (--moving-reference), not assumed to share the fixed grid.")
+        moving_reference = fixed_reference
+    return pair_landmarks(read_landmarks(fixed_path, fixed_reference), read_landmarks(moving_path, moving_reference))
+
+
 # ---- writers -----------------------------------------------------------------------------
 def _write_markups_json(landmarks: Landmarks, path: Path, system: str) -> None:
     points = ras_to_lps(landmarks.points_lps) if system == "RAS" else landmarks.points_lps
@@ -246,32 +333,139 @@ def write_landmarks(landmarks: Landmarks, path: str | Path, coordinate_system: s
 
 
 # ---- transforms and TRE ------------------------------------------------------------------
-def read_transform(path: str | Path) -> sitk.Transform:
+FIELD_TYPE_KEY = "displacement field type"
+"""Slicer's NRRD header field: 'resampling' (fixed -> moving, ITK's convention) or 'modeling' (moving -> fixed)."""
+INVERSE_TOLERANCE_MM = 0.5
+"""An inverted displacement field must undo the original to within this (mm) wherever both are defined."""
+_SLICER_INVERSE = re.compile(rb"Inverse(DisplacementField|BSpline|ThinPlateSplineKernel)Transform_(double|float)_3_3")
+_ITK_REASON = re.compile(r"ITK ERROR: \w+\(0x[0-9a-f]+\): (.*)")
+
+
+def _transform_reason(error: Exception) -> str:
+    """The readable sentence of an ITK transform-reading error, without the factory's list of every class."""
+    text = str(error)
+    match = _ITK_REASON.search(text)
+    if match:
+        return match.group(1).strip()
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
+    return (lines[-1] if lines else type(error).__name__)[:200]
+
+
+def _is_modeling(field: sitk.Image, path: Path) -> bool:
+    if not field.HasMetaDataKey(FIELD_TYPE_KEY):
+        return False
+    kind = field.GetMetaData(FIELD_TYPE_KEY).strip().lower()
+    if kind not in ("resampling", "modeling"):
+        raise InputError(f"{path}: unknown '{FIELD_TYPE_KEY}' {kind!r}; Slicer writes 'resampling' (fixed -> "
+                         "moving) or 'modeling' (moving -> fixed).")
+    return kind == "modeling"
+
+
+def invert_displacement_field(field: sitk.Image, what: str = "displacement field") -> sitk.Image:
+    """The inverse of a displacement field on the same grid (ITK's ``InvertDisplacementField``).
+
+    ``field``: 3-D image of 3-component vectors, LPS mm, mapping x to x + v(x). Returns u (float64
+    vectors, same grid) with x + u(x) + v(x + u(x)) = x. Raises ``InputError`` when u undoes v by more
+    than ``INVERSE_TOLERANCE_MM`` anywhere both are defined (a folding or too coarse field).
+    """
+    field = sitk.Cast(field, sitk.sitkVectorFloat64)
+    # ITK's filter gets the outermost voxel layer wrong; inverting a copy padded with its edge values (what
+    # ITK's displacement field transform extrapolates outside its grid) and cropping it back does not.
+    pad = [2, 2, 2]
+    inverse = sitk.InvertDisplacementField(sitk.ZeroFluxNeumannPad(field, pad, pad), maximumNumberOfIterations=100,
+                                           maxErrorToleranceThreshold=0.01, meanErrorToleranceThreshold=0.0001,
+                                           enforceBoundaryCondition=False)
+    inverse = sitk.Crop(inverse, pad, pad)
+    mapping = sitk.DisplacementFieldTransform(sitk.Image(inverse))  # the constructor takes its image's buffer
+    back = sitk.GetArrayFromImage(sitk.Resample(field, inverse, mapping, sitk.sitkLinear, 0.0))
+    ones = sitk.Image(field.GetSize(), sitk.sitkFloat32) + 1.0
+    ones.CopyInformation(field)
+    inside = sitk.GetArrayFromImage(sitk.Resample(ones, inverse, mapping, sitk.sitkLinear, 0.0)) > 0.999
+    error = np.linalg.norm(sitk.GetArrayViewFromImage(inverse) + back, axis=-1)[inside]
+    worst = float(error.max()) if error.size else np.inf
+    if worst > INVERSE_TOLERANCE_MM:
+        raise InputError(f"{what} cannot be inverted accurately (the inverse is off by up to {worst:.2g} mm; does "
+                         "it fold?); export the transform in the fixed -> moving direction instead (Slicer: "
+                         "Transforms module, Invert, then save).")
+    return inverse
+
+
+def _read_slicer_inverse(path: Path, kind: str, log: Callable[[str], None] | None) -> sitk.Transform:
+    """A transform Slicer stored as 'to parent' (class Inverse...): read as the plain class, then inverted."""
+    what = f"{path}: a Slicer 'modeling' (to parent, moving -> fixed) {kind} transform"
+    data = path.read_bytes()
+    if kind == "ThinPlateSplineKernel" or b"CompositeTransform" in data:
+        part = "thin-plate-spline" if kind == "ThinPlateSplineKernel" else "composite"
+        raise InputError(f"{what}, {part}, which cannot be inverted here; in Slicer invert it (Transforms module, "
+                         "Invert) or harden it into a grid transform, and save it again.")
+    # Slicer's class names are ITK's with an 'Inverse' prefix; the same bytes under the plain name (NUL-padded
+    # to the same length) are an ordinary ITK file of the same parameters.
+    plain = _SLICER_INVERSE.sub(lambda m: m.group(0)[len(b"Inverse"):] + b"\0" * len(b"Inverse"), data)
+    with tempfile.TemporaryDirectory(prefix="regmis-transform-") as folder:
+        copy = Path(folder) / ("plain" + "".join(path.suffixes[-1:]))
+        copy.write_bytes(plain)
+        try:
+            transform = sitk.ReadTransform(str(copy))
+        except RuntimeError as exc:
+            raise InputError(f"{what} that could not be read ({_transform_reason(exc)}); invert it in Slicer "
+                             "(Transforms module, Invert) and save it again.") from exc
+    if kind == "BSpline":  # sampled every 2 mm over its domain, then inverted like a grid transform
+        bspline = sitk.BSplineTransform(transform)
+        size = [int(round(n / 2.0)) + 1 for n in bspline.GetTransformDomainPhysicalDimensions()]
+        field = sitk.TransformToDisplacementField(bspline, sitk.sitkVectorFloat64, size,
+                                                  bspline.GetTransformDomainOrigin(), (2.0, 2.0, 2.0),
+                                                  bspline.GetTransformDomainDirection())
+    else:
+        field = sitk.DisplacementFieldTransform(transform).GetDisplacementField()
+    inverse = invert_displacement_field(field, what)
+    if log is not None:
+        log(f"{what}: inverted with ITK's InvertDisplacementField to map fixed -> moving")
+    return sitk.DisplacementFieldTransform(inverse)
+
+
+def read_transform(path: str | Path, *, log: Callable[[str], None] | None = None) -> sitk.Transform:
     """An ITK transform file, or a displacement-field image (3-component vectors, LPS mm).
 
-    Either way the transform maps fixed physical points to moving physical points (ITK's
-    resampling convention, also Slicer's "from parent" transform saved in LPS).
+    The result always maps fixed physical points to moving physical points (LPS mm; ITK's resampling
+    convention, Slicer's "from parent"). Transforms stored the other way are inverted: a displacement
+    field whose header says ``displacement field type: modeling``, and Slicer's ``Inverse...Transform``
+    classes (a grid or B-spline transform saved "to parent" as .h5/.tfm), both with ITK's
+    ``InvertDisplacementField``; ``log`` (a callable taking one line) is told when that happens.
+    Raises ``InputError`` (a short message naming the file, what it is and the fix) otherwise.
     """
     path = _require_file(path, "Transform")
     if _suffix(path) in DISPLACEMENT_FIELD_SUFFIXES:
         try:
             field = sitk.ReadImage(str(path))
         except RuntimeError as exc:
-            raise InputError(f"{path}: cannot read the displacement field ({exc}).") from exc
+            raise InputError(f"{path}: cannot read the displacement field ({_transform_reason(exc)}).") from exc
         if field.GetDimension() != 3 or field.GetNumberOfComponentsPerPixel() != 3:
             raise InputError(f"{path}: a displacement field must be a 3-D image of 3-component "
                              f"vectors, got {field.GetDimension()}-D with "
                              f"{field.GetNumberOfComponentsPerPixel()} component(s).")
+        if _is_modeling(field, path):
+            what = f"{path}: a 'modeling' (moving -> fixed) displacement field"
+            inverse = invert_displacement_field(field, what)
+            if log is not None:
+                log(f"{what}: inverted with ITK's InvertDisplacementField to map fixed -> moving")
+            return sitk.DisplacementFieldTransform(inverse)
         return sitk.DisplacementFieldTransform(sitk.Cast(field, sitk.sitkVectorFloat64))
     try:
         return sitk.ReadTransform(str(path))
     except RuntimeError as exc:
-        raise InputError(f"{path}: not a readable ITK transform file ({exc}). Save the transform "
+        slicer_inverse = _SLICER_INVERSE.search(path.read_bytes())
+        if slicer_inverse:
+            return _read_slicer_inverse(path, slicer_inverse.group(1).decode(), log)
+        raise InputError(f"{path}: not a readable ITK transform file ({_transform_reason(exc)}). Save the transform "
                          "as .tfm/.h5/.txt or as a displacement-field image.") from exc
 
 
 def residual_tre(fixed: Landmarks, moving: Landmarks, transform: sitk.Transform | None = None) -> np.ndarray:
-    """Per landmark ||T(x_F) - x_M|| in mm; ||x_F - x_M|| when ``transform`` is None."""
+    """Per landmark ||T(x_F) - x_M|| in mm; ||x_F - x_M|| when ``transform`` is None.
+
+    The i-th fixed point pairs with the i-th moving one: match them first with ``pair_landmarks``
+    (``evaluation.evaluate_landmarks`` does).
+    """
     if len(fixed) != len(moving):
         raise InputError(f"the fixed and moving landmark files have {len(fixed)} and {len(moving)} "
                          "points; they must pair one to one, in the same order.")
@@ -298,5 +492,6 @@ def sample_labelmap(labelmap: sitk.Image, points_lps: np.ndarray) -> np.ndarray:
     return values
 
 
-__all__ = ["Landmarks", "ras_to_lps", "lps_to_ras", "read_landmarks", "write_landmarks",
-           "read_transform", "residual_tre", "sample_labelmap"]
+__all__ = ["Landmarks", "Pairing", "ras_to_lps", "lps_to_ras", "read_landmarks", "read_landmark_pair",
+           "pair_landmarks", "write_landmarks", "read_transform", "invert_displacement_field", "residual_tre",
+           "sample_labelmap"]

@@ -30,7 +30,7 @@ def test_predict_then_evaluate_end_to_end(tmp_path, model_dir, capsys):
     out = tmp_path / "out" / "labelmap.nii.gz"
     code = main(["predict", "--fixed", str(tmp_path / "fixed.nii.gz"), "--moving", str(tmp_path / "moving.nrrd"),
                  "--out", str(out), "--probabilities", str(tmp_path / "probs.mha"),
-                 "--model", str(model_dir / "test_singlescale.pt"), "--device", "cpu"])
+                 "--model", str(model_dir / "test_singlescale.pt"), "--device", "cpu", "--no-body-mask"])
     assert code == 0
     labelmap = sitk.ReadImage(str(out))
     assert labelmap.GetSize() == fixed.GetSize() and np.allclose(labelmap.GetSpacing(), fixed.GetSpacing())

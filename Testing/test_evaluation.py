@@ -69,6 +69,19 @@ def test_transform_maps_fixed_onto_moving():
     assert [r.tre_mm for r in rows] == pytest.approx([c[3] for c in CASES])
 
 
+def test_moving_landmarks_are_matched_by_label():
+    fixed, moving = _landmarks()
+    order = [3, 0, 5, 1, 4, 2]
+    shuffled = Landmarks(moving.points_lps[order], [moving.labels[i] for i in order])
+    rows, report = evaluate_landmarks(_labelmap(), fixed, shuffled)
+    assert [r.tre_mm for r in rows] == pytest.approx([c[3] for c in CASES])
+    assert [r.moving_label for r in rows] == [r.label for r in rows]
+    renamed = Landmarks(moving.points_lps, [f"M-{i + 1}" for i in range(len(CASES))])  # no label in common
+    rows, _ = evaluate_landmarks(_labelmap(), fixed, renamed)
+    assert [r.tre_mm for r in rows] == pytest.approx([c[3] for c in CASES])
+    assert rows[0].moving_label == "M-1"
+
+
 def test_unexpected_label_value_is_an_input_error():
     fixed, moving = _landmarks()
     image = _labelmap()
@@ -82,9 +95,12 @@ def test_rows_csv_round_trip(tmp_path):
     rows, _ = evaluate_landmarks(_labelmap(), fixed, moving)
     path = write_rows_csv(rows, tmp_path / "out" / "rows.csv")
     lines = path.read_text().splitlines()
-    assert lines[0] == "label,x,y,z,tre_mm,true_class,predicted_class,agree"
-    assert lines[3].endswith(",correct,wrong,false") and lines[4].endswith(",wrong,outside,false")
+    assert lines[0] == "label,x,y,z,tre_mm,true_class,predicted_class,agree,moving_label"
+    assert lines[3].endswith(",correct,wrong,false,c") and lines[4].endswith(",wrong,outside,false,d")
     assert read_rows_csv(path) == rows
+    # tables written before the moving_label column still read
+    path.write_text("\n".join(line.rsplit(",", 1)[0] for line in lines) + "\n")
+    assert [r.moving_label for r in read_rows_csv(path)] == [""] * len(rows)
 
 
 def test_read_rows_csv_errors(tmp_path):
@@ -95,6 +111,6 @@ def test_read_rows_csv_errors(tmp_path):
         read_rows_csv(tmp_path / "cols.csv")
     row = LandmarkRow("a", (1.0, 2.0, 3.0), 1.0, 0, 0)
     path = write_rows_csv([row, row], tmp_path / "rows.csv")
-    path.write_text(path.read_text().replace("correct,correct,true\n", "correct,maybe,true\n", 1))
+    path.write_text(path.read_text().replace("correct,correct,true,\n", "correct,maybe,true,\n", 1))
     with pytest.raises(InputError, match="line 2"):
         read_rows_csv(path)

@@ -18,8 +18,10 @@ from RegistrationMisalignmentLib.weights import load_model
 def test_tiled_prediction_equals_one_shot(model_dir, small_pair, name):
     fixed, moving = small_pair
     model = load_model(model_dir / f"{name}.pt")
-    one_shot = predict(fixed, moving, model, tile_size=32, with_probabilities=True)   # 1 mm grid fits one tile
-    tiled = predict(fixed, moving, model, tile_size=16, with_probabilities=True)      # 2 x 2 x 2 tiles
+    one_shot = predict(fixed, moving, model, tile_size=32, with_probabilities=True,   # 1 mm grid fits one tile
+                       precision="float32")
+    tiled = predict(fixed, moving, model, tile_size=16, with_probabilities=True,      # 2 x 2 x 2 tiles
+                    precision="float32")
     a = sitk.GetArrayFromImage(one_shot.probabilities)
     b = sitk.GetArrayFromImage(tiled.probabilities)
     assert a.std() > 1e-3, "outputs must vary in space for the comparison to mean anything"
@@ -29,13 +31,13 @@ def test_tiled_prediction_equals_one_shot(model_dir, small_pair, name):
 
 def test_half_precision_storage_on_the_host_keeps_the_float32_outputs(model_dir, small_pair, monkeypatch):
     """The CPU stores the pyramid and the stitched probabilities in float16 (half the RAM that grows with the
-    image); the network still computes in float32, so outputs stay within half-precision rounding."""
+    image); with the network in float32 the outputs stay within half-precision rounding."""
     fixed, moving = small_pair
     model = load_model(model_dir / "test_lstm.pt")
     assert inference.host_storage_dtype(model.decoder) == torch.float16
-    half = predict(fixed, moving, model, tile_size=16, with_probabilities=True, device="cpu")
+    half = predict(fixed, moving, model, tile_size=16, with_probabilities=True, device="cpu", precision="float32")
     monkeypatch.setattr(inference, "host_storage_dtype", lambda decoder: torch.float32)
-    full = predict(fixed, moving, model, tile_size=16, with_probabilities=True, device="cpu")
+    full = predict(fixed, moving, model, tile_size=16, with_probabilities=True, device="cpu", precision="float32")
     a, b = (sitk.GetArrayFromImage(p.probabilities) for p in (full, half))
     assert a.std() > 1e-3, "outputs must vary in space for the comparison to mean anything"
     difference = np.abs(a - b)
@@ -46,7 +48,8 @@ def test_half_precision_storage_on_the_host_keeps_the_float32_outputs(model_dir,
 
 def test_labelmap_lies_on_the_fixed_grid_with_valid_labels(model_dir, small_pair):
     fixed, moving = small_pair
-    result = predict(fixed, moving, load_model(model_dir / "test_singlescale.pt"), with_probabilities=True)
+    result = predict(fixed, moving, load_model(model_dir / "test_singlescale.pt"), with_probabilities=True,
+                     body_only=False)
     for image in (result.labelmap, result.probabilities):
         assert image.GetSize() == fixed.GetSize()
         assert np.allclose(image.GetOrigin(), fixed.GetOrigin())

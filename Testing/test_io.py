@@ -164,12 +164,13 @@ def test_pair_resamples_moving_onto_fixed_grid():
     fixed = _ct(size=(20, 20, 20), spacing=(1.5, 1.5, 1.5), origin=(0.0, 0.0, 0.0))
     moving = _ramp(size=(16, 16, 16), spacing=(2.0, 2.0, 2.0), origin=(3.0, 1.0, 0.5))
     messages: list[str] = []
-    fixed_f, moving_f = prepare_pair(fixed, moving, log=messages.append)
-    assert len(messages) == 1
-    assert "moving image resampled onto the fixed image grid" in messages[0] and "spacing" in messages[0]
+    # the ramp is no CT: an HU offset of -1000 for the moving image only makes it air-like
+    fixed_f, moving_f = prepare_pair(fixed, moving, log=messages.append, hu_offset=(0.0, -1000.0))
+    assert len(messages) == 2 and "-1000 to the moving image" in messages[0]
+    assert "moving image resampled onto the fixed image grid" in messages[1] and "spacing" in messages[1]
     assert same_geometry(moving_f, fixed) and moving_f.GetPixelID() == sitk.sitkFloat32
     # Fixed voxel (5, 6, 7) sits at (7.5, 9, 10.5) mm, between moving voxel centres.
-    assert moving_f[5, 6, 7] == pytest.approx(7.5 + 2 * 9.0 - 10.5, abs=1e-3)
+    assert moving_f[5, 6, 7] == pytest.approx(7.5 + 2 * 9.0 - 10.5 - 1000.0, abs=1e-3)
     # Fixed voxel (0, 0, 0) lies outside the moving image: air.
     assert moving_f[0, 0, 0] == -1000.0
 

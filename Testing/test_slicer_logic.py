@@ -102,8 +102,9 @@ def fake_predict(monkeypatch: pytest.MonkeyPatch) -> list[dict]:
     calls: list[dict] = []
     inference = types.ModuleType("RegistrationMisalignmentLib.inference")
 
-    def predict(fixed, moving, model=None, *, mask=None, device="auto", progress=None, cancel=None, log=None):
-        calls.append({"fixed": fixed, "moving": moving, "mask": mask, "device": device})
+    def predict(fixed, moving, model=None, *, mask=None, device="auto", progress=None, cancel=None, log=None,
+                body_only=True):
+        calls.append({"fixed": fixed, "moving": moving, "mask": mask, "device": device, "body_only": body_only})
         return SimpleNamespace(labelmap=difference_labelmap(fixed, moving, mask), probabilities=None)
 
     inference.predict = predict
@@ -303,6 +304,17 @@ def test_existing_output_node_is_filled_in_place(rm, scene, fake_predict):
 
     assert output is existing and output.GetName() == "mine"
     np.testing.assert_allclose(matrix_of(existing), matrix_of(fixed), atol=1e-9)
+
+
+def test_body_only_is_on_by_default_and_passed_to_the_lib(rm, scene, fake_predict):
+    array = phantom()
+    fixed = add_volume(scene, "fixed", array, oblique_matrix())
+    moving = add_volume(scene, "moving", np.roll(array, 3, axis=1), oblique_matrix())
+    logic = rm.RegistrationMisalignmentLogic()
+    logic.process(fixed, moving, showResult=False)
+    logic.process(fixed, moving, showResult=False, bodyOnly=False)
+    assert [call["body_only"] for call in fake_predict] == [True, False]
+    assert rm.RegistrationMisalignmentParameterNode.__annotations__["bodyOnly"] in (bool, "bool")
 
 
 @pytest.mark.parametrize("kind", ["labelmap", "segmentation"])

@@ -1,0 +1,552 @@
+"""Inputs from the field that used to give a silently wrong answer (issue 16), and eight that already did not.
+
+Every input is built here from the shared chest CT: an 80^3 crop (1.5 mm), a "moving" grid or image made
+from it, and a known smooth displacement field of up to 14 mm whose inverse is computed independently
+(fixed-point iteration on the analytic field). The right numbers come from numpy, never from the code
+under test.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+
+from RegistrationMisalignmentLib.cli import build_parser, main
+from RegistrationMisalignmentLib.config import DEFAULT_CONFIG
+from RegistrationMisalignmentLib.errors import InputError, PredictionCancelled
+from RegistrationMisalignmentLib.evaluation import read_rows_csv
+from RegistrationMisalignmentLib.inference import predict
+from RegistrationMisalignmentLib.io import prepare_mask, prepare_pair, read_image
+from RegistrationMisalignmentLib.landmarks import (
+    Landmarks,
+    invert_displacement_field,
+    pair_landmarks,
+    read_landmarks,
+    read_transform,
+    write_landmarks,
+)
+from RegistrationMisalignmentLib.weights import load_model
+from conftest import SHARED_DATA
+
+CHEST = SHARED_DATA / "chest_ct_1.5mm.nii.gz"
+pytestmark = pytest.mark.skipif(not CHEST.is_file(), reason="shared chest CT not available")
+
+AMPLITUDE_MM, SIGMA_MM = 14.0, 25.0
+DIRECTION = np.array([0.6, -0.48, 0.64])  # unit vector
+UID_ROOT = "1.2.826.0.1.3680043.2.1125.16"
+
+
+# ---- inputs built from the shared chest CT ------------------------------------------------
+@functools.lru_cache(maxsize=None)
+def _chest() -> sitk.Image:
+    return sitk.ReadImage(str(CHEST))
+
+
+def chest_crop(z0: int = 40, depth: int = 80) -> sitk.Image:
+    """80 x 80 x ``depth`` voxels (1.5 mm) of the chest CT: lungs, heart, spine; int16 HU."""
+    return _chest()[20:100, 23:103, z0:z0 + depth]
+
+
+def centre(image: sitk.Image) -> np.ndarray:
+    return np.array(image.TransformContinuousIndexToPhysicalPoint([(n - 1) / 2 for n in image.GetSize()]))
+
+
+def u_exact(points: np.ndarray, c: np.ndarray) -> np.ndarray:
+    """The known fixed -> moving displacement (LPS mm): a Gaussian bump of up to 14 mm around ``c``."""
+    d2 = np.sum((points - c) ** 2, axis=-1)
+    return AMPLITUDE_MM * np.exp(-d2 / (2 * SIGMA_MM**2))[..., None] * DIRECTION
+
+
+def field_grid(image: sitk.Image, spacing: float = 3.0, margin: float = 9.0) -> tuple[np.ndarray, sitk.Image]:
+    """Points (z, y, x, 3) of a field grid covering ``image`` with a margin, and that grid as an image."""
+    lo = np.array(image.GetOrigin()) - margin
+    n = int(np.ceil((np.array(image.GetSize()).max() * image.GetSpacing()[0] + 2 * margin) / spacing)) + 1
+    z, y, x = np.indices((n, n, n))
+    points = np.stack([x, y, z], axis=-1) * spacing + lo
+    grid = sitk.Image([n, n, n], sitk.sitkUInt8)
+    grid.SetOrigin(tuple(lo))
+    grid.SetSpacing((spacing,) * 3)
+    return points, grid
+
+
+def vector_image(values: np.ndarray, grid: sitk.Image) -> sitk.Image:
+    image = sitk.GetImageFromArray(values.astype(np.float64), isVector=True)
+    image.CopyInformation(grid)
+    return image
+
+
+def modeling_field(image: sitk.Image) -> tuple[sitk.Image, np.ndarray]:
+    """The moving -> fixed field v with y + v(y) = x where y = x + u(x), and u on the same grid.
+
+    v is computed independently of ITK: v(y) = -u(y + v(y)), iterated on the analytic u (a contraction,
+    since |grad u| <= 14 / 25 * exp(-1/2) < 1).
+    """
+    points, grid = field_grid(image)
+    c = centre(image)
+    v = np.zeros_like(points)
+    for _ in range(80):
+        v = -u_exact(points + v, c)
+    assert np.abs(points + v + u_exact(points + v, c) - points).max() < 1e-9
+    return vector_image(v, grid), u_exact(points, c)
+
+
+def landmark_case(image: sitk.Image, n: int = 30, seed: int = 16):
+    """Fixed points inside the crop's core, residual vectors of known length in all three classes."""
+    rng = np.random.default_rng(seed)
+    size = np.array(image.GetSize()) - 1
+    index = rng.uniform(0.2, 0.8, (n, 3)) * size
+    fixed = np.array([image.TransformContinuousIndexToPhysicalPoint(i) for i in index])
+    lengths = np.concatenate([rng.uniform(0.5, 2.5, n // 3), rng.uniform(3.5, 5.5, n // 3),
+                              rng.uniform(6.5, 9.0, n - 2 * (n // 3))])
+    directions = rng.normal(size=(n, 3))
+    residual = directions / np.linalg.norm(directions, axis=1, keepdims=True) * lengths[:, None]
+    labels = [f"P{i + 1:02d}" for i in range(n)]
+    return fixed, residual, labels
+
+
+def labelmap_of(image: sitk.Image) -> sitk.Image:
+    ones = sitk.Image(image.GetSize(), sitk.sitkUInt8) + DEFAULT_CONFIG.label_correct
+    ones.CopyInformation(image)
+    return ones
+
+
+def evaluate_cli(tmp_path: Path, image: sitk.Image, fixed: Landmarks, moving: Landmarks, *extra: str,
+                 names=("f.csv", "m.csv")) -> tuple[int, list]:
+    """``regmis evaluate`` with a given labelmap; returns the exit code and the rows it wrote."""
+    sitk.WriteImage(labelmap_of(image), str(tmp_path / "map.nii.gz"))
+    write_landmarks(fixed, tmp_path / names[0])
+    write_landmarks(moving, tmp_path / names[1])
+    out = tmp_path / "rows.csv"
+    code = main(["evaluate", "--labelmap", str(tmp_path / "map.nii.gz"), "--fixed-landmarks",
+                 str(tmp_path / names[0]), "--moving-landmarks", str(tmp_path / names[1]),
+                 "--out-csv", str(out), *extra])
+    return code, (read_rows_csv(out) if code == 0 else [])
+
+
+def write_dicom_series(image: sitk.Image, folder: Path, uid: str, description: str, tilt_deg: float = 0.0,
+                       skip: tuple[int, ...] = ()) -> None:
+    """One file per slice, positions from the image's geometry; a tilt shifts slice k by k dz tan(tilt) in y."""
+    folder.mkdir(parents=True, exist_ok=True)
+    writer = sitk.ImageFileWriter()
+    writer.KeepOriginalImageUIDOn()
+    d = image.GetDirection()
+    orientation = "\\".join(f"{v:.6f}" for v in (d[0], d[3], d[6], d[1], d[4], d[7]))
+    shift = image.GetSpacing()[2] * np.tan(np.radians(tilt_deg))
+    for k in range(image.GetDepth()):
+        if k in skip:
+            continue
+        position = np.array(image.TransformIndexToPhysicalPoint((0, 0, k))) + [0.0, k * shift, 0.0]
+        s = image[:, :, k]
+        for tag, value in (("0008|0060", "CT"), ("0020|000d", f"{UID_ROOT}.1"), ("0020|000e", uid),
+                           ("0008|103e", description), ("0020|0032", "\\".join(f"{v:.6f}" for v in position)),
+                           ("0020|0037", orientation), ("0020|0013", str(k + 1)), ("0008|0018", f"{uid}.{k + 1}"),
+                           ("0018|1120", f"{tilt_deg:g}")):
+            s.SetMetaData(tag, value)
+        writer.SetFileName(str(folder / f"{description}_{k:03d}.dcm"))
+        writer.Execute(s)
+
+
+def message_lines(text: str) -> int:
+    """Lines of the error message (stderr from ``regmis: error:`` on, past any progress bar)."""
+    text = text[text.find("regmis: error:"):] if "regmis: error:" in text else text
+    return len([line for line in text.splitlines() if line.strip()])
+
+
+# ---- 1. displacement field stored "modeling" (moving -> fixed) ----------------------------
+def test_modeling_displacement_field_nrrd_is_inverted(tmp_path, capsys):
+    image = chest_crop()
+    v, u_grid = modeling_field(image)
+    # ITK's inverse of the stored field is the known fixed -> moving field, away from the field's edge too
+    inverse = sitk.GetArrayFromImage(invert_displacement_field(v))
+    assert np.linalg.norm(inverse - u_grid, axis=-1)[2:-2, 2:-2, 2:-2].max() < 0.2
+
+    v.SetMetaData("displacement field type", "modeling")  # Slicer's NRRD field for a "to parent" transform
+    sitk.WriteImage(v, str(tmp_path / "field.nrrd"))
+    assert b"displacement field type:=modeling" in (tmp_path / "field.nrrd").read_bytes()[:1000]
+    points, residual, labels = landmark_case(image)
+    moving_points = points + u_exact(points, centre(image)) + residual
+    expected = np.linalg.norm(residual, axis=1)
+
+    code, rows = evaluate_cli(tmp_path, image, Landmarks(points, labels), Landmarks(moving_points, labels),
+                              "--transform", str(tmp_path / "field.nrrd"))
+
+    assert code == 0
+    assert "inverted" in capsys.readouterr().err
+    np.testing.assert_allclose([r.tre_mm for r in rows], expected, atol=0.25)
+    assert np.mean([r.tre_mm for r in rows]) == pytest.approx(expected.mean(), abs=0.05)
+    assert [r.true_class for r in rows] == DEFAULT_CONFIG.classify_mm(expected).tolist()
+    # the trap: the same field applied as if it mapped fixed -> moving gives other numbers and classes
+    naive = sitk.DisplacementFieldTransform(sitk.Cast(sitk.ReadImage(str(tmp_path / "field.nrrd")),
+                                                      sitk.sitkVectorFloat64))
+    naive_tre = np.linalg.norm([np.array(naive.TransformPoint(tuple(p))) - m for p, m in zip(points, moving_points)],
+                               axis=1)
+    assert abs(naive_tre.mean() - expected.mean()) > 1.0
+
+
+def test_slicer_h5_modeling_transform_is_inverted(tmp_path):
+    """Slicer saves a grid transform kept "to parent" as InverseDisplacementFieldTransform_double_3_3 (.h5)."""
+    slicer = pytest.importorskip("slicer")
+    image = chest_crop()
+    v, _ = modeling_field(image)
+    v.SetMetaData("displacement field type", "modeling")
+    sitk.WriteImage(v, str(tmp_path / "field.nrrd"))
+    scene = slicer.vtkMRMLScene()
+    node = scene.AddNewNodeByClass("vtkMRMLGridTransformNode")
+    storage = scene.AddNewNodeByClass("vtkMRMLTransformStorageNode")
+    storage.SetFileName(str(tmp_path / "field.nrrd"))
+    assert storage.ReadData(node)
+    storage.SetFileName(str(tmp_path / "registration.h5"))
+    assert storage.WriteData(node)
+    assert b"InverseDisplacementFieldTransform_double_3_3" in (tmp_path / "registration.h5").read_bytes()
+    points, residual, labels = landmark_case(image)
+    moving_points = points + u_exact(points, centre(image)) + residual
+
+    code, rows = evaluate_cli(tmp_path, image, Landmarks(points, labels), Landmarks(moving_points, labels),
+                              "--transform", str(tmp_path / "registration.h5"))
+
+    assert code == 0
+    np.testing.assert_allclose([r.tre_mm for r in rows], np.linalg.norm(residual, axis=1), atol=0.25)
+
+
+def test_slicer_inverse_transforms_in_text_files_are_inverted_or_refused_in_a_few_lines(tmp_path, capsys):
+    # a B-spline kept "to parent": Slicer writes ITK's text format with the Inverse class name
+    bspline = sitk.BSplineTransformInitializer(chest_crop(), [4, 4, 4])
+    params = np.array(bspline.GetParameters())
+    params[:] = np.random.default_rng(0).normal(0, 2.0, params.size)
+    bspline.SetParameters(params.tolist())
+    sitk.WriteTransform(bspline, str(tmp_path / "plain.tfm"))
+    text = (tmp_path / "plain.tfm").read_text()
+    (tmp_path / "to_parent.tfm").write_text(text.replace("BSplineTransform_double_3_3",
+                                                         "InverseBSplineTransform_double_3_3"))
+    inverse = read_transform(tmp_path / "to_parent.tfm")
+    image = chest_crop()
+    points = landmark_case(image)[0]
+    round_trip = np.array([bspline.TransformPoint(inverse.TransformPoint(tuple(p))) for p in points])
+    np.testing.assert_allclose(round_trip, points, atol=0.1)
+
+    # what cannot be inverted here stops with a short message naming the file, what it is and the fix
+    (tmp_path / "tps.tfm").write_text("#Insight Transform File V1.0\n#Transform 0\n"
+                                      "Transform: InverseThinPlateSplineKernelTransform_double_3_3\n"
+                                      "Parameters: 0 0 0\nFixedParameters: 0 0 0\n")
+    (tmp_path / "odd.tfm").write_text(text.replace("BSplineTransform_double_3_3", "WarpDriveTransform_double_3_3"))
+    fixed = Landmarks(points, [str(i) for i in range(len(points))])
+    for name, words in (("tps.tfm", ("modeling", "thin-plate-spline", "Invert")),
+                        ("odd.tfm", ("not a readable ITK transform", "WarpDriveTransform"))):
+        capsys.readouterr()
+        code, _ = evaluate_cli(tmp_path, image, fixed, fixed, "--transform", str(tmp_path / name))
+        err = capsys.readouterr().err
+        assert code == 2 and name in err and all(w in err for w in words), err
+        assert message_lines(err) <= 3 and "Currently registered" not in err
+
+
+# ---- 2. DICOM folders: several series, tilted or uneven slices ----------------------------
+def test_dicom_folder_with_two_series_lists_them_and_the_series_option_chooses(tmp_path, model_dir, capsys):
+    inhale, exhale = chest_crop(40), chest_crop(46)
+    write_dicom_series(inhale, tmp_path / "dicom", f"{UID_ROOT}.2", "inhale")
+    write_dicom_series(exhale, tmp_path / "dicom", f"{UID_ROOT}.3", "exhale")
+
+    with pytest.raises(InputError) as info:
+        read_image(tmp_path / "dicom", "fixed image")
+    for text in (f"{UID_ROOT}.2 'inhale' (80 x 80 x 80)", f"{UID_ROOT}.3 'exhale' (80 x 80 x 80)", "--fixed-series"):
+        assert text in str(info.value)
+    chosen = read_image(tmp_path / "dicom", "moving image", series=f"{UID_ROOT}.3")
+    np.testing.assert_array_equal(sitk.GetArrayFromImage(chosen), sitk.GetArrayFromImage(exhale))
+    np.testing.assert_allclose(chosen.GetOrigin(), exhale.GetOrigin(), atol=1e-4)
+
+    out = tmp_path / "map.nii.gz"
+    args = ["predict", "--fixed", str(tmp_path / "dicom"), "--moving", str(tmp_path / "dicom"), "--out", str(out),
+            "--model", str(model_dir / "test_singlescale.pt"), "--device", "cpu"]
+    assert main(args) == 2 and not out.exists()
+    err = capsys.readouterr().err
+    assert f"{UID_ROOT}.2" in err and f"{UID_ROOT}.3" in err and message_lines(err) <= 3
+    assert main([*args, "--fixed-series", f"{UID_ROOT}.2", "--moving-series", f"{UID_ROOT}.9"]) == 2
+    assert f"holds no DICOM series '{UID_ROOT}.9'" in capsys.readouterr().err
+
+    # one series beside a scout keeps working as before, and the scout is named, not silently dropped
+    write_dicom_series(chest_crop(60, 1), tmp_path / "one", f"{UID_ROOT}.5", "scout")
+    write_dicom_series(inhale, tmp_path / "one", f"{UID_ROOT}.4", "inhale")
+    notes: list[str] = []
+    one = read_image(tmp_path / "one", "fixed image", log=notes.append)
+    np.testing.assert_array_equal(sitk.GetArrayFromImage(one), sitk.GetArrayFromImage(inhale))
+    assert len(notes) == 1 and "scout" in notes[0]
+
+
+def test_gantry_tilted_dicom_is_refused_naming_the_tilt(tmp_path):
+    image = chest_crop(40, 30)
+    write_dicom_series(image, tmp_path / "tilt", f"{UID_ROOT}.6", "tilted", tilt_deg=20.0)
+    # what a plain series read makes of it, against where the headers put the slices
+    files = sitk.ImageSeriesReader.GetGDCMSeriesFileNames(str(tmp_path / "tilt"))
+    plain = sitk.ReadImage(files)
+    header = []
+    for name in files:
+        reader = sitk.ImageFileReader()
+        reader.SetFileName(name)
+        reader.ReadImageInformation()
+        header.append([float(v) for v in reader.GetMetaData("0020|0032").split("\\")])
+    grid = [plain.TransformIndexToPhysicalPoint((0, 0, k)) for k in range(plain.GetDepth())]
+    worst = np.linalg.norm(np.array(header) - np.array(grid), axis=1).max()
+    assert worst > 10.0  # the trap: a plain read puts voxels far from their place
+
+    with pytest.raises(InputError) as info:
+        read_image(tmp_path / "tilt", "fixed image")
+    message = str(info.value)
+    assert "tilted by 20.0 deg" in message and f"up to {worst:.1f} mm" in message
+    assert "Resample the series" in message and message_lines(message) == 1
+
+    # a missing slice is refused too; the same series written straight reads back exactly
+    write_dicom_series(image, tmp_path / "gap", f"{UID_ROOT}.7", "gap", skip=(12,))
+    with pytest.raises(InputError, match="slice spacing varies from 1.5 to 3 mm"):
+        read_image(tmp_path / "gap", "moving image")
+    write_dicom_series(image, tmp_path / "straight", f"{UID_ROOT}.8", "straight")
+    straight = read_image(tmp_path / "straight")
+    np.testing.assert_array_equal(sitk.GetArrayFromImage(straight), sitk.GetArrayFromImage(image))
+    np.testing.assert_allclose(straight.GetSpacing(), image.GetSpacing(), atol=1e-5)
+
+
+# ---- 3. CT values that are not HU --------------------------------------------------------
+def test_ct_without_rescale_intercept_is_refused_and_hu_offset_fixes_it(tmp_path, model_dir, capsys):
+    hu = chest_crop()
+    stored = sitk.GetImageFromArray(np.clip(sitk.GetArrayFromImage(hu).astype(np.int32) + 1024, 0, None)
+                                    .astype(np.uint16))  # air at ~0, no rescale intercept
+    stored.CopyInformation(hu)
+    expected_hu = np.maximum(sitk.GetArrayFromImage(hu), -1024).astype(np.float32)
+
+    with pytest.raises(InputError, match=r"moving image does not look like a CT in Hounsfield units") as info:
+        prepare_pair(hu, stored)
+    assert "rescale intercept" in str(info.value) and "--hu-offset=0,-1024" in str(info.value)
+    fixed_f, moving_f = prepare_pair(stored, stored, hu_offset=-1024)
+    np.testing.assert_array_equal(sitk.GetArrayFromImage(moving_f), expected_hu)
+    np.testing.assert_array_equal(sitk.GetArrayFromImage(fixed_f), expected_hu)
+    fixed_f, moving_f = prepare_pair(hu, hu)  # a CT in HU is unaffected
+    np.testing.assert_array_equal(sitk.GetArrayFromImage(moving_f), sitk.GetArrayFromImage(hu))
+
+    sitk.WriteImage(stored, str(tmp_path / "fixed.nii.gz"))
+    sitk.WriteImage(stored, str(tmp_path / "moving.nii.gz"))
+    out = tmp_path / "map.nii.gz"
+    args = ["predict", "--fixed", str(tmp_path / "fixed.nii.gz"), "--moving", str(tmp_path / "moving.nii.gz"),
+            "--out", str(out), "--model", str(model_dir / "test_singlescale.pt"), "--device", "cpu"]
+    assert main(args) == 2 and not out.exists()
+    err = capsys.readouterr().err
+    assert "--hu-offset -1024" in err and "16-bit unsigned" in err and message_lines(err) <= 3
+    parser = build_parser()
+    assert parser.parse_args([*args, "--hu-offset", "-1024"]).hu_offset == -1024.0
+    assert parser.parse_args([*args, "--hu-offset=0,-1024"]).hu_offset == (0.0, -1024.0)
+
+    # predict takes the offset: the check passes and the work starts (then is cancelled)
+    model = load_model(model_dir / "test_singlescale.pt")
+    calls = []
+    with pytest.raises(PredictionCancelled):
+        predict(stored, stored, model, device="cpu", hu_offset=-1024, cancel=lambda: calls.append(1) or len(calls) > 1)
+    with pytest.raises(InputError, match="fixed image does not look like"):
+        predict(stored, hu, model, device="cpu")
+
+
+def test_normalised_image_is_refused_without_an_offset_to_suggest():
+    hu = chest_crop()
+    normalised = sitk.Cast(hu, sitk.sitkFloat32) / 3000.0
+    with pytest.raises(InputError, match="normalised or windowed image, not HU.*Give both images in Hounsfield"):
+        prepare_pair(hu, normalised)
+
+
+# ---- 4. landmark indices and their grids ------------------------------------------------
+def test_dirlab_indices_of_a_moving_image_on_its_own_grid_need_moving_reference(tmp_path, capsys):
+    fixed_image = chest_crop()
+    moving_source = _chest()[10:110, 30:110, 35:125]  # another crop, then another spacing
+    moving_image = sitk.Resample(moving_source, [75, 60, 68], sitk.Transform(), sitk.sitkLinear,
+                                 moving_source.GetOrigin(), (2.0, 2.0, 2.0), moving_source.GetDirection(), -1000.0)
+    sitk.WriteImage(fixed_image, str(tmp_path / "fixed.nii.gz"))
+    sitk.WriteImage(moving_image, str(tmp_path / "moving.nii.gz"))
+    sitk.WriteImage(labelmap_of(fixed_image), str(tmp_path / "map.nii.gz"))
+    shift = np.array([4.0, -3.0, 5.0])
+    sitk.WriteTransform(sitk.TranslationTransform(3, shift.tolist()), str(tmp_path / "registration.tfm"))
+    rng = np.random.default_rng(6)
+    fixed_ijk = rng.integers(10, 70, (30, 3))  # 0-based
+    fixed_mm = np.array(fixed_image.GetOrigin()) + fixed_ijk * np.array(fixed_image.GetSpacing())
+    moving_ijk = np.round((fixed_mm + shift + rng.normal(0, 3.0, (30, 3)) - moving_image.GetOrigin())
+                          / moving_image.GetSpacing()).astype(int)
+    moving_mm = np.array(moving_image.GetOrigin()) + moving_ijk * np.array(moving_image.GetSpacing())
+    expected = np.linalg.norm(fixed_mm + shift - moving_mm, axis=1)
+    for name, ijk in (("fixed.txt", fixed_ijk), ("moving.txt", moving_ijk)):
+        (tmp_path / name).write_text("".join(f"{i + 1} {j + 1} {k + 1}\n" for i, j, k in ijk))
+    args = ["evaluate", "--labelmap", str(tmp_path / "map.nii.gz"), "--fixed-landmarks", str(tmp_path / "fixed.txt"),
+            "--moving-landmarks", str(tmp_path / "moving.txt"), "--transform", str(tmp_path / "registration.tfm"),
+            "--reference", str(tmp_path / "fixed.nii.gz"), "--out-csv", str(tmp_path / "rows.csv")]
+
+    assert main(args) == 2 and not (tmp_path / "rows.csv").exists()
+    err = capsys.readouterr().err
+    assert "moving.txt" in err and "--moving-reference" in err and message_lines(err) <= 3
+
+    assert main([*args, "--moving-reference", str(tmp_path / "moving.nii.gz")]) == 0
+    rows = read_rows_csv(tmp_path / "rows.csv")
+    np.testing.assert_allclose([r.tre_mm for r in rows], expected, atol=1e-4)
+    assert np.mean([r.tre_mm for r in rows]) == pytest.approx(expected.mean(), abs=1e-4)
+
+
+# ---- 5. landmark pairing ------------------------------------------------------------------
+def test_landmarks_with_the_same_labels_in_another_order_pair_by_label(tmp_path, capsys):
+    image = chest_crop()
+    points, residual, labels = landmark_case(image)
+    order = np.random.default_rng(3).permutation(len(labels))
+    moving = Landmarks((points + residual)[order], [labels[i] for i in order])
+
+    code, rows = evaluate_cli(tmp_path, image, Landmarks(points, labels), moving,
+                              names=("f.fcsv", "m.mrk.json"))
+
+    assert code == 0
+    assert "30 landmark pairs matched by label" in capsys.readouterr().out
+    assert [r.label for r in rows] == labels and [r.moving_label for r in rows] == labels
+    expected = np.linalg.norm(residual, axis=1)
+    np.testing.assert_allclose([r.tre_mm for r in rows], expected, atol=1e-6)
+    assert "moving_label" in (tmp_path / "rows.csv").read_text().splitlines()[0]
+
+
+def test_landmarks_with_other_labels_pair_by_order_and_a_partial_overlap_is_refused(tmp_path, capsys):
+    image = chest_crop()
+    points, residual, _ = landmark_case(image, n=6)
+    fixed = Landmarks(points, [f"F-{i + 1}" for i in range(6)])  # Slicer's default names
+    moving = Landmarks(points + residual, [f"M-{i + 1}" for i in range(6)])
+    code, rows = evaluate_cli(tmp_path, image, fixed, moving)
+    assert code == 0 and "matched by order" in capsys.readouterr().out
+    np.testing.assert_allclose([r.tre_mm for r in rows], np.linalg.norm(residual, axis=1), atol=1e-6)
+    assert [r.moving_label for r in rows] == moving.labels
+
+    partial = Landmarks(points + residual, ["F-1", "F-2", "F-3", "F-4", "X-5", "X-6"])
+    code, _ = evaluate_cli(tmp_path, image, fixed, partial)
+    err = capsys.readouterr().err
+    assert code == 2 and "'F-5', 'F-6'" in err and "'X-5', 'X-6'" in err and message_lines(err) <= 3
+    with pytest.raises(InputError, match="appear more than once"):
+        pair_landmarks(Landmarks(points[:3], ["a", "a", "b"]), Landmarks(points[:3], ["b", "a", "a"]))
+
+
+def test_slicer_logic_pairs_by_label_before_applying_its_transform(monkeypatch):
+    """The panel's evaluation shifts moving landmarks pair by pair, so it must pair them (by label) first."""
+    slicer = pytest.importorskip("slicer")
+    logic_tests = pytest.importorskip("test_slicer_logic")
+    rm = logic_tests._load_module(monkeypatch)
+    scene = slicer.vtkMRMLScene()
+    monkeypatch.setattr(slicer, "mrmlScene", scene, raising=False)
+    matrix = np.diag([1.5, 1.5, 1.5, 1.0])
+    labelmap = logic_tests.add_volume(scene, "map", np.ones((20, 20, 20), np.uint8), matrix,
+                                      cls="vtkMRMLLabelMapVolumeNode")
+    fixed_ras = np.random.default_rng(1).uniform(5.0, 25.0, (5, 3))
+    residual = np.array([[1.0, 0, 0], [0, 2.0, 0], [0, 0, 4.0], [5.0, 0, 0], [0, 7.0, 0]])
+    to_parent = logic_tests.translation(3.0, -2.0, 1.0)
+    to_parent[:3, :3] = logic_tests.rotation(8.0, -5.0)  # a rotation: every landmark has its own shift
+    transform = logic_tests.add_linear_transform(scene, to_parent)
+    mapped = (np.linalg.inv(to_parent) @ np.c_[fixed_ras, np.ones(5)].T).T[:, :3]  # where T puts x_F
+    labels = ["A", "B", "C", "D", "E"]
+    order = [3, 0, 4, 1, 2]
+    fixed_node = logic_tests.add_points(scene, "F", fixed_ras)
+    moving_node = logic_tests.add_points(scene, "M", (mapped + residual)[order])
+    for i, label in enumerate(labels):
+        fixed_node.SetNthControlPointLabel(i, label)
+        moving_node.SetNthControlPointLabel(i, labels[order[i]])
+
+    rows, _ = rm.RegistrationMisalignmentLogic().evaluateLandmarks(labelmap, fixed_node, moving_node, transform)
+
+    assert [r.label for r in rows] == labels and [r.moving_label for r in rows] == labels
+    np.testing.assert_allclose([r.tre_mm for r in rows], np.linalg.norm(residual, axis=1), atol=1e-6)
+
+
+# ---- the eight traps that already gave the right answer -----------------------------------
+COLUMNS = "# columns = id,x,y,z,ow,ox,oy,oz,vis,sel,lock,label,desc,associatedNodeID\n"
+
+
+@pytest.mark.parametrize("header,system", [
+    ("# Markups fiducial file version = 4.6\n" + COLUMNS, "RAS"),  # before 4.11: no coordinate system, RAS
+    ("# Markups fiducial file version = 4.11\n# CoordinateSystem = 0\n" + COLUMNS, "RAS"),
+    ("# Markups fiducial file version = 4.11\n# CoordinateSystem = 1\n" + COLUMNS, "LPS"),
+    ("# Markups fiducial file version = 5.6\n# CoordinateSystem = LPS\n" + COLUMNS, "LPS"),
+    ("vtkMRMLMarkupsFiducialNode_0", "RAS"),  # no header at all: the oldest files
+])
+def test_fcsv_header_generations_read_the_same_points(tmp_path, header, system):
+    points = landmark_case(chest_crop(), n=3)[0]
+    written = points * [-1.0, -1.0, 1.0] if system == "RAS" else points
+    rows = "".join(f"vtkMRMLMarkupsFiducialNode_{i},{x:.17g},{y:.17g},{z:.17g},0,0,0,1,1,1,0,P{i},,\n"
+                   for i, (x, y, z) in enumerate(written))
+    (tmp_path / "p.fcsv").write_text(rows if header.startswith("vtk") else header + rows)
+    landmarks = read_landmarks(tmp_path / "p.fcsv")
+    np.testing.assert_allclose(landmarks.points_lps, points, atol=1e-9)
+    assert landmarks.labels == ["P0", "P1", "P2"]
+
+
+def test_markups_in_lps_and_ras_read_the_same_points(tmp_path):
+    points = landmark_case(chest_crop(), n=4)[0]
+    for system in ("LPS", "RAS"):
+        write_landmarks(Landmarks(points, list("abcd")), tmp_path / f"{system}.mrk.json", coordinate_system=system)
+        doc = json.loads((tmp_path / f"{system}.mrk.json").read_text())
+        assert doc["markups"][0]["coordinateSystem"] == system
+        np.testing.assert_allclose(read_landmarks(tmp_path / f"{system}.mrk.json").points_lps, points, atol=1e-9)
+
+
+def test_nifti_displacement_field_layouts(tmp_path):
+    image = chest_crop()
+    points, grid = field_grid(image, spacing=6.0)
+    u = u_exact(points, centre(image))
+    sitk.WriteImage(vector_image(u, grid), str(tmp_path / "ants.nii.gz"))  # ANTs/ITK: 5-D, dims (x, y, z, 1, 3)
+    assert sitk.ReadImage(str(tmp_path / "ants.nii.gz")).GetMetaData("dim[0]") == "5"
+    transform = read_transform(tmp_path / "ants.nii.gz")
+    landmarks = landmark_case(image, n=5)[0]
+    mapped = np.array([transform.TransformPoint(tuple(p)) for p in landmarks])
+    np.testing.assert_allclose(mapped, landmarks + u_exact(landmarks, centre(image)), atol=0.3)
+    components = [sitk.VectorIndexSelectionCast(vector_image(u, grid), i) for i in range(3)]
+    sitk.WriteImage(sitk.JoinSeries(components), str(tmp_path / "scalar4d.nii.gz"))  # (x, y, z, 3) scalars
+    with pytest.raises(InputError, match="3-D image of 3-component vectors, got 4-D"):
+        read_transform(tmp_path / "scalar4d.nii.gz")
+
+
+def test_4d_nifti_with_one_volume_reads_as_the_volume(tmp_path):
+    image = chest_crop()
+    sitk.WriteImage(sitk.JoinSeries([image]), str(tmp_path / "one.nii.gz"))
+    read = read_image(tmp_path / "one.nii.gz")
+    assert read.GetDimension() == 3
+    np.testing.assert_array_equal(sitk.GetArrayFromImage(read), sitk.GetArrayFromImage(image))
+
+
+def test_mask_on_another_grid_is_resampled_onto_the_fixed_grid():
+    image = chest_crop()
+    coarse = sitk.BinaryThreshold(sitk.Resample(image, [40, 40, 40], sitk.Transform(), sitk.sitkLinear,
+                                                image.GetOrigin(), (3.0, 3.0, 3.0), image.GetDirection(), -1000.0),
+                                  -1000.0, -400.0)
+    mask = sitk.GetArrayFromImage(prepare_mask(coarse, image))
+    lung = sitk.GetArrayFromImage(image) < -400
+    assert mask.shape == lung.shape and (mask.astype(bool) == lung).mean() > 0.9
+
+
+def test_flipped_axes_give_the_same_pair():
+    image = chest_crop()
+    flipped = sitk.Flip(image, [True, False, True])  # the same voxels stored the other way round
+    assert flipped.GetDirection() != image.GetDirection()
+    fixed_f, moving_f = prepare_pair(image, flipped)
+    np.testing.assert_allclose(sitk.GetArrayFromImage(moving_f), sitk.GetArrayFromImage(fixed_f), atol=1e-3)
+
+
+@pytest.mark.parametrize("kind", ["point", "index"])
+def test_elastix_point_files_are_refused(tmp_path, kind):
+    (tmp_path / "points.txt").write_text(f"{kind}\n2\n1.0 2.0 3.0\n4.0 5.0 6.0\n")
+    with pytest.raises(InputError, match=f"line 1: expected three voxel indices 'i j k', got '{kind}'"):
+        read_landmarks(tmp_path / "points.txt", chest_crop())
+
+
+def test_oblique_nrrd_in_las_space_reads_in_lps(tmp_path):
+    image = chest_crop()
+    values = sitk.GetArrayFromImage(image)  # z, y, x
+    c, s = np.cos(0.3), np.sin(0.3)
+    las_dirs = np.array([[1.5 * c, 1.5 * s, 0.0], [-1.5 * s, 1.5 * c, 0.0], [0.0, 0.0, 1.5]])  # columns in LAS
+    las_origin = np.array([10.0, 20.0, -30.0])
+    header = (f"NRRD0004\ntype: short\ndimension: 3\nspace: left-anterior-superior\nsizes: 80 80 80\n"
+              f"space directions: {' '.join('(' + ','.join(f'{v:.17g}' for v in d) + ')' for d in las_dirs)}\n"
+              f"kinds: domain domain domain\nendian: little\nencoding: raw\n"
+              f"space origin: ({','.join(f'{v:.17g}' for v in las_origin)})\n\n")
+    (tmp_path / "las.nrrd").write_bytes(header.encode() + values.astype("<i2").tobytes())
+    read = read_image(tmp_path / "las.nrrd")
+    flip = np.array([1.0, -1.0, 1.0])  # LAS -> LPS negates the second axis
+    np.testing.assert_allclose(read.GetOrigin(), las_origin * flip, atol=1e-9)
+    lps_frame = np.array(read.GetDirection()).reshape(3, 3) * np.array(read.GetSpacing())
+    np.testing.assert_allclose(lps_frame, (las_dirs * flip).T, atol=1e-9)
+    np.testing.assert_array_equal(sitk.GetArrayFromImage(read), values)
