@@ -19,6 +19,7 @@ import numpy as np
 import SimpleITK as sitk
 import torch
 
+from RegistrationMisalignmentLib.body_mask import body_mask
 from RegistrationMisalignmentLib.config import CLASS_NAMES, DEFAULT_CONFIG
 from RegistrationMisalignmentLib.inference import Progress, predict
 from RegistrationMisalignmentLib.io import write_image
@@ -33,7 +34,6 @@ DEMO_REGION = ((40, 168), (72, 264), (88, 248))
 """(start, stop) 1 mm voxels along z, y, x of the scan's 1 mm grid: the right lung's lower half with the
 diaphragm dome and the chest wall, 128 x 192 x 160 mm (3.9 M voxels; about a minute per model on 2 cores)."""
 DEMO_SEED = 987_654
-BODY_HU = -950.0
 LUNG_HU = (-950.0, -400.0)
 """Lung parenchyma: the figure's slices pass where the most lung voxels are poor or wrong."""
 
@@ -47,15 +47,20 @@ def _on_1mm_grid(array: np.ndarray, origin: tuple[float, float, float]) -> sitk.
     return image
 
 
-def make_demo_pair(kind: str = "respiratory", seed: int = DEMO_SEED) -> tuple[sitk.Image, sitk.Image, np.ndarray, str]:
-    """(fixed, moving, |DVF| in mm on the fixed grid, a plain description of the pair)."""
+def make_demo_pair(kind: str = "respiratory", seed: int = DEMO_SEED, scan_name: str = DEMO_SCAN,
+                   region_zyx: tuple[tuple[int, int], ...] = DEMO_REGION) -> tuple[sitk.Image, sitk.Image, np.ndarray, str]:
+    """(fixed, moving, |DVF| in mm on the fixed grid, a plain description of the pair).
 
-    scan = SHARED_DATA / DEMO_SCAN
+    The whole scan ``scan_name`` of the shared data is deformed, then ``region_zyx`` ((start, stop) 1 mm
+    voxels along z, y, x of its 1 mm grid) is cut from both images and the DVF.
+    """
+    scan = SHARED_DATA / scan_name
     if scan.exists():
         source = sitk.ReadImage(str(scan))
-        hu = to_training_image(source, DEMO_SCAN, DEFAULT_CONFIG).hu
-        region = tuple(slice(a, b) for a, b in DEMO_REGION)
-        description = "POPI 4-D CT phase 00 (no model was trained on it), right lower lung"
+        hu = to_training_image(source, scan_name, DEFAULT_CONFIG).hu
+        region = tuple(slice(a, b) for a, b in region_zyx)
+        description = ("POPI 4-D CT phase 00 (no model was trained on it), right lower lung" if scan_name == DEMO_SCAN
+                       else f"{scan_name}, 1 mm voxels {region_zyx} (z, y, x)")
     else:
         source = None
         hu = phantom_images(1, (160.0, 128.0, 96.0), DEMO_SEED, DEFAULT_CONFIG)[0].hu
@@ -82,7 +87,7 @@ def run_demo(out_dir: str | Path, device: str = "auto", progress_bar: ProgressBa
     fixed, moving, magnitude, description = make_demo_pair()
     log(f"demo pair: {description}; {'x'.join(map(str, fixed.GetSize()))} voxels at {fixed.GetSpacing()[0]:g} mm")
     truth = DEFAULT_CONFIG.classify_mm(magnitude)
-    body = sitk.GetArrayFromImage(fixed) > BODY_HU
+    body = sitk.GetArrayFromImage(body_mask(fixed)) > 0  # what predict covers by default
     truth_image = sitk.GetImageFromArray((truth + 1).astype(np.uint8) * body)
     truth_image.CopyInformation(fixed)
     write_image(fixed, out / "fixed.nii.gz")

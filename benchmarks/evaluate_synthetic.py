@@ -86,7 +86,8 @@ def main(argv: list[str] | None = None) -> int:
                     "truth_fractions": (np.bincount(truth, minlength=3) / max(len(truth), 1)).round(4).tolist()}
             for model, name in zip(models, names):
                 start = time.perf_counter()
-                labels = sitk.GetArrayFromImage(predict(fixed_img, moving_img, model, device=args.device).labelmap)
+                labels = sitk.GetArrayFromImage(predict(fixed_img, moving_img, model, device=args.device,
+                                                        body_only=False).labelmap)  # scored on its own body (HU > -950)
                 seconds[name] += time.perf_counter() - start
                 pred = labels.astype(np.int64)[body] - 1
                 per_model[name]["true"].append(truth)

@@ -161,19 +161,22 @@ def markdown(report: dict) -> str:
         f"Times are {timing_basis(report['repeats'], report['warmup'])}, in seconds; "
         "Mvox/s counts fixed-grid voxels and 1 mm voxels; peak RSS is the process's high-water mark.",
         "",
-        "| configuration | model | device | scale | fixed grid | 1 mm grid | tile x batch | "
+        "| configuration | model | device | scale | fixed grid | 1 mm grid | tile x batch | precision | tiles computed | "
         + " | ".join(STAGES)
         + " | total s | Mvox/s fixed | Mvox/s 1 mm | peak RSS GB | peak CUDA GB | speed-up vs naive |",
-        "|" + "---|" * (13 + len(STAGES)),
+        "|" + "---|" * (15 + len(STAGES)),
     ]
     for r in report["rows"]:
         model = r["decoder"] + (" (random)" if r["random_weights"] else "")
         cells = [r["label"], model, r["device"], f"{r['scale']:g}", "x".join(map(str, r["shape"])),
                  "x".join(map(str, r["shape_1mm"]))]
         if "error" in r:
-            cells += ["", *[""] * len(STAGES), f"failed: {r['error']}", "", "", "", "", ""]
+            cells += ["", "", "", *[""] * len(STAGES), f"failed: {r['error']}", "", "", "", "", ""]
         else:
+            tiles = (f"{r['tiles_computed']} of {r['tiles_total']}" + (" (body)" if r.get("body_only") else "")
+                     if r.get("tiles_total") else "")
             cells += ["per patch x 1" if r["kind"] == "naive" else f"{r['tile_size']} x {r['tile_batch']}",
+                      r.get("precision", "float32"), tiles,
                       *[_seconds(r["timings_s"][s]) for s in STAGES], _seconds(r["total_s"]),
                       f"{r['voxels_per_s'] / 1e6:.3g}", f"{r['voxels_1mm_per_s'] / 1e6:.3g}", _gb(r["peak_rss_bytes"]),
                       _gb(r.get("cuda_peak_allocated_bytes")),
@@ -288,6 +291,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tile-size", help="comma-separated tile sides (1 mm voxels) to compare; default the model's")
     p.add_argument("--tile-batch", type=int, help="tiles per forward pass; default the model's")
     p.add_argument("--threads", type=int, help="torch CPU threads (default torch's choice)")
+    p.add_argument("--precision", choices=("auto", "float32"), default="auto", help="predict's precision (default auto)")
+    p.add_argument("--no-body-mask", action="store_true", help="predict the whole image (default: the body only)")
     p.add_argument("--naive-patch", type=int, help="x1 input side of the seed's per-patch loop (default 205; 0 skips)")
     p.add_argument("--skip-comparisons", action="store_true", help="no RegNet-t and per-patch rows")
     p.add_argument("--skip-regnet-t", action="store_true", help="no RegNet-t row (the per-patch row stays)")
@@ -330,8 +335,8 @@ def main(argv: list[str] | None = None) -> int:
         fixed, moving = cached_pair(geometry, args.seed, args.phantom_spacing, cache)
         job = {"kind": kind, "model": str(model["path"]), "fixed": str(fixed), "moving": str(moving), "device": device,
                "tile_size": tile, "tile_batch": args.tile_batch, "repeats": args.repeats, "warmup": args.warmup,
-               "threads": args.threads, "naive_patch": args.naive_patch,
-               "profile_tiles": role == "main" and not args.no_tile_profile}
+               "threads": args.threads, "naive_patch": args.naive_patch, "precision": args.precision,
+               "body_only": not args.no_body_mask, "profile_tiles": role == "main" and not args.no_tile_profile}
         result = run_configuration(job)
         shape_1mm = geometry.grid_1mm_shape(DEFAULT_CONFIG.spacing_mm)
         row = {"label": label, "role": role, "kind": kind, "decoder": model["decoder"],
@@ -358,7 +363,8 @@ def main(argv: list[str] | None = None) -> int:
         "settings": {"device": device, "repeats": args.repeats, "warmup": args.warmup, "seed": args.seed,
                      "shape": list(base.shape), "spacing": list(base.spacing), "scale": args.scale,
                      "phantom_spacing_mm": args.phantom_spacing, "tile_sizes": tiles, "tile_batch": args.tile_batch,
-                     "threads": args.threads, "naive_patch": args.naive_patch},
+                     "threads": args.threads, "naive_patch": args.naive_patch, "precision": args.precision,
+                     "body_only": not args.no_body_mask},
         "repeats": args.repeats,
         "warmup": args.warmup,
     }

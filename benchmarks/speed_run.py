@@ -282,7 +282,8 @@ def run_job(job: dict) -> dict:
 
     Job keys: kind ("predict" or "naive"), model, fixed, moving (paths), device, tile_size and
     tile_batch (None: the model's), repeats, warmup ("small", "full", "none"), threads (None: torch's),
-    naive_patch (x1 input side of the naive loop), profile_tiles (add the encoder/decoder split).
+    naive_patch (x1 input side of the naive loop), profile_tiles (add the encoder/decoder split), precision
+    ("auto" or "float32") and body_only (predict's; the last run's tiles computed / in all are reported).
     """
     if job.get("threads"):
         torch.set_num_threads(int(job["threads"]))
@@ -298,7 +299,12 @@ def run_job(job: dict) -> dict:
             return naive_predict(f, m, model, device, job["naive_patch"])
     else:
         def run(f: sitk.Image, m: sitk.Image) -> dict[str, float]:
-            return predict(f, m, model, device=device, tile_size=tile_size, tile_batch=batch).timings
+            prediction = predict(f, m, model, device=device, tile_size=tile_size, tile_batch=batch,
+                                 precision=job.get("precision", "auto"), body_only=job.get("body_only", True))
+            tiles[:] = prediction.tiles
+            return prediction.timings
+
+    tiles = [0, 0]
 
     warmup = job.get("warmup", "small")
     if warmup == "full":
@@ -321,6 +327,10 @@ def run_job(job: dict) -> dict:
         "device": str(device),
         "model_name": model.name,
         "decoder": model.decoder,
+        "precision": job.get("precision", "auto") if job["kind"] != "naive" else "float32",
+        "body_only": job.get("body_only", True) if job["kind"] != "naive" else False,
+        "tiles_computed": tiles[0],
+        "tiles_total": tiles[1],
     }
     if device.type == "cuda":
         result["cuda_peak_allocated_bytes"] = torch.cuda.max_memory_allocated(device)
