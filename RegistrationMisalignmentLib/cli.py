@@ -166,7 +166,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         print(f"wrote {write_rows_csv(rows, args.out_csv)}")
     if args.out_json:
         Path(args.out_json).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out_json).write_text(json.dumps(report.to_dict(), indent=2) + "\n")
+        Path(args.out_json).write_text(json.dumps(report.to_dict(), indent=2) + "\n", encoding="utf-8")
         print(f"wrote {args.out_json}")
     return 0
 

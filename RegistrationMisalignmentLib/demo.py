@@ -118,6 +118,6 @@ def run_demo(out_dir: str | Path, device: str = "auto", progress_bar: ProgressBa
                 row_notes={"prediction": notes[default.name],
                            "truth": ", ".join(f"{n} {100 * s:.0f} %" for n, s in zip(CLASS_NAMES, shares))},
                 footnote="Scores over every body voxel of the region: " + "; ".join(notes.values()))
-    (out / "metrics.json").write_text(json.dumps(results, indent=2) + "\n")
+    (out / "metrics.json").write_text(json.dumps(results, indent=2) + "\n", encoding="utf-8")
     log(f"wrote {out / 'overlay.png'}, {out / 'metrics.json'} and the labelmaps in {out}")
     return results

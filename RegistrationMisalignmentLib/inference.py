@@ -92,7 +92,7 @@ def cpu_has_native_bf16() -> bool:
     project's 2-core EPYC: 3.01 s fp32, 1.37 s bf16); elsewhere bf16 is emulated and slower.
     """
     try:
-        with open("/proc/cpuinfo") as f:
+        with open("/proc/cpuinfo", encoding="utf-8") as f:
             flags = next((line for line in f if line.startswith("flags")), "").split()
     except OSError:
         return False

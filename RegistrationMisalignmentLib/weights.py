@@ -80,7 +80,7 @@ def save_model(module: torch.nn.Module, card: dict, path: str | os.PathLike) -> 
     scripted.save(str(path))
     full = {"format": CARD_FORMAT, **card, "sha256": sha256_of(path), "size_bytes": path.stat().st_size,
             "created": card.get("created") or datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
-    path.with_suffix(".json").write_text(json.dumps(full, indent=2) + "\n")
+    path.with_suffix(".json").write_text(json.dumps(full, indent=2) + "\n", encoding="utf-8")
     return path
 
 
@@ -110,7 +110,7 @@ def load_model(path: str | os.PathLike | None = None, device: str | torch.device
     if not card_path.exists():
         raise InputError(f"model {pt} has no model card {card_path.name} beside it; a model is the .pt plus its .json")
     try:
-        card = json.loads(card_path.read_text())
+        card = json.loads(card_path.read_text(encoding="utf-8"))
     except (OSError, json.JSONDecodeError) as exc:
         raise InputError(f"model card {card_path} is not readable JSON ({exc})") from None
     if card.get("format") != CARD_FORMAT:

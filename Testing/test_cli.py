@@ -46,9 +46,9 @@ def test_predict_then_evaluate_end_to_end(tmp_path, model_dir, capsys):
                  "--moving-landmarks", str(tmp_path / "m.mrk.json"), "--out-csv", str(tmp_path / "rows.csv"),
                  "--out-json", str(tmp_path / "metrics.json")])
     assert code == 0
-    metrics = json.loads((tmp_path / "metrics.json").read_text())
+    metrics = json.loads((tmp_path / "metrics.json").read_text(encoding="utf-8"))
     assert metrics["n"] == 4
-    rows = (tmp_path / "rows.csv").read_text().splitlines()
+    rows = (tmp_path / "rows.csv").read_text(encoding="utf-8").splitlines()
     assert len(rows) == 5 and "tre_mm" in rows[0]
     # True classes from the known residuals 1, 4, 7, 2 mm.
     assert [r.split(",")[rows[0].split(",").index("true_class")] for r in rows[1:]] == ["correct", "poor", "wrong", "correct"]

@@ -78,7 +78,7 @@ def test_an_existing_folder_or_a_file_in_the_way_is_refused_before_any_work(pair
     (pair / "folder").mkdir()
     assert main(predict_args(pair, pair / "folder")) == 2
     assert "is a folder; give a file name such as" in capsys.readouterr().err
-    (pair / "afile").write_text("x")
+    (pair / "afile").write_text("x", encoding="utf-8")
     assert main(predict_args(pair, pair / "afile" / "labels.nii.gz")) == 2
     assert "is a file" in capsys.readouterr().err
 
@@ -106,7 +106,7 @@ def test_a_bad_tile_size_is_refused_by_the_parser(pair, no_work, capsys, value, 
 def test_evaluate_outputs_are_checked_the_same_way(pair, no_work, capsys):
     args = ["evaluate", "--labelmap", str(pair / "fixed.nii.gz"), "--fixed-landmarks", str(pair / "f.csv"),
             "--moving-landmarks", str(pair / "m.csv")]
-    (pair / "f.csv").write_text("label,x,y,z\n")
+    (pair / "f.csv").write_text("label,x,y,z\n", encoding="utf-8")
     before = snapshot(pair)
     assert main([*args, "--out-csv", str(pair / "f.csv")]) == 2
     assert "would overwrite that input" in capsys.readouterr().err

@@ -94,23 +94,23 @@ def test_rows_csv_round_trip(tmp_path):
     fixed, moving = _landmarks()
     rows, _ = evaluate_landmarks(_labelmap(), fixed, moving)
     path = write_rows_csv(rows, tmp_path / "out" / "rows.csv")
-    lines = path.read_text().splitlines()
+    lines = path.read_text(encoding="utf-8").splitlines()
     assert lines[0] == "label,x,y,z,tre_mm,true_class,predicted_class,agree,moving_label"
     assert lines[3].endswith(",correct,wrong,false,c") and lines[4].endswith(",wrong,outside,false,d")
     assert read_rows_csv(path) == rows
     # tables written before the moving_label column still read
-    path.write_text("\n".join(line.rsplit(",", 1)[0] for line in lines) + "\n")
+    path.write_text("\n".join(line.rsplit(",", 1)[0] for line in lines) + "\n", encoding="utf-8")
     assert [r.moving_label for r in read_rows_csv(path)] == [""] * len(rows)
 
 
 def test_read_rows_csv_errors(tmp_path):
     with pytest.raises(InputError, match="not found"):
         read_rows_csv(tmp_path / "none.csv")
-    (tmp_path / "cols.csv").write_text("label,x,y,z\n")
+    (tmp_path / "cols.csv").write_text("label,x,y,z\n", encoding="utf-8")
     with pytest.raises(InputError, match="missing columns"):
         read_rows_csv(tmp_path / "cols.csv")
     row = LandmarkRow("a", (1.0, 2.0, 3.0), 1.0, 0, 0)
     path = write_rows_csv([row, row], tmp_path / "rows.csv")
-    path.write_text(path.read_text().replace("correct,correct,true,\n", "correct,maybe,true,\n", 1))
+    path.write_text(path.read_text().replace("correct,correct,true,\n", "correct,maybe,true,\n", 1), encoding="utf-8"encoding="utf-8").replace("correct,correct,true,\n", "correct,maybe,true,\n", 1))
     with pytest.raises(InputError, match="line 2"):
         read_rows_csv(path)

@@ -49,7 +49,7 @@ def test_half_precision_storage_on_the_host_keeps_the_float32_outputs(model_dir,
 def test_labelmap_lies_on_the_fixed_grid_with_valid_labels(model_dir, small_pair):
     fixed, moving = small_pair
     result = predict(fixed, moving, load_model(model_dir / "test_singlescale.pt"), with_probabilities=True,
-                     body_only=False)
+                     body_only=False, precision="float32")  # bf16 probabilities sum to 1 within 4e-3 only
     for image in (result.labelmap, result.probabilities):
         assert image.GetSize() == fixed.GetSize()
         assert np.allclose(image.GetOrigin(), fixed.GetOrigin())

@@ -220,9 +220,9 @@ def test_slicer_inverse_transforms_in_text_files_are_inverted_or_refused_in_a_fe
     params[:] = np.random.default_rng(0).normal(0, 2.0, params.size)
     bspline.SetParameters(params.tolist())
     sitk.WriteTransform(bspline, str(tmp_path / "plain.tfm"))
-    text = (tmp_path / "plain.tfm").read_text()
+    text = (tmp_path / "plain.tfm").read_text(encoding="utf-8")
     (tmp_path / "to_parent.tfm").write_text(text.replace("BSplineTransform_double_3_3",
-                                                         "InverseBSplineTransform_double_3_3"))
+                                                         "InverseBSplineTransform_double_3_3"), encoding="utf-8")
     inverse = read_transform(tmp_path / "to_parent.tfm")
     image = chest_crop()
     points = landmark_case(image)[0]
@@ -232,8 +232,8 @@ def test_slicer_inverse_transforms_in_text_files_are_inverted_or_refused_in_a_fe
     # what cannot be inverted here stops with a short message naming the file, what it is and the fix
     (tmp_path / "tps.tfm").write_text("#Insight Transform File V1.0\n#Transform 0\n"
                                       "Transform: InverseThinPlateSplineKernelTransform_double_3_3\n"
-                                      "Parameters: 0 0 0\nFixedParameters: 0 0 0\n")
-    (tmp_path / "odd.tfm").write_text(text.replace("BSplineTransform_double_3_3", "WarpDriveTransform_double_3_3"))
+                                      "Parameters: 0 0 0\nFixedParameters: 0 0 0\n", encoding="utf-8")
+    (tmp_path / "odd.tfm").write_text(text.replace("BSplineTransform_double_3_3", "WarpDriveTransform_double_3_3"), encoding="utf-8")
     fixed = Landmarks(points, [str(i) for i in range(len(points))])
     for name, words in (("tps.tfm", ("modeling", "thin-plate-spline", "Invert")),
                         ("odd.tfm", ("not a readable ITK transform", "WarpDriveTransform"))):
@@ -372,7 +372,7 @@ def test_dirlab_indices_of_a_moving_image_on_its_own_grid_need_moving_reference(
     moving_mm = np.array(moving_image.GetOrigin()) + moving_ijk * np.array(moving_image.GetSpacing())
     expected = np.linalg.norm(fixed_mm + shift - moving_mm, axis=1)
     for name, ijk in (("fixed.txt", fixed_ijk), ("moving.txt", moving_ijk)):
-        (tmp_path / name).write_text("".join(f"{i + 1} {j + 1} {k + 1}\n" for i, j, k in ijk))
+        (tmp_path / name).write_text("".join(f"{i + 1} {j + 1} {k + 1}\n" for i, j, k in ijk), encoding="utf-8")
     args = ["evaluate", "--labelmap", str(tmp_path / "map.nii.gz"), "--fixed-landmarks", str(tmp_path / "fixed.txt"),
             "--moving-landmarks", str(tmp_path / "moving.txt"), "--transform", str(tmp_path / "registration.tfm"),
             "--reference", str(tmp_path / "fixed.nii.gz"), "--out-csv", str(tmp_path / "rows.csv")]
@@ -402,7 +402,7 @@ def test_landmarks_with_the_same_labels_in_another_order_pair_by_label(tmp_path,
     assert [r.label for r in rows] == labels and [r.moving_label for r in rows] == labels
     expected = np.linalg.norm(residual, axis=1)
     np.testing.assert_allclose([r.tre_mm for r in rows], expected, atol=1e-6)
-    assert "moving_label" in (tmp_path / "rows.csv").read_text().splitlines()[0]
+    assert "moving_label" in (tmp_path / "rows.csv").read_text(encoding="utf-8").splitlines()[0]
 
 
 def test_landmarks_with_other_labels_pair_by_order_and_a_partial_overlap_is_refused(tmp_path, capsys):
@@ -469,7 +469,7 @@ def test_fcsv_header_generations_read_the_same_points(tmp_path, header, system):
     written = points * [-1.0, -1.0, 1.0] if system == "RAS" else points
     rows = "".join(f"vtkMRMLMarkupsFiducialNode_{i},{x:.17g},{y:.17g},{z:.17g},0,0,0,1,1,1,0,P{i},,\n"
                    for i, (x, y, z) in enumerate(written))
-    (tmp_path / "p.fcsv").write_text(rows if header.startswith("vtk") else header + rows)
+    (tmp_path / "p.fcsv").write_text(rows if header.startswith("vtk") else header + rows, encoding="utf-8")
     landmarks = read_landmarks(tmp_path / "p.fcsv")
     np.testing.assert_allclose(landmarks.points_lps, points, atol=1e-9)
     assert landmarks.labels == ["P0", "P1", "P2"]
@@ -479,7 +479,7 @@ def test_markups_in_lps_and_ras_read_the_same_points(tmp_path):
     points = landmark_case(chest_crop(), n=4)[0]
     for system in ("LPS", "RAS"):
         write_landmarks(Landmarks(points, list("abcd")), tmp_path / f"{system}.mrk.json", coordinate_system=system)
-        doc = json.loads((tmp_path / f"{system}.mrk.json").read_text())
+        doc = json.loads((tmp_path / f"{system}.mrk.json").read_text(encoding="utf-8"))
         assert doc["markups"][0]["coordinateSystem"] == system
         np.testing.assert_allclose(read_landmarks(tmp_path / f"{system}.mrk.json").points_lps, points, atol=1e-9)
 
@@ -528,7 +528,7 @@ def test_flipped_axes_give_the_same_pair():
 
 @pytest.mark.parametrize("kind", ["point", "index"])
 def test_elastix_point_files_are_refused(tmp_path, kind):
-    (tmp_path / "points.txt").write_text(f"{kind}\n2\n1.0 2.0 3.0\n4.0 5.0 6.0\n")
+    (tmp_path / "points.txt").write_text(f"{kind}\n2\n1.0 2.0 3.0\n4.0 5.0 6.0\n", encoding="utf-8")
     with pytest.raises(InputError, match=f"line 1: expected three voxel indices 'i j k', got '{kind}'"):
         read_landmarks(tmp_path / "points.txt", chest_crop())
 

@@ -54,13 +54,13 @@ def test_read_missing_path_names_it(tmp_path):
 
 def test_read_unreadable_file(tmp_path):
     bad = tmp_path / "notes.nii.gz"
-    bad.write_text("not an image")
+    bad.write_text("not an image", encoding="utf-8")
     with pytest.raises(InputError, match="could not be read"):
         read_image(bad)
 
 
 def test_read_folder_without_dicom(tmp_path):
-    (tmp_path / "readme.txt").write_text("hello")
+    (tmp_path / "readme.txt").write_text("hello", encoding="utf-8")
     with pytest.raises(InputError, match="no DICOM series"):
         read_image(tmp_path, "moving image")
 
@@ -267,7 +267,7 @@ def test_failed_write_leaves_nothing(tmp_path, file_name, message):
 
 def test_write_into_unusable_folder(tmp_path):
     blocker = tmp_path / "file"
-    blocker.write_text("x")
+    blocker.write_text("x", encoding="utf-8")
     with pytest.raises(InputError, match="cannot create or write the folder"):
         write_image(_ct(), blocker / "out.nii.gz")
     with pytest.raises(InputError, match="is a folder"):

@@ -38,9 +38,9 @@ def test_ras_lps_flip_is_its_own_inverse():
 
 
 def test_mrk_json_ras_and_lps_give_same_points(tmp_path):
-    (tmp_path / "ras.mrk.json").write_text(_markups(RAS, "RAS"))
-    (tmp_path / "lps.mrk.json").write_text(_markups(LPS, "LPS"))
-    (tmp_path / "default.mrk.json").write_text(_markups(LPS))  # no tag: LPS, as current Slicer writes
+    (tmp_path / "ras.mrk.json").write_text(_markups(RAS, "RAS"), encoding="utf-8")
+    (tmp_path / "lps.mrk.json").write_text(_markups(LPS, "LPS"), encoding="utf-8")
+    (tmp_path / "default.mrk.json").write_text(_markups(LPS), encoding="utf-8")  # no tag: LPS, as current Slicer writes
     for name in ("ras", "lps", "default"):
         lm = read_landmarks(tmp_path / f"{name}.mrk.json")
         np.testing.assert_allclose(lm.points_lps, LPS)
@@ -54,11 +54,11 @@ def test_fcsv_ras(tmp_path):
         "# CoordinateSystem = RAS\n"
         "# columns = id,x,y,z,ow,ox,oy,oz,vis,sel,lock,label,desc,associatedNodeID\n"
         "vtkMRMLMarkupsFiducialNode_0,-10,20,30.5,0,0,0,1,1,1,0,A,,\n"
-        "vtkMRMLMarkupsFiducialNode_1,1.25,-2,-3,0,0,0,1,1,1,0,B,,\n")
+        "vtkMRMLMarkupsFiducialNode_1,1.25,-2,-3,0,0,0,1,1,1,0,B,,\n", encoding="utf-8")
     lm = read_landmarks(path)
     np.testing.assert_allclose(lm.points_lps, LPS)
     assert lm.labels == ["A", "B"]
-    path.write_text(path.read_text().replace("CoordinateSystem = RAS", "CoordinateSystem = 0"))
+    path.write_text(path.read_text().replace("CoordinateSystem = RAS", "CoordinateSystem = 0"), encoding="utf-8"encoding="utf-8").replace("CoordinateSystem = RAS", "CoordinateSystem = 0"))
     np.testing.assert_allclose(read_landmarks(path).points_lps, LPS)
 
 
@@ -68,7 +68,7 @@ def test_dirlab_txt_uses_reference_geometry(tmp_path):
     ref.SetOrigin((-120.0, 35.0, 12.5))
     ref.SetDirection((1, 0, 0, 0, -1, 0, 0, 0, 1))
     path = tmp_path / "case1_300.txt"
-    path.write_text("1\t1\t1\n2\t3\t4\n\n")
+    path.write_text("1\t1\t1\n2\t3\t4\n\n", encoding="utf-8")
     lm = read_landmarks(path, reference=ref)
     # (1,1,1) is voxel 0 -> the origin; (2,3,4) -> origin + D @ (spacing * (1, 2, 3))
     expected = [[-120.0, 35.0, 12.5], [-120.0 + 0.97, 35.0 - 2 * 0.97, 12.5 + 3 * 2.5]]
@@ -80,7 +80,7 @@ def test_dirlab_txt_uses_reference_geometry(tmp_path):
 
 def test_plain_csv(tmp_path):
     path = tmp_path / "p.csv"
-    path.write_text("label,x,y,z\nA,10,-20,30.5\nB,-1.25,2,-3\n")
+    path.write_text("label,x,y,z\nA,10,-20,30.5\nB,-1.25,2,-3\n", encoding="utf-8")
     lm = read_landmarks(path)
     np.testing.assert_allclose(lm.points_lps, LPS)
     assert lm.labels == ["A", "B"]
@@ -95,25 +95,25 @@ def test_write_read_round_trip(tmp_path, name, system):
     np.testing.assert_allclose(back.points_lps, lm.points_lps, rtol=0, atol=1e-12)
     assert back.labels == lm.labels
     if name.endswith(".json"):
-        assert json.loads(path.read_text())["markups"][0]["coordinateSystem"] == system
+        assert json.loads(path.read_text(encoding="utf-8"))["markups"][0]["coordinateSystem"] == system
 
 
 def test_reader_errors_name_the_problem(tmp_path):
     with pytest.raises(InputError, match="not found"):
         read_landmarks(tmp_path / "missing.fcsv")
-    (tmp_path / "p.xyz").write_text("1 2 3\n")
+    (tmp_path / "p.xyz").write_text("1 2 3\n", encoding="utf-8")
     with pytest.raises(InputError, match="unknown landmark file type"):
         read_landmarks(tmp_path / "p.xyz")
-    (tmp_path / "bad.csv").write_text("label,x,y,z\nA,1,2,3\nB,1,two,3\n")
+    (tmp_path / "bad.csv").write_text("label,x,y,z\nA,1,2,3\nB,1,two,3\n", encoding="utf-8")
     with pytest.raises(InputError, match="line 3"):
         read_landmarks(tmp_path / "bad.csv")
-    (tmp_path / "bad.fcsv").write_text("# CoordinateSystem = LPS\nid0,1,2,3,0,0,0,1,1,1,0,A,,\nid1,1,x,3\n")
+    (tmp_path / "bad.fcsv").write_text("# CoordinateSystem = LPS\nid0,1,2,3,0,0,0,1,1,1,0,A,,\nid1,1,x,3\n", encoding="utf-8")
     with pytest.raises(InputError, match="line 3"):
         read_landmarks(tmp_path / "bad.fcsv")
-    (tmp_path / "bad.txt").write_text("1 2 3\n4 5\n")
+    (tmp_path / "bad.txt").write_text("1 2 3\n4 5\n", encoding="utf-8")
     with pytest.raises(InputError, match="line 2"):
         read_landmarks(tmp_path / "bad.txt", reference=sitk.Image(4, 4, 4, sitk.sitkUInt8))
-    (tmp_path / "bad.mrk.json").write_text("{not json")
+    (tmp_path / "bad.mrk.json").write_text("{not json", encoding="utf-8")
     with pytest.raises(InputError, match="markups"):
         read_landmarks(tmp_path / "bad.mrk.json")
     with pytest.raises(InputError, match="cannot write"):
@@ -165,7 +165,7 @@ def test_residual_tre_displacement_field_file(tmp_path):
 def test_transform_and_tre_errors(tmp_path):
     with pytest.raises(InputError, match="not found"):
         read_transform(tmp_path / "none.tfm")
-    (tmp_path / "bad.tfm").write_text("garbage\n")
+    (tmp_path / "bad.tfm").write_text("garbage\n", encoding="utf-8")
     with pytest.raises(InputError, match="transform"):
         read_transform(tmp_path / "bad.tfm")
     sitk.WriteImage(sitk.Image(4, 4, 4, sitk.sitkFloat32), str(tmp_path / "scalar.mha"))

@@ -43,7 +43,7 @@ def tiny_run(model_dir, tmp_path_factory):
 def test_tiny_phantom_study_writes_the_whole_report(tiny_run):
     code, out = tiny_run
     assert code == 0
-    report = json.loads((out / "report.json").read_text())
+    report = json.loads((out / "report.json").read_text(encoding="utf-8"))
     assert set(report["methods"]) == set(METHODS)
     for name in ["report.md", "landmarks.csv", "mean_f1_by_setting.png", "overlay.png",
                  *report["figures"]["confusion"].values()]:
@@ -54,7 +54,7 @@ def test_tiny_phantom_study_writes_the_whole_report(tiny_run):
         assert all(set(case["seconds"]["methods"][m]) == set(SETTINGS) for m in METHODS)
         assert case["seconds"]["total"] > 0
     assert all(report["runtime"]["methods"][m]["total_s"] > 0 for m in METHODS)
-    text = (out / "report.md").read_text()
+    text = (out / "report.md").read_text(encoding="utf-8")
     assert "`regmis benchmark --phantom --cases 2 --landmarks 300 --tiny" in text
     assert "published (not re-measured)" in text and "| 73.1 | 77 |" in text  # LSTM row, all settings
     assert report["published"]["all"]["regnet-t"]["cw"] == 197
@@ -68,7 +68,7 @@ def _csv_rows(path: Path) -> list[dict]:
 @needs_elastix
 def test_report_numbers_equal_a_recomputation_from_the_csv(tiny_run):
     _, out = tiny_run
-    report = json.loads((out / "report.json").read_text())
+    report = json.loads((out / "report.json").read_text(encoding="utf-8"))
     rows = _csv_rows(out / "landmarks.csv")
     assert len(rows) == 2 * 300 * len(SETTINGS) * len(METHODS)
     index = {name: i for i, name in enumerate(CLASS_NAMES)}
@@ -82,7 +82,7 @@ def test_report_numbers_equal_a_recomputation_from_the_csv(tiny_run):
             assert report["results"][method][setting] == recomputed, (method, setting)
             if method == METHODS[0]:  # every landmark is predicted, so the truth is the confusion's rows
                 assert report["truth"][setting]["counts"] == np.sum(recomputed["confusion"], axis=1).tolist()
-    text = (out / "report.md").read_text()
+    text = (out / "report.md").read_text(encoding="utf-8")
     for method in METHODS:  # the Markdown shows the same mean F1 over all settings
         mean_f1 = report["results"][method]["all"]["mean_f1"]
         row = next(line for line in text.splitlines() if line.startswith(f"| {method} |"))
@@ -107,9 +107,9 @@ def test_a_stopped_study_keeps_its_finished_cases_and_resumes_from_them(model_di
     monkeypatch.setattr(protocol, "run_case", stopped_after_one_case)
     assert main(args) == 130
     assert "--resume" in capsys.readouterr().err
-    partial = json.loads((out / "report.json").read_text())
+    partial = json.loads((out / "report.json").read_text(encoding="utf-8"))
     assert not partial["complete"] and partial["cases_planned"] == 2 and len(partial["cases"]) == 1
-    assert "Unfinished: 1 of 2 cases" in (out / "report.md").read_text()
+    assert "Unfinished: 1 of 2 cases" in (out / "report.md").read_text(encoding="utf-8")
     partial_rows = _csv_rows(out / "landmarks.csv")
     assert len(partial_rows) == 300 * len(SETTINGS) * len(METHODS)
 
@@ -117,15 +117,15 @@ def test_a_stopped_study_keeps_its_finished_cases_and_resumes_from_them(model_di
     assert "unfinished study (1 of 2 cases" in capsys.readouterr().err
     assert main([*args, "--resume", "--landmarks", "200"]) == 2  # nor resumed as another study
     assert "differs in landmarks" in capsys.readouterr().err
-    assert json.loads((out / "report.json").read_text())["cases"] == partial["cases"]
+    assert json.loads((out / "report.json").read_text(encoding="utf-8"))["cases"] == partial["cases"]
 
     calls.clear()
     assert main([*args, "--resume"]) == 0
     assert len(calls) == 1  # only the second case was computed
-    report = json.loads((out / "report.json").read_text())
+    report = json.loads((out / "report.json").read_text(encoding="utf-8"))
     assert report["complete"] and [c["name"] for c in report["cases"]] == [partial["cases"][0]["name"], calls[0]]
     assert report["cases"][0] == partial["cases"][0]
-    assert "--resume" not in report["command"] and "Unfinished" not in (out / "report.md").read_text()
+    assert "--resume" not in report["command"] and "Unfinished" not in (out / "report.md").read_text(encoding="utf-8")
     assert report["figures"]["overlay"] == "overlay.png" and (out / "overlay.png").is_file()
     rows = _csv_rows(out / "landmarks.csv")
     assert rows[: len(partial_rows)] == partial_rows and len(rows) == 2 * len(partial_rows)
@@ -184,17 +184,17 @@ def test_elastix_files_follow_the_protocol():
         return [line for line in text.splitlines()
                 if not line.startswith("//") and "MaximumNumberOfIterations" not in line]
 
-    bspline = {n: (ELASTIX_DIR / f"bspline{n}.txt").read_text() for n in (20, 100, 500, 2000)}
+    bspline = {n: (ELASTIX_DIR / f"bspline{n}.txt").read_text(encoding="utf-8") for n in (20, 100, 500, 2000)}
     for n, text in bspline.items():  # the four B-spline settings differ only in their iterations
         assert f"(MaximumNumberOfIterations {n})" in text
         assert settings_lines(text) == settings_lines(bspline[2000])
     for name in ("affine.txt", "bspline500.txt", "elastix_t.txt"):
-        text = (ELASTIX_DIR / name).read_text()
+        text = (ELASTIX_DIR / name).read_text(encoding="utf-8")
         for line in ('(Metric "AdvancedMattesMutualInformation")', '(Optimizer "AdaptiveStochasticGradientDescent")',
                      "(NumberOfResolutions 3)"):
             assert line in text, (name, line)
-    assert '(Transform "AffineTransform")' in (ELASTIX_DIR / "affine.txt").read_text()
-    assert '(Transform "BSplineTransform")' in (ELASTIX_DIR / "elastix_t.txt").read_text()
+    assert '(Transform "AffineTransform")' in (ELASTIX_DIR / "affine.txt").read_text(encoding="utf-8")
+    assert '(Transform "BSplineTransform")' in (ELASTIX_DIR / "elastix_t.txt").read_text(encoding="utf-8")
 
 
 def test_settings_are_parsed_in_protocol_order_and_unknown_ones_refused(model_dir, tmp_path, capsys):
@@ -232,8 +232,8 @@ def test_dirlab_4dct_case_keeps_landmarks_on_their_voxels_through_the_flip(tmp_p
     write_img(tmp_path / "Case1Pack" / "Images" / "case1_T50_s.img", (3, 1, 1))
     marks = tmp_path / "Case1Pack" / "ExtremePhases"
     marks.mkdir()
-    (marks / "case1_300_T00_xyz.txt").write_text("3\t4\t1\n")  # 1-based indices of the file
-    (marks / "case1_300_T50_xyz.txt").write_text("4\t2\t2\n")
+    (marks / "case1_300_T00_xyz.txt").write_text("3\t4\t1\n", encoding="utf-8")  # 1-based indices of the file
+    (marks / "case1_300_T50_xyz.txt").write_text("4\t2\t2\n", encoding="utf-8")
     [files] = find_dirlab_cases(tmp_path, tables={"DIR-Lab 4DCT": {1: SMALL}})
     case = load_case(files)
     assert case.name == "case1" and case.fixed.GetSize() == (6, 5, 4) and case.fixed.GetSpacing() == (1.0, 1.0, 2.5)
@@ -251,8 +251,8 @@ def test_dirlab_4dct_case_keeps_landmarks_on_their_voxels_through_the_flip(tmp_p
 def test_copdgene_names_and_big_endian_files_are_read(tmp_path):
     write_img(tmp_path / "copd1" / "copd1_iBHCT.img", (1, 1, 1), dtype=">i2")
     write_img(tmp_path / "copd1" / "copd1_eBHCT.img", (1, 1, 2), dtype=">i2")
-    (tmp_path / "copd1" / "copd1_300_iBH_xyz_r1.txt").write_text("2 2 2\n")
-    (tmp_path / "copd1" / "copd1_300_eBH_xyz_r1.txt").write_text("2 2 3\n")
+    (tmp_path / "copd1" / "copd1_300_iBH_xyz_r1.txt").write_text("2 2 2\n", encoding="utf-8")
+    (tmp_path / "copd1" / "copd1_300_eBH_xyz_r1.txt").write_text("2 2 3\n", encoding="utf-8")
     [files] = find_dirlab_cases(tmp_path, tables={"DIR-Lab COPDgene": {1: SMALL}})
     case = load_case(files)
     assert case.name == "copd1"
@@ -262,8 +262,8 @@ def test_copdgene_names_and_big_endian_files_are_read(tmp_path):
 def test_dirlab_files_of_the_wrong_size_are_refused(tmp_path):
     write_img(tmp_path / "case1_T00_s.img", (0, 0, 0))
     write_img(tmp_path / "case1_T50_s.img", (0, 0, 0))
-    (tmp_path / "case1_300_T00_xyz.txt").write_text("1 1 1\n")
-    (tmp_path / "case1_300_T50_xyz.txt").write_text("1 1 1\n")
+    (tmp_path / "case1_300_T00_xyz.txt").write_text("1 1 1\n", encoding="utf-8")
+    (tmp_path / "case1_300_T50_xyz.txt").write_text("1 1 1\n", encoding="utf-8")
     [files] = find_dirlab_cases(tmp_path)  # the public table: case 1 is 256 x 256 x 94
     with pytest.raises(InputError, match="256 x 256 x 94|12320768 bytes"):
         load_case(files)
@@ -271,7 +271,7 @@ def test_dirlab_files_of_the_wrong_size_are_refused(tmp_path):
 
 def test_an_incomplete_dirlab_folder_lists_what_is_missing(tmp_path, model_dir, capsys):
     write_img(tmp_path / "case2_T00_s.img", (0, 0, 0))
-    (tmp_path / "case2_300_T00_xyz.txt").write_text("1 1 1\n")
+    (tmp_path / "case2_300_T00_xyz.txt").write_text("1 1 1\n", encoding="utf-8")
     code = main(["benchmark", "--dirlab", str(tmp_path), "--out", str(tmp_path / "out"),
                  "--models-dir", str(model_dir)])
     assert code == 2
@@ -292,12 +292,12 @@ def test_pairs_csv_reads_any_images_and_landmarks_and_lists_missing_files(tmp_pa
     write_landmarks(Landmarks([[1.0, 1.0, 2.0], [2.0, 2.0, 4.0]], ["a", "b"]), tmp_path / "f.csv")
     write_landmarks(Landmarks([[1.0, 2.0, 2.0], [2.0, 2.0, 6.0]], ["a", "b"]), tmp_path / "m.mrk.json")
     table = tmp_path / "pairs.csv"
-    table.write_text("case,fixed,moving,fixed_landmarks,moving_landmarks\nA,f.nii.gz,m.nrrd,f.csv,m.mrk.json\n")
+    table.write_text("case,fixed,moving,fixed_landmarks,moving_landmarks\nA,f.nii.gz,m.nrrd,f.csv,m.mrk.json\n", encoding="utf-8")
     [files] = read_pairs_csv(table)
     case = load_case(files)
     assert isinstance(case.truth, LandmarkTruth) and len(case.landmarks) == 2
     np.testing.assert_allclose(case.truth.residual_mm(case.landmarks.points_lps, lambda p: p), [1.0, 2.0])
     table.write_text("case,fixed,moving,fixed_landmarks,moving_landmarks\nA,f.nii.gz,m.nrrd,f.csv,m.mrk.json\n"
-                     "B,f.nii.gz,gone.nii.gz,f.csv,m.mrk.json\n")
+                     "B,f.nii.gz,gone.nii.gz,f.csv,m.mrk.json\n", encoding="utf-8")
     with pytest.raises(InputError, match=r"line 3 \(case 'B'\) misses moving .*gone\.nii\.gz"):
         read_pairs_csv(table)

@@ -27,7 +27,7 @@ SLICER_LIB = "RegistrationMisalignmentSlicerLib"
 
 def cmake_text(path: Path) -> str:
     """CMake source without comments (a # outside quotes), ${MODULE_NAME} expanded."""
-    lines = [re.match(r'((?:[^"#]|"[^"]*")*)', line).group(1) for line in path.read_text().splitlines()]
+    lines = [re.match(r'((?:[^"#]|"[^"]*")*)', line).group(1) for line in path.read_text(encoding="utf-8").splitlines()]
     return "\n".join(lines).replace("${MODULE_NAME}", MODULE_NAME)
 
 
@@ -121,13 +121,13 @@ def widget_names(root: ET.Element) -> set[str]:
 
 
 def test_every_widget_the_code_uses_exists_in_the_ui(ui_tree):
-    used = set(re.findall(r"self\.ui\.(\w+)", MODULE_FILE.read_text()))
+    used = set(re.findall(r"self\.ui\.(\w+)", MODULE_FILE.read_text(encoding="utf-8")))
     assert used, "the widget code uses no self.ui names"
     assert used - widget_names(ui_tree) == set()
 
 
 def parameter_fields() -> set[str]:
-    tree = ast.parse(MODULE_FILE.read_text())
+    tree = ast.parse(MODULE_FILE.read_text(encoding="utf-8"))
     cls = next(n for n in tree.body if isinstance(n, ast.ClassDef) and n.name == f"{MODULE_NAME}ParameterNode")
     return {n.target.id for n in cls.body if isinstance(n, ast.AnnAssign)}
 
@@ -162,7 +162,7 @@ def test_icon_is_a_128_pixel_png():
 def top_level_imports(path: Path) -> set[str]:
     """Modules imported when ``path`` is imported (not those imported inside functions)."""
     names = set()
-    for node in ast.parse(path.read_text()).body:
+    for node in ast.parse(path.read_text(encoding="utf-8")).body:
         if isinstance(node, ast.Import):
             names |= {alias.name for alias in node.names}
         elif isinstance(node, ast.ImportFrom) and node.module:
@@ -186,7 +186,7 @@ def test_the_lib_imports_nothing_above_it():
     forbidden = {"slicer", "qt", "vtk", "trainer", "benchmarks"}
     offenders = []
     for path in LIB_DIR.rglob("*.py"):
-        for node in ast.walk(ast.parse(path.read_text())):
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
             names = [a.name for a in node.names] if isinstance(node, ast.Import) else \
                 [node.module or ""] if isinstance(node, ast.ImportFrom) and not node.level else []
             offenders += [f"{path.relative_to(REPO)}: {n}" for n in names if n.split(".")[0] in forbidden]

@@ -484,7 +484,7 @@ def test_landmark_rows_export_jump_and_summary(landmark_case, scene, tmp_path):
 
     case.logic.exportLandmarkTable(rows, str(tmp_path / "panel.csv"))
     write_rows_csv(rows, tmp_path / "lib.csv")
-    assert (tmp_path / "panel.csv").read_text() == (tmp_path / "lib.csv").read_text()
+    assert (tmp_path / "panel.csv").read_text(encoding="utf-8") == (tmp_path / "lib.csv").read_text(encoding="utf-8")
 
     summary = case.logic.formatReport(report)
     assert f"N {report.n} |" in summary and f"cw {report.cw}" in summary

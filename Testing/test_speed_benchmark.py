@@ -62,9 +62,9 @@ def test_ci_run_writes_well_formed_json_and_one_table_row_per_configuration(tmp_
                            str(tmp_path / "cache"), "--name", "ci"], cwd=REPO, capture_output=True, text=True,
                           timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    report = json.loads((out / "ci.json").read_text())
+    report = json.loads((out / "ci.json").read_text(encoding="utf-8"))
     assert {"name", "date", "command", "machine", "settings", "rows", "scaling"} <= report.keys()
-    assert report["complete"] is True and "Unfinished" not in (out / "ci.md").read_text()
+    assert report["complete"] is True and "Unfinished" not in (out / "ci.md").read_text(encoding="utf-8")
     assert report["machine"]["cpu"] and report["machine"]["cpu_cores"] >= 1 and report["machine"]["torch"]
     rows = report["rows"]
     assert [r["kind"] for r in rows].count("naive") == 1
@@ -83,10 +83,10 @@ def test_ci_run_writes_well_formed_json_and_one_table_row_per_configuration(tmp_
     assert len(scaling["points"]) == 2 and len({p["voxels_1mm"] for p in scaling["points"]}) == 2
     assert math.isfinite(scaling["time_exponent"]) and math.isfinite(scaling["memory_exponent"])
 
-    table = (out / "ci.md").read_text().split("Scaling")[0]
+    table = (out / "ci.md").read_text(encoding="utf-8").split("Scaling")[0]
     body = [line for line in table.splitlines() if line.startswith("| ") and not line.startswith("| configuration")]
     assert [line.split(" | ")[0][2:] for line in body] == [r["label"] for r in rows]
-    assert markdown(report) == (out / "ci.md").read_text()
+    assert markdown(report) == (out / "ci.md").read_text(encoding="utf-8")
     failed = {**rows[0], "error": "killed by signal 9"}
     text = markdown({**report, "rows": [failed, *rows[1:]]})
     assert f"| {failed['label']} |" in text and "failed: killed by signal 9" in text

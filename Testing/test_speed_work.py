@@ -51,12 +51,12 @@ def test_tiling_overhead_shrinks_with_the_tile_and_totals_are_tiles_times_one_ti
 def test_report_states_the_floor_against_the_goal(tmp_path):
     assert main(["--shape", "48,40,16", "--spacing", "1,1,2", "--threads", "1", "--throughput-side", "101",
                  "--repeats", "1", "--network-seconds", "10", "--out", str(tmp_path), "--name", "work"]) == 0
-    report = json.loads((tmp_path / "work.json").read_text())
+    report = json.loads((tmp_path / "work.json").read_text(encoding="utf-8"))
     work, floors = report["work"], report["floors"]
     assert work["grid_zyx"] == [32, 40, 48]
     assert work["voxels"] == 32 * 40 * 48
     assert report["throughput"]["macs_per_s"] > 0
     assert floors["one_pass_s"] == pytest.approx(work["one_pass_macs"] / report["throughput"]["macs_per_s"])
     assert floors["measured_macs_per_s"] == pytest.approx(work["total_macs"] / 10)
-    text = (tmp_path / "work.md").read_text()
+    text = (tmp_path / "work.md").read_text(encoding="utf-8")
     assert "tiling overhead" in text and "GMAC/s" in text

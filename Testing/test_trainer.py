@@ -106,9 +106,13 @@ def smoke_runs(tmp_path_factory):
 
 def test_smoke_run_writes_models_curves_and_history(smoke_runs):
     straight, _ = smoke_runs
-    for name in ("smoke_lstm_631.pt", "smoke_lstm_631.json", "regmis_regnet_t.pt", "curves.png", "history.jsonl"):
+    for name in ("smoke_lstm_631.pt", "smoke_lstm_631.json", "regmis_regnet_t.pt", "curves.png", "history.jsonl",
+                 "ledger.md"):
         assert (straight / name).exists(), name
-    rows = [json.loads(l) for l in (straight / "history.jsonl").read_text().splitlines()]
+    ledger = (straight / "ledger.md").read_text(encoding="utf-8")
+    assert "5 epochs in all" in ledger and "core-hours" in ledger
+    assert "| misalignment | 2 | 2 |" in ledger and "zero predictor" in ledger
+    rows = [json.loads(l) for l in (straight / "history.jsonl").read_text(encoding="utf-8").splitlines()]
     assert [r["stage"] for r in rows] == ["regnet4", "regnet2", "regnet1", "misalignment", "misalignment"]
     assert [r["lr"] for r in rows] == [1e-3, 1e-3, 1e-3, 1e-3, 1e-4]
 
@@ -167,7 +171,7 @@ def test_second_decoder_reuses_the_pretrained_regnets(smoke_runs, tmp_path):
     out = tmp_path / "multiscale"
     assert main(["--smoke", "--out", str(out), "--decoder", "multiscale", "--name", "smoke_ms", "--epochs", "1",
                  "--pretrained", str(straight / "checkpoint")]) == 0
-    stages = [l.split('"stage": "')[1].split('"')[0] for l in (out / "history.jsonl").read_text().splitlines()]
+    stages = [l.split('"stage": "')[1].split('"')[0] for l in (out / "history.jsonl").read_text(encoding="utf-8").splitlines()]
     assert stages == ["misalignment"]
     first = checkpoint.load(straight / "checkpoint")["models"]["regnet1"]
     again = checkpoint.load(out / "checkpoint")["models"]["regnet1"]
@@ -180,7 +184,7 @@ def test_time_limit_stops_stage_2_after_an_epoch_and_still_exports(smoke_runs, t
     out = tmp_path / "limited"
     assert main(["--smoke", "--out", str(out), "--epochs", "3", "--pretrained", str(straight / "checkpoint"),
                  "--set", "time_limit_minutes=1e-6"]) == 0
-    rows = [json.loads(l) for l in (out / "history.jsonl").read_text().splitlines()]
+    rows = [json.loads(l) for l in (out / "history.jsonl").read_text(encoding="utf-8").splitlines()]
     assert [(r["stage"], r["epoch"]) for r in rows] == [("misalignment", 1)]
     card = load_model(out / "smoke_lstm_631.pt").card
     assert card["training"]["epochs_done"] == {"misalignment": 1}

@@ -46,7 +46,7 @@ def test_tampered_weights_are_refused(copy_of):
 def test_missing_or_broken_card_is_refused(copy_of):
     pt = copy_of()
     card = pt.with_suffix(".json")
-    card.write_text("{not json")
+    card.write_text("{not json", encoding="utf-8")
     with pytest.raises(InputError, match="not readable JSON"):
         load_model(pt)
     card.unlink()
@@ -57,11 +57,11 @@ def test_missing_or_broken_card_is_refused(copy_of):
 def test_card_with_wrong_decoder_or_config_is_refused(copy_of):
     pt = copy_of()
     card_path = pt.with_suffix(".json")
-    card = json.loads(card_path.read_text())
-    card_path.write_text(json.dumps({**card, "decoder": "transformer"}))
+    card = json.loads(card_path.read_text(encoding="utf-8"))
+    card_path.write_text(json.dumps({**card, "decoder": "transformer"}), encoding="utf-8")
     with pytest.raises(InputError, match="decoder"):
         load_model(pt)
-    card_path.write_text(json.dumps({**card, "config": {**card["config"], "split": "9-9-9"}}))
+    card_path.write_text(json.dumps({**card, "config": {**card["config"], "split": "9-9-9"}}), encoding="utf-8")
     with pytest.raises(InputError, match="configuration"):
         load_model(pt)
 
@@ -72,7 +72,7 @@ def test_unreadable_torchscript_with_matching_hash_is_refused(copy_of):
     pt = copy_of()
     pt.write_bytes(b"these are not weights")
     card_path = pt.with_suffix(".json")
-    card_path.write_text(json.dumps({**json.loads(card_path.read_text()), "sha256": sha256_of(pt)}))
+    card_path.write_text(json.dumps({**json.loads(card_path.read_text()), "sha256": sha256_of(pt)}), encoding="utf-8"encoding="utf-8")), "sha256": sha256_of(pt)}))
     with pytest.raises(InputError, match="not a readable TorchScript"):
         load_model(pt)
 

@@ -103,7 +103,7 @@ def main(argv: list[str] | None = None) -> int:
         results["models"][name] = {"decoder": model.decoder, "seconds": round(seconds[name], 1), **report.to_dict()}
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "synthetic_heldout.json").write_text(json.dumps(results, indent=2) + "\n")
+    (out / "synthetic_heldout.json").write_text(json.dumps(results, indent=2) + "\n", encoding="utf-8")
     lines = ["# Held-out synthetic pairs, voxel-wise (inside the body)", "",
              f"Command: `{results['command']}`  ", f"Machine: {results['machine']}", "",
              "| model | decoder | accuracy | F1c | F1p | F1w | mean F1 | kappa | cw | N | seconds |",
@@ -117,15 +117,15 @@ def main(argv: list[str] | None = None) -> int:
     for c in cases:
         lines.append(f"| {c['image']} | {c['kind']} | {'/'.join(f'{100 * v:.0f}' for v in c['truth_fractions'])} | "
                      + " | ".join(f"{100 * c[n]:.1f}" for n in results["models"]) + " |")
-    (out / "synthetic_heldout.md").write_text("\n".join(lines) + "\n")
+    (out / "synthetic_heldout.md").write_text("\n".join(lines) + "\n", encoding="utf-8")
     if args.update_cards:
         for model, name in zip(models, names):
             card_path = model.path.with_suffix(".json")
-            card = json.loads(card_path.read_text())  # the .pt and its sha256 are untouched
+            card = json.loads(card_path.read_text(encoding="utf-8"))  # the .pt and its sha256 are untouched
             summary = {k: v for k, v in results["models"][name].items() if k != "confusion"}
             card["metrics"]["heldout_synthetic"] = {**summary, "command": results["command"],
                                                     "pairs": len(cases), "unit": "voxels inside the body"}
-            card_path.write_text(json.dumps(card, indent=2) + "\n")
+            card_path.write_text(json.dumps(card, indent=2) + "\n", encoding="utf-8")
     print("\n".join(lines))
     return 0
 

@@ -45,14 +45,14 @@ def run(name: str, command: list[str], timeout_s: float, logs: Path) -> bool:
         return False
     log(f"{name}: {' '.join(command)} (limit {timeout_s:.0f} s)")
     start = time.perf_counter()
-    with open(logs / f"{name}.log", "w") as out:
+    with open(logs / f"{name}.log", "w", encoding="utf-8") as out:
         try:
             ok = subprocess.run(command, cwd=REPO, stdout=out, stderr=subprocess.STDOUT, timeout=timeout_s).returncode == 0
             status = "exit 0" if ok else "failed"
         except subprocess.TimeoutExpired:
             ok, status = False, "timed out"
     log(f"{name}: {status} after {time.perf_counter() - start:.0f} s")
-    print("\n".join("    " + line for line in (logs / f"{name}.log").read_text(errors="replace").splitlines()[-8:]))
+    print("\n".join("    " + line for line in (logs / f"{name}.log").read_text(errors="replace", encoding="utf-8").splitlines()[-8:]))
     return ok
 
 
@@ -85,12 +85,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--train-s", type=float, default=570.0, help="seconds for the canonical run, start-up included")
     p.add_argument("--batch-size", type=int, default=4, help="dense blocks per step on the GPU")
     args = p.parse_args(argv)
-    config = tomllib.loads(CANONICAL.read_text())
+    config = tomllib.loads(CANONICAL.read_text(encoding="utf-8"))
     run_dir = REPO / config["out"]
     logs = args.out / "logs"
     logs.mkdir(parents=True, exist_ok=True)
     if shutil.which("nvidia-smi"):
-        with open(logs / "nvidia-smi.txt", "w") as smi:
+        with open(logs / "nvidia-smi.txt", "w", encoding="utf-8") as smi:
             subprocess.run(["nvidia-smi"], stdout=smi, stderr=subprocess.STDOUT)
     if args.throughput_s > 0:
         run("throughput", [sys.executable, "benchmarks/train_throughput.py", "--device", args.device, "--repeats", "2",

@@ -136,7 +136,7 @@ def main(argv: list[str] | None = None) -> int:
             report["rows"].append(row)
             print(f"[variants] tile {tile_size} {name}: " + (row.get("error") or
                   f"{row['forward_s'] * 1e3:.1f} ms, diff {row['max_prob_diff_vs_fp32']:.2g}"), flush=True)
-            (args.out / "network_variants.json").write_text(json.dumps(report, indent=1))
+            (args.out / "network_variants.json").write_text(json.dumps(report, indent=1), encoding="utf-8")
     return 0
 
 

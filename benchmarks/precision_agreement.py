@@ -63,7 +63,7 @@ def main(argv: list[str] | None = None) -> int:
               "model": model.name, "rows": rows}
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "precision_agreement_cpu.json").write_text(json.dumps(result, indent=2) + "\n")
+    (out / "precision_agreement_cpu.json").write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
     lines = ["# bf16 against float32 on the CPU, real chest CT", "", f"Command: `{result['command']}`  ",
              f"torch {result['torch']}, {result['threads']} threads, native bf16: {result['native_bf16']}, model "
              f"{result['model']}. Over the body's voxels of each case; precision auto = bf16 autocast here.", "",
@@ -77,7 +77,7 @@ def main(argv: list[str] | None = None) -> int:
                      f"{r['seconds']['float32']:.1f} | {r['seconds']['auto']:.1f} | "
                      f"{r['seconds']['float32'] / r['seconds']['auto']:.2f}x |")
     lines += ["", f"Classes: {', '.join(CLASS_NAMES)}."]
-    (out / "precision_agreement_cpu.md").write_text("\n".join(lines) + "\n")
+    (out / "precision_agreement_cpu.md").write_text("\n".join(lines) + "\n", encoding="utf-8")
     print("\n".join(lines))
     return 0
 

@@ -61,7 +61,7 @@ def machine_info() -> dict:
     """What the numbers were measured on: CPU model, cores, torch and CUDA versions, GPU name."""
     cpu = platform.processor() or platform.machine()
     try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
+        for line in Path("/proc/cpuinfo").read_text(encoding="utf-8").splitlines():
             if line.startswith("model name"):
                 cpu = line.split(":", 1)[1].strip()
                 break
@@ -218,8 +218,8 @@ def write_report(report: dict, out_dir: Path) -> tuple[Path, Path]:
     """``<name>.json`` and ``<name>.md`` in ``out_dir``."""
     out_dir.mkdir(parents=True, exist_ok=True)
     json_path, md_path = out_dir / f"{report['name']}.json", out_dir / f"{report['name']}.md"
-    json_path.write_text(json.dumps(report, indent=2) + "\n")
-    md_path.write_text(markdown(report))
+    json_path.write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
+    md_path.write_text(markdown(report), encoding="utf-8")
     return json_path, md_path
 
 
@@ -254,7 +254,7 @@ def model_entries(args: argparse.Namespace, cache: Path) -> list[dict]:
         raise SystemExit("no models in Resources/Models; pass --models PATH ... or --random-weights")
     entries = []
     for path in paths:
-        card = json.loads(path.with_suffix(".json").read_text())
+        card = json.loads(path.with_suffix(".json").read_text(encoding="utf-8"))
         entries.append({"path": path, "decoder": card["decoder"], "random_weights": bool(card.get("random_weights")),
                         "sha256": card.get("sha256")})
     return entries

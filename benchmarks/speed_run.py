@@ -144,7 +144,7 @@ STAGES = ("prepare", "resample", "pyramid", "network", "resample_back")
 def _proc_status_bytes(field: str) -> int | None:
     """A kB field of /proc/self/status (Linux) in bytes; None where /proc is not there."""
     try:
-        for line in Path("/proc/self/status").read_text().splitlines():
+        for line in Path("/proc/self/status").read_text(encoding="utf-8").splitlines():
             if line.startswith(f"{field}:"):
                 return int(line.split()[1]) * 1024
     except OSError:

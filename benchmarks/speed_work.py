@@ -223,9 +223,9 @@ def main(argv: list[str] | None = None) -> int:
         "floors": floors(work, throughput["macs_per_s"], args.network_seconds),
     }
     args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / f"{args.name}.json").write_text(json.dumps(report, indent=2) + "\n")
+    (args.out / f"{args.name}.json").write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
     text = markdown(report)
-    (args.out / f"{args.name}.md").write_text(text)
+    (args.out / f"{args.name}.md").write_text(text, encoding="utf-8")
     print(text)
     return 0
 

@@ -42,7 +42,7 @@ def misalignment_stage(decoder: str) -> str:
 
 
 def cpu_name() -> str:
-    for line in Path("/proc/cpuinfo").read_text().splitlines() if Path("/proc/cpuinfo").exists() else []:
+    for line in Path("/proc/cpuinfo").read_text(encoding="utf-8").splitlines() if Path("/proc/cpuinfo").exists() else []:
         if line.startswith("model name"):
             return line.split(":", 1)[1].strip()
     return platform.processor() or platform.machine()
@@ -157,7 +157,7 @@ def main(argv: list[str] | None = None) -> int:
 
 def write(result: dict, out: Path, tag: str) -> None:
     out.mkdir(parents=True, exist_ok=True)
-    (out / f"train_throughput_{tag}.json").write_text(json.dumps(result, indent=2) + "\n")
+    (out / f"train_throughput_{tag}.json").write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
     machine = result["machine"]
     lines = [f"# Training throughput ({tag})", "", f"Command: `{result['command']}`  ",
              f"Machine: {machine['cpu']}, {machine['threads']} threads, torch {machine['torch']}, device "
@@ -179,7 +179,7 @@ def write(result: dict, out: Path, tag: str) -> None:
     lines += [f"| {r['stage']} | failed: {r['error']} | |" if "error" in r else
               f"| {r['stage']} | {r['seconds_per_step']:.2f} | {r['pairs_per_s']:.3g} |"
               for r in result["rows"] if r["stage"].startswith(PAIR_STAGE)]
-    (out / f"train_throughput_{tag}.md").write_text("\n".join(lines) + "\n")
+    (out / f"train_throughput_{tag}.md").write_text("\n".join(lines) + "\n", encoding="utf-8")
     print("\n".join(lines))
 
 

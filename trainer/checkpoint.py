@@ -58,14 +58,14 @@ def save(folder: Path, stage: str, epoch: int, model: torch.nn.Module, optimizer
     torch.save(payload, tmp)
     tmp.replace(folder / f"{stage}.pt")
     state = folder / "state.json.tmp"
-    state.write_text(json.dumps({"stage": stage, "epoch": epoch, "seconds": seconds}, indent=2) + "\n")
+    state.write_text(json.dumps({"stage": stage, "epoch": epoch, "seconds": seconds}, indent=2) + "\n", encoding="utf-8")
     state.replace(folder / "state.json")
 
 
 def load(folder: Path) -> dict:
     """``{"stage", "epoch", "seconds", "models": {stage: weights}, "optimizer"}``: the optimiser state is
     that of the last stage (float32 moments), the models every stage saved."""
-    state = json.loads((folder / "state.json").read_text())
+    state = json.loads((folder / "state.json").read_text(encoding="utf-8"))
     models, optimizer = {}, None
     for path in sorted(folder.glob("*.pt")):
         payload = torch.load(path, map_location="cpu", weights_only=True)

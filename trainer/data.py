@@ -19,7 +19,7 @@ def list_image_files(source: str | Path) -> list[Path]:
         dicom = [p for p in sorted(source.iterdir()) if p.is_dir()]
         files += dicom
     elif source.is_file():
-        files = [Path(line.strip()) for line in source.read_text().splitlines() if line.strip() and not line.startswith("#")]
+        files = [Path(line.strip()) for line in source.read_text(encoding="utf-8").splitlines() if line.strip() and not line.startswith("#")]
     else:
         raise InputError(f"training data {source} not found: give a folder of CT images or a text file listing them")
     if not files:

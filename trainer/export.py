@@ -95,7 +95,7 @@ def plot_curves(history_path: Path, png_path: Path) -> Path:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    rows = [json.loads(line) for line in history_path.read_text().splitlines() if line.strip()]
+    rows = [json.loads(line) for line in history_path.read_text(encoding="utf-8").splitlines() if line.strip()]
     stages = list(dict.fromkeys(r["stage"] for r in rows))
     fig, axes = plt.subplots(1, 3, figsize=(15, 4))
     for stage in stages:

@@ -14,22 +14,25 @@ from trainer.export import plot_curves
 
 
 def read_history(history_path: Path) -> list[dict]:
-    return [json.loads(line) for line in history_path.read_text().splitlines() if line.strip()]
+    return [json.loads(line) for line in history_path.read_text(encoding="utf-8").splitlines() if line.strip()]
 
 
 def totals(rows: list[dict]) -> dict:
-    """Wall hours per device type, and per stage: epochs, samples, last validation row."""
+    """Wall hours per device type, CPU core-hours (the process's CPU time), and per stage: epochs,
+    samples, hours, last validation row."""
     hours: dict[str, float] = {}
+    core_hours = 0.0
     stages: dict[str, dict] = {}
     for row in rows:
         device = row.get("device", "unknown")
         hours[device] = hours.get(device, 0.0) + row["seconds"] / 3600.0
+        core_hours += row.get("cpu_seconds", 0.0) / 3600.0
         entry = stages.setdefault(row["stage"], {"epochs": 0, "samples": 0, "hours": 0.0})
         entry["epochs"] = row["epoch"]
         entry["samples"] += row.get("samples", 0)
         entry["hours"] += row["seconds"] / 3600.0
         entry["last"] = row
-    return {"hours": hours, "stages": stages}
+    return {"hours": hours, "core_hours": core_hours, "stages": stages}
 
 
 def _validation(row: dict) -> str:
@@ -48,14 +51,16 @@ def write_ledger(history_path: Path, out: Path) -> Path:
     summary = totals(rows)
     hours = summary["hours"]
     lines = ["# Training ledger", "",
-             f"CPU: **{hours.get('cpu', 0.0):.2f} h** of wall time; GPU: **{60 * hours.get('cuda', 0.0):.1f} min**. "
-             f"{len(rows)} epochs in all; one row per epoch in `history.jsonl`.", "",
+             f"CPU: **{hours.get('cpu', 0.0):.2f} h** of wall time on the CPU ({summary['core_hours']:.2f} core-hours "
+             f"of the process's CPU time: the run is nice'd and yields to other work); GPU: "
+             f"**{60 * hours.get('cuda', 0.0):.1f} min**. {len(rows)} epochs in all; one row per epoch in "
+             "`history.jsonl`.", "",
              "| stage | epochs | samples | hours | last validation (held-out pairs) |", "|---|---|---|---|---|"]
     for stage, entry in summary["stages"].items():
         lines.append(f"| {stage} | {entry['epochs']} | {entry['samples']} | {entry['hours']:.2f} | "
                      f"{_validation(entry['last'])} |")
     lines += ["", "![curves](curves.png)", ""]
     path = out / "ledger.md"
-    path.write_text("\n".join(lines))
+    path.write_text("\n".join(lines), encoding="utf-8")
     plot_curves(history_path, out / "curves.png")
     return path

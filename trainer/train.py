@@ -269,7 +269,7 @@ class Trainer:
     def record(self, row: dict) -> None:
         if not self.main:
             return
-        with open(self.history_path, "a") as f:
+        with open(self.history_path, "a", encoding="utf-8") as f:
             f.write(json.dumps(row) + "\n")
         if self.writer is not None:
             for key, value in row.items():
@@ -304,7 +304,7 @@ class Trainer:
         return self.export(model, regnets, state)
 
     def export(self, model: MisalignmentNet, regnets: dict[int, RegNet], state: dict) -> dict[str, Path]:
-        rows = [json.loads(l) for l in self.history_path.read_text().splitlines() if l.strip()]
+        rows = [json.loads(l) for l in self.history_path.read_text(encoding="utf-8").splitlines() if l.strip()]
         last = {r["stage"]: r for r in rows}
         training = {
             "images": [i.name for i in self.train_images],

@@ -268,8 +268,8 @@ def write_report(out: Path, rows: list[ProtocolRow], report: dict, overlay: dict
         overlay_png(overlay["fixed"], overlay["labelmap"], out / "overlay.png", title=overlay["caption"],
                     points_lps=overlay["points"], point_agree=overlay["agree"])
     report["figures"] = figures
-    (out / "report.json").write_text(json.dumps(report, indent=2) + "\n")
-    (out / "report.md").write_text(markdown(report))
+    (out / "report.json").write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
+    (out / "report.md").write_text(markdown(report), encoding="utf-8")
     return report
 
 

@@ -216,7 +216,7 @@ def finished_part(out: Path, fingerprint: dict, resume: bool) -> tuple[list[dict
     path = out / "report.json"
     if not path.is_file():
         return [], [], {}
-    earlier = json.loads(path.read_text())
+    earlier = json.loads(path.read_text(encoding="utf-8"))
     done = f"{len(earlier.get('cases', []))} of {earlier.get('cases_planned', '?')} cases"
     if not resume:
         if earlier.get("complete", True):
