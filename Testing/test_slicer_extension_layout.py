@@ -191,3 +191,25 @@ def test_the_lib_imports_nothing_above_it():
                 [node.module or ""] if isinstance(node, ast.ImportFrom) and not node.level else []
             offenders += [f"{path.relative_to(REPO)}: {n}" for n in names if n.split(".")[0] in forbidden]
     assert offenders == []
+
+
+def test_every_text_file_is_opened_with_its_encoding():
+    """Inside Slicer (and after any import of VTK) the C locale makes Python's default text encoding ASCII,
+    so every read_text / write_text / text-mode open of our code names UTF-8 (read from the AST)."""
+    import ast
+
+    offenders = []
+    for folder in ("RegistrationMisalignmentLib", "RegistrationMisalignment", "trainer", "benchmarks"):
+        for path in (REPO / folder).rglob("*.py"):
+            for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+                if not isinstance(node, ast.Call):
+                    continue
+                name = node.func.attr if isinstance(node.func, ast.Attribute) else getattr(node.func, "id", "")
+                if name not in ("read_text", "write_text", "open") or any(k.arg == "encoding" for k in node.keywords):
+                    continue
+                modes = [a.value for a in node.args[1:2] + [k.value for k in node.keywords if k.arg == "mode"]
+                         if isinstance(a, ast.Constant)]
+                if name == "open" and (not node.args or any("b" in str(m) for m in modes)):
+                    continue  # binary, or not a file open (e.g. Image.open without arguments)
+                offenders.append(f"{path.relative_to(REPO)}:{node.lineno} {name}")
+    assert offenders == []
