@@ -111,6 +111,7 @@ def test_read_rows_csv_errors(tmp_path):
         read_rows_csv(tmp_path / "cols.csv")
     row = LandmarkRow("a", (1.0, 2.0, 3.0), 1.0, 0, 0)
     path = write_rows_csv([row, row], tmp_path / "rows.csv")
-    path.write_text(path.read_text().replace("correct,correct,true,\n", "correct,maybe,true,\n", 1), encoding="utf-8"encoding="utf-8").replace("correct,correct,true,\n", "correct,maybe,true,\n", 1))
+    path.write_text(path.read_text(encoding="utf-8").replace("correct,correct,true,\n", "correct,maybe,true,\n", 1),
+                    encoding="utf-8")
     with pytest.raises(InputError, match="line 2"):
         read_rows_csv(path)

@@ -58,7 +58,8 @@ def test_fcsv_ras(tmp_path):
     lm = read_landmarks(path)
     np.testing.assert_allclose(lm.points_lps, LPS)
     assert lm.labels == ["A", "B"]
-    path.write_text(path.read_text().replace("CoordinateSystem = RAS", "CoordinateSystem = 0"), encoding="utf-8"encoding="utf-8").replace("CoordinateSystem = RAS", "CoordinateSystem = 0"))
+    path.write_text(path.read_text(encoding="utf-8").replace("CoordinateSystem = RAS", "CoordinateSystem = 0"),
+                    encoding="utf-8")
     np.testing.assert_allclose(read_landmarks(path).points_lps, LPS)
 
 

@@ -72,7 +72,8 @@ def test_unreadable_torchscript_with_matching_hash_is_refused(copy_of):
     pt = copy_of()
     pt.write_bytes(b"these are not weights")
     card_path = pt.with_suffix(".json")
-    card_path.write_text(json.dumps({**json.loads(card_path.read_text()), "sha256": sha256_of(pt)}), encoding="utf-8"encoding="utf-8")), "sha256": sha256_of(pt)}))
+    card_path.write_text(json.dumps({**json.loads(card_path.read_text(encoding="utf-8")), "sha256": sha256_of(pt)}),
+                         encoding="utf-8")
     with pytest.raises(InputError, match="not a readable TorchScript"):
         load_model(pt)
 
