@@ -11,6 +11,7 @@ import torch
 from RegistrationMisalignmentLib.config import DEFAULT_CONFIG
 from RegistrationMisalignmentLib.preprocess import scale_blocks
 from RegistrationMisalignmentLib.weights import load_model
+from conftest import SHARED_DATA
 from trainer.config import TrainConfig
 from RegistrationMisalignmentLib.synthetic.images import phantom_images
 from trainer import checkpoint
@@ -191,3 +192,22 @@ def test_time_limit_stops_stage_2_after_an_epoch_and_still_exports(smoke_runs, t
     assert card["training"]["trainer_config"]["epochs"] == 3
     with pytest.raises(ValueError, match="time_limit_minutes"):
         TrainConfig(time_limit_minutes=-1)
+
+
+@pytest.mark.skipif(not (SHARED_DATA / "chest_ct_1.5mm.nii.gz").exists(), reason="needs ../shared/data")
+def test_compact_cache_round_trips_within_half_a_step_and_holds_out_by_stem(tmp_path):
+    from RegistrationMisalignmentLib.io import read_image
+    from RegistrationMisalignmentLib.synthetic.images import TrainingImage, to_training_image
+    from trainer.cache import write_cache
+    from trainer.train import split_by_name
+
+    written = write_cache(SHARED_DATA, tmp_path, scans=["chest_ct_1.5mm"])
+    assert [p.name for p in written] == ["chest_ct_1.5mm.nrrd"]
+    full = to_training_image(read_image(SHARED_DATA / "chest_ct_1.5mm.nii.gz"), "full", DEFAULT_CONFIG).hu
+    cached = to_training_image(read_image(written[0]), "cached", DEFAULT_CONFIG).hu
+    step = (DEFAULT_CONFIG.hu_window[1] - DEFAULT_CONFIG.hu_window[0]) / 255
+    assert cached.shape == full.shape
+    assert np.abs(np.clip(full, *DEFAULT_CONFIG.hu_window) - cached).max() <= step / 2 + 1e-3
+    images = [TrainingImage("chest_ct_1.5mm.nrrd", cached), TrainingImage("lidc.nrrd", cached[:8])]
+    train, val = split_by_name(images, ("chest_ct_1.5mm.nii.gz",))
+    assert [i.name for i in val] == ["chest_ct_1.5mm.nrrd"] and [i.name for i in train] == ["lidc.nrrd"]
