@@ -40,8 +40,12 @@ def _validation(row: dict) -> str:
         return (f"mean F1 {100 * row['val_mean_f1']:.1f} %, kappa {row['val_kappa']:.3f}, "
                 f"F1 c/p/w {' / '.join(f'{100 * f:.1f}' for f in row['val_f1'])} %")
     if "val_endpoint_error_mm" in row:
-        return (f"EPE {row['val_endpoint_error_mm']:.2f} mm vs {row['val_target_magnitude_mm']:.2f} mm "
+        text = (f"EPE {row['val_endpoint_error_mm']:.2f} mm vs {row['val_target_magnitude_mm']:.2f} mm "
                 "for the zero predictor")
+        if "val_weighted_endpoint_error_mm" in row:
+            text += (f"; class-weighted {row['val_weighted_endpoint_error_mm']:.2f} vs "
+                     f"{row['val_weighted_target_magnitude_mm']:.2f} mm")
+        return text
     return ""
 
 

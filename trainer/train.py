@@ -263,8 +263,12 @@ class Trainer:
         with self._autocast():
             pred = torch.cat([model(x[i : i + 1].to(self.device)) for i in range(len(x))]).float().cpu()
         keep = weights[:, 0] > 0
-        return {"val_endpoint_error_mm": float(torch.linalg.vector_norm(pred - y, dim=1)[keep].mean()),
-                "val_target_magnitude_mm": float(torch.linalg.vector_norm(y, dim=1)[keep].mean())}
+        error, magnitude = torch.linalg.vector_norm(pred - y, dim=1), torch.linalg.vector_norm(y, dim=1)
+        w = weights[:, 0] / weights[:, 0].sum()
+        return {"val_endpoint_error_mm": float(error[keep].mean()), "val_target_magnitude_mm": float(magnitude[keep].mean()),
+                # the same with the training loss's class weights (60/20/20 of the weight on correct/poor/wrong)
+                "val_weighted_endpoint_error_mm": float((error * w).sum()),
+                "val_weighted_target_magnitude_mm": float((magnitude * w).sum())}
 
     def record(self, row: dict) -> None:
         if not self.main:
