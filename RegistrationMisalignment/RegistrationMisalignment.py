@@ -56,10 +56,17 @@ from RegistrationMisalignmentLib.errors import InputError, PredictionCancelled  
 from RegistrationMisalignmentLib.landmarks import Landmarks, lps_to_ras, ras_to_lps  # noqa: E402
 from RegistrationMisalignmentSlicerLib import dependencies, display  # noqa: E402
 from RegistrationMisalignmentSlicerLib.job import BackgroundJob  # noqa: E402
+from RegistrationMisalignmentSlicerLib.transforms import node_to_sitk  # noqa: E402
 from RegistrationMisalignmentSlicerLib.volumes import mask_to_sitk, sitk_to_volume, volume_to_sitk, world_volume  # noqa: E402
 
 DEVICES = ["auto", "cuda", "cpu"]
 POLL_INTERVAL_MS = 100
+CHECK_PARAMETERS = {"confidence": "checkConfidence", "jacobian": "checkJacobian",
+                    "inverse-consistency": "checkInverseConsistency", "intensity": "checkIntensity",
+                    "reregistration": "checkReregistration"}
+"""The registration checks of the panel (names of the Lib's ``checks.run.CHECKS``) -> their parameter."""
+CHECK_ATTRIBUTE = "RegistrationMisalignment.check"
+"""Node attribute naming the map (a key of the Lib's ``checks.maps.MAPS``) a check volume holds."""
 
 
 #
@@ -107,6 +114,10 @@ class RegistrationMisalignmentParameterNode:
     opacity - label layer opacity in the slice views.
     fixedLandmarks, movingLandmarks, landmarkTransform - landmark pairs and the registration
         transform (none: the moving landmarks are already in the registered space).
+    checkConfidence, checkJacobian, checkInverseConsistency, checkIntensity, checkReregistration - which
+        registration checks "Compute checks" runs.
+    checksTransform - the registration transform of the checks (none: the one the moving volume sits under).
+    inverseTransform - the registration of the other direction (moving -> fixed), for inverse consistency.
     """
 
     fixedVolume: vtkMRMLScalarVolumeNode
@@ -120,6 +131,13 @@ class RegistrationMisalignmentParameterNode:
     fixedLandmarks: vtkMRMLMarkupsFiducialNode
     movingLandmarks: vtkMRMLMarkupsFiducialNode
     landmarkTransform: Optional[vtkMRMLTransformNode]
+    checkConfidence: bool = False
+    checkJacobian: bool = True
+    checkInverseConsistency: bool = False
+    checkIntensity: bool = True
+    checkReregistration: bool = False
+    checksTransform: Optional[vtkMRMLTransformNode]
+    inverseTransform: Optional[vtkMRMLTransformNode]
 
 
 #
@@ -139,6 +157,7 @@ class RegistrationMisalignmentWidget(ScriptedLoadableModuleWidget, VTKObservatio
         self._job = None
         self._jobContext = None
         self._landmarkRows = []
+        self._landmarkChecks = None
         self._pollTimer = qt.QTimer()
         self._pollTimer.setInterval(POLL_INTERVAL_MS)
         self._pollTimer.connect("timeout()", self._onPollJob)
@@ -163,8 +182,10 @@ class RegistrationMisalignmentWidget(ScriptedLoadableModuleWidget, VTKObservatio
         self.ui.landmarkTable.connect("cellClicked(int,int)", self.onLandmarkClicked)
         self.ui.exportCsvButton.connect("clicked(bool)", self.onExportCsv)
         self.ui.opacitySliderWidget.connect("valueChanged(double)", display.set_label_opacity)
+        self.ui.computeChecksButton.connect("clicked(bool)", self.onComputeChecks)
 
         self.ui.legendLabel.text = self._legendHtml()
+        self.ui.checksLegendLabel.text = self.logic.checksLegend()
         self.ui.cancelButton.enabled = False
         self.ui.progressBar.visible = False
         self._updateDependencyStatus()
@@ -218,6 +239,8 @@ class RegistrationMisalignmentWidget(ScriptedLoadableModuleWidget, VTKObservatio
             self.ui.outputSelector.baseName = self.logic.outputName(node.fixedVolume, node.movingVolume)
         canEvaluate = bool(node and node.outputLabelmap and node.fixedLandmarks and node.movingLandmarks)
         self.ui.evaluateLandmarksButton.enabled = canEvaluate and not running
+        chosen = bool(node) and any(getattr(node, name) for name in CHECK_PARAMETERS.values())
+        self.ui.computeChecksButton.enabled = canApply and chosen
 
     # ---- dependencies and models -------------------------------------------------------
     def _updateDependencyStatus(self) -> None:
@@ -291,10 +314,21 @@ class RegistrationMisalignmentWidget(ScriptedLoadableModuleWidget, VTKObservatio
             self._showError(error)
             return
         device, bodyOnly = node.device, node.bodyOnly
-        self._jobContext = (node.fixedVolume, node.movingVolume, node.outputLabelmap)
-        self._job = BackgroundJob(
-            lambda progress, cancel, log: self.logic.predictImages(inputs, model, device, progress, cancel, log,
-                                                                   bodyOnly))
+        fixedVolume, movingVolume, outputLabelmap = node.fixedVolume, node.movingVolume, node.outputLabelmap
+
+        def finish(prediction) -> None:
+            output = self.logic.writeOutput(prediction.labelmap, fixedVolume, movingVolume, outputLabelmap)
+            self._parameterNode.outputLabelmap = output
+            self.logic.showResult(output, fixedVolume, self._parameterNode.opacity)
+            self.ui.statusLabel.text = _("Done: {name}").format(name=output.GetName())
+
+        self._startJob(lambda progress, cancel, log: self.logic.predictImages(inputs, model, device, progress, cancel,
+                                                                              log, bodyOnly), finish)
+
+    def _startJob(self, work, finish) -> None:
+        """Run ``work(progress, cancel, log)`` off the GUI thread; ``finish(result)`` on it when it succeeds."""
+        self._jobContext = finish
+        self._job = BackgroundJob(work)
         self._setRunning(True)
         self._job.start()
         self._pollTimer.start()
@@ -328,7 +362,7 @@ class RegistrationMisalignmentWidget(ScriptedLoadableModuleWidget, VTKObservatio
         self._pollTimer.stop()
         self._job = None
         self._setRunning(False)
-        fixedVolume, movingVolume, outputLabelmap = self._jobContext
+        finish, self._jobContext = self._jobContext, None
         if isinstance(job.error, PredictionCancelled):
             self.ui.statusLabel.text = _("Cancelled; nothing was written to the scene.")
         elif job.error is not None:
@@ -336,13 +370,9 @@ class RegistrationMisalignmentWidget(ScriptedLoadableModuleWidget, VTKObservatio
             self._showError(job.error)
         else:
             try:
-                output = self.logic.writeOutput(job.result.labelmap, fixedVolume, movingVolume, outputLabelmap)
+                finish(job.result)
             except Exception as error:
                 self._showError(error)
-                return
-            self._parameterNode.outputLabelmap = output
-            self.logic.showResult(output, fixedVolume, self._parameterNode.opacity)
-            self.ui.statusLabel.text = _("Done: {name}").format(name=output.GetName())
 
     def _setRunning(self, running: bool) -> None:
         self.ui.cancelButton.enabled = running
@@ -375,6 +405,54 @@ class RegistrationMisalignmentWidget(ScriptedLoadableModuleWidget, VTKObservatio
             cells.append(f'<span style="background-color:{color}">&nbsp;&nbsp;&nbsp;&nbsp;</span> {name}')
         return "&nbsp;&nbsp;".join(cells)
 
+    # ---- registration checks ---------------------------------------------------------------
+    def onComputeChecks(self) -> None:
+        node = self._parameterNode
+        checks = [check for check, name in CHECK_PARAMETERS.items() if getattr(node, name)]
+        if "confidence" in checks and not self.ensureDependencies():
+            return
+        if "reregistration" in checks and not self._ensureElastix():
+            return
+        self.ui.logTextEdit.plainText = ""
+        try:
+            model = self.logic.loadModel(node.modelPath or None) if "confidence" in checks else None
+            inputs = self.logic.prepareChecks(node.fixedVolume, node.movingVolume, node.mask, node.checksTransform,
+                                              node.inverseTransform, node.fixedLandmarks, node.movingLandmarks)
+        except Exception as error:
+            self._showError(error)
+            return
+        device, bodyOnly = node.device, node.bodyOnly
+        fixedVolume, movingVolume, outputLabelmap = node.fixedVolume, node.movingVolume, node.outputLabelmap
+
+        def finish(results) -> None:
+            nodes = self.logic.writeCheckOutputs(results, fixedVolume, movingVolume, outputLabelmap)
+            if "learned" in nodes:
+                self._parameterNode.outputLabelmap = nodes["learned"]
+            shown = next((nodes[key] for key in reversed(list(nodes)) if key != "learned"), None)
+            if shown is not None:
+                self.logic.showCheck(shown, fixedVolume, self._parameterNode.opacity)
+            self.ui.checksSummaryText.plainText = results.summary.format_table()
+            self.ui.checksLegendLabel.text = self.logic.checksLegend(list(results.maps))
+            self._landmarkChecks = results.summary.landmarks
+            if self._landmarkRows:
+                self._fillLandmarkTable(self._landmarkRows)
+            self.ui.statusLabel.text = _("Done: {names}").format(names=", ".join(n.GetName() for n in nodes.values()))
+
+        self._startJob(lambda progress, cancel, log: self.logic.computeCheckImages(
+            inputs, checks, model, device, progress, cancel, log, bodyOnly), finish)
+
+    def _ensureElastix(self) -> bool:
+        """Offer to install itk-elastix for the re-registration check; True when it is importable."""
+        if not dependencies.missing_elastix():
+            return True
+        if not slicer.util.confirmOkCancelDisplay(
+                _("The re-registration check needs itk-elastix. Click OK to install it (network, a few minutes)."),
+                _("Install itk-elastix")):
+            return False
+        with slicer.util.tryWithErrorDisplay(_("Failed to install itk-elastix."), waitCursor=True):
+            dependencies.install_packages(list(dependencies.OPTIONAL), log=self._appendLog)
+        return not dependencies.missing_elastix()
+
     # ---- landmarks -----------------------------------------------------------------------
     def onEvaluateLandmarks(self) -> None:
         node = self._parameterNode
@@ -392,6 +470,8 @@ class RegistrationMisalignmentWidget(ScriptedLoadableModuleWidget, VTKObservatio
     def _fillLandmarkTable(self, rows) -> None:
         table = self.ui.landmarkTable
         headers = [_("Label"), _("TRE (mm)"), _("True"), _("Predicted"), _("Agree")]
+        checkHeaders, checkCells = self.logic.landmarkCheckColumns(self._landmarkChecks)
+        headers += checkHeaders
         table.clear()
         table.setColumnCount(len(headers))
         table.setHorizontalHeaderLabels(headers)
@@ -399,6 +479,7 @@ class RegistrationMisalignmentWidget(ScriptedLoadableModuleWidget, VTKObservatio
         for r, row in enumerate(rows):
             cells = [row.label, f"{row.tre_mm:.2f}", self.logic.className(row.true_class),
                      self.logic.className(row.predicted_class), _("yes") if row.agree else _("no")]
+            cells += checkCells.get(row.label, [""] * len(checkHeaders))
             for c, text in enumerate(cells):
                 item = qt.QTableWidgetItem(text)
                 item.setFlags(qt.Qt.ItemIsSelectable | qt.Qt.ItemIsEnabled)
@@ -439,6 +520,22 @@ class PredictionInputs:
     fixed: sitk.Image
     moving: sitk.Image
     mask: Optional[sitk.Image] = None
+
+
+@dataclass
+class ChecksInputs:
+    """What the registration checks read from the scene (on the GUI thread), as SimpleITK objects in LPS."""
+
+    fixed: sitk.Image
+    moving: sitk.Image
+    """The moving volume as shown, i.e. with its transform applied (the registered moving image)."""
+    mask: Optional[sitk.Image] = None
+    forward: Optional[sitk.Transform] = None
+    """The registration, fixed -> moving points."""
+    backward: Optional[sitk.Transform] = None
+    """The registration of the other direction, moving -> fixed points."""
+    pairs: Optional[object] = None
+    """Landmark pairs (``landmarks.Pairing``), the moving ones already moved into the registered space."""
 
 
 class RegistrationMisalignmentLogic(ScriptedLoadableModuleLogic):
@@ -569,6 +666,154 @@ class RegistrationMisalignmentLogic(ScriptedLoadableModuleLogic):
         """Labels and thresholds of the loaded model, or the defaults."""
         return self._model.config if self._model is not None else DEFAULT_CONFIG
 
+    # ---- registration checks ---------------------------------------------------------------
+    @staticmethod
+    def checkOutputName(key: str, fixedVolume, movingVolume) -> str:
+        """Name of a check's output volume, from the inputs and the map (``checks.maps.MAPS``)."""
+        from RegistrationMisalignmentLib.checks.maps import MAPS
+
+        if not fixedVolume or not movingVolume:
+            return MAPS[key].title
+        return f"{fixedVolume.GetName()}-{movingVolume.GetName()} {MAPS[key].title}"
+
+    def prepareChecks(self, fixedVolume, movingVolume, mask=None, transformNode=None, inverseTransformNode=None,
+                      fixedLandmarks=None, movingLandmarks=None) -> ChecksInputs:
+        """Read what the checks need from the scene; the user's nodes are left unchanged.
+
+        ``transformNode``: the registration (None: the transform the moving volume sits under, if any); its
+        "from parent" direction maps fixed to moving points. ``inverseTransformNode``: the registration of
+        the other direction (moving -> fixed points: the transform the fixed volume sat under when it was
+        registered to the moving one). Landmarks as ``evaluateLandmarks`` reads them: the moving ones where
+        they were placed on the moving image when there is a registration transform, and then moved by it
+        (exactly, by VTK) into the registered space.
+        """
+        from RegistrationMisalignmentLib.landmarks import pair_landmarks
+
+        inputs = self.prepareInputs(fixedVolume, movingVolume, mask)
+        transformNode = transformNode or movingVolume.GetParentTransformNode()
+        forward = node_to_sitk(transformNode, inputs.fixed) if transformNode is not None else None
+        backward = None
+        if inverseTransformNode is not None:
+            backward = node_to_sitk(inverseTransformNode, inputs.fixed, self._reach(forward, inputs.fixed))
+        pairs = None
+        if fixedLandmarks and movingLandmarks:
+            fixed = self.markupsToLandmarks(fixedLandmarks)
+            moving = self.markupsToLandmarks(movingLandmarks, world=transformNode is None)
+            pairs = pair_landmarks(fixed, moving)
+            if transformNode is not None:
+                pairs = pairs._replace(moving=self._shiftByTransform(pairs.moving, pairs.fixed, transformNode))
+        return ChecksInputs(inputs.fixed, inputs.moving, inputs.mask, forward, backward, pairs)
+
+    @staticmethod
+    def _reach(forward, fixed: sitk.Image) -> int:
+        """Voxels by which the forward transform can leave the fixed grid (at most 64), plus 2."""
+        import numpy as np
+
+        if forward is None:
+            return 2
+        if isinstance(forward, sitk.DisplacementFieldTransform):
+            field = sitk.GetArrayViewFromImage(forward.GetDisplacementField())
+            reach = float(np.linalg.norm(field, axis=-1).max())
+        else:
+            corners = [fixed.TransformIndexToPhysicalPoint([c * (n - 1) for c, n in zip(corner, fixed.GetSize())])
+                       for corner in np.ndindex(2, 2, 2)]
+            reach = max(float(np.linalg.norm(np.subtract(forward.TransformPoint(p), p))) for p in corners)
+        return min(int(np.ceil(reach / min(fixed.GetSpacing()))), 64) + 2
+
+    def computeCheckImages(self, inputs: ChecksInputs, checks, model=None, device: str = "auto", progress=None,
+                           cancel=None, log=None, bodyOnly: bool = True, reregistrationIterations=None):
+        """The Lib's ``run_checks`` on the prepared inputs (a ``CheckResults``); touches no MRML node, so any
+        thread may run it. The re-registration's child process runs Slicer's PythonSlicer."""
+        from RegistrationMisalignmentLib.checks.run import run_checks
+
+        return run_checks(inputs.fixed, inputs.moving, checks, transform=inputs.forward,
+                          inverse_transform=inputs.backward, mask=inputs.mask, body_only=bodyOnly,
+                          pairs=inputs.pairs, landmarks_registered=True, model=model, device=device,
+                          reregistration_iterations=reregistrationIterations,
+                          python=dependencies.python_executable(), progress=progress, cancel=cancel, log=log)
+
+    def writeCheckOutputs(self, results, fixedVolume, movingVolume, outputLabelmap=None) -> dict:
+        """One volume per map of ``results``, named after the inputs, with its colour table; returns key -> node.
+
+        The learned map goes where ``writeOutput`` puts it (``outputLabelmap`` or a new labelmap); class maps
+        become labelmaps with the misalignment colours, continuous maps scalar volumes with their own colour
+        table over their display range. Every node is filled before any is added to the scene.
+        """
+        from RegistrationMisalignmentLib.checks.maps import MAPS
+
+        made = {}
+        for key, image in results.maps.items():
+            if key == "learned":
+                continue
+            node = slicer.vtkMRMLLabelMapVolumeNode() if MAPS[key].kind == "classes" else slicer.vtkMRMLScalarVolumeNode()
+            sitk_to_volume(image, node)
+            node.SetAttribute(CHECK_ATTRIBUTE, key)
+            made[key] = node
+        nodes = {}
+        if "learned" in results.maps:
+            nodes["learned"] = self.writeOutput(results.maps["learned"], fixedVolume, movingVolume, outputLabelmap)
+        for key, node in made.items():
+            node.SetName(slicer.mrmlScene.GenerateUniqueName(self.checkOutputName(key, fixedVolume, movingVolume)))
+            nodes[key] = slicer.mrmlScene.AddNode(node)
+            display.apply_check_display(nodes[key], MAPS[key], self._config())
+        return nodes
+
+    @staticmethod
+    def showCheck(volumeNode, fixedVolume, opacity: float = 0.5) -> None:
+        """A check map over the fixed volume in all slice views (class maps as the label layer)."""
+        from RegistrationMisalignmentLib.checks.maps import MAPS
+
+        display.show_check(volumeNode, fixedVolume, MAPS[volumeNode.GetAttribute(CHECK_ATTRIBUTE)], opacity)
+
+    def computeChecks(self, fixedVolume, movingVolume, checks, transformNode=None, inverseTransformNode=None,
+                      mask=None, model=None, device: str = "auto", fixedLandmarks=None, movingLandmarks=None,
+                      progress=None, cancel=None, log=None, showResult: bool = True, bodyOnly: bool = True,
+                      reregistrationIterations=None, outputLabelmap=None):
+        """Compute registration checks of a registered pair in one blocking call (the Lib's ``run_checks``).
+
+        :param checks: names of the Lib's ``checks.run.CHECKS``: learned, confidence, jacobian,
+            inverse-consistency, intensity, reregistration
+        :param transformNode: the registration (None: the transform the moving volume sits under)
+        :param inverseTransformNode: the other direction's registration, for inverse-consistency
+        :param fixedLandmarks, movingLandmarks: optional point lists: the summary gains the landmark table
+        :param reregistrationIterations: elastix iterations per resolution (None: the parameter file's 500)
+        :return: (key -> output node, the Lib's ``ChecksSummary``); nothing is added when it fails or is cancelled
+        """
+        inputs = self.prepareChecks(fixedVolume, movingVolume, mask, transformNode, inverseTransformNode,
+                                    fixedLandmarks, movingLandmarks)
+        results = self.computeCheckImages(inputs, checks, model, device, progress, cancel, log, bodyOnly,
+                                          reregistrationIterations)
+        nodes = self.writeCheckOutputs(results, fixedVolume, movingVolume, outputLabelmap)
+        shown = [node for key, node in nodes.items() if key != "learned"]
+        if showResult and shown:
+            self.showCheck(shown[-1], fixedVolume)
+        return nodes, results.summary
+
+    @staticmethod
+    def checksLegend(keys=None) -> str:
+        """HTML legend of the check maps (all of them when ``keys`` is None) for the panel."""
+        from RegistrationMisalignmentLib.checks.maps import MAPS
+
+        return display.legend_html([MAPS[k] for k in (keys or MAPS) if k != "learned"])
+
+    @staticmethod
+    def landmarkCheckColumns(landmarkChecks):
+        """(headers, label -> cells) of the landmark table's check columns (none without checks at landmarks)."""
+        from RegistrationMisalignmentLib.checks.maps import MAPS
+
+        if landmarkChecks is None:
+            return [], {}
+        keys = [k for k in landmarkChecks.values if k != "learned"]
+        headers = [f"{MAPS[k].title} ({MAPS[k].unit})" for k in keys]
+        cells = {}
+        for i, label in enumerate(landmarkChecks.labels):
+            texts = []
+            for key in keys:
+                text = landmarkChecks.cell(key, i)
+                texts.append(text if MAPS[key].kind == "classes" or not text else f"{float(text):.3g}")
+            cells[label] = texts
+        return headers, cells
+
     # ---- landmarks -----------------------------------------------------------------------
     @staticmethod
     def markupsToLandmarks(markupsNode, world: bool = True) -> Landmarks:
@@ -677,6 +922,8 @@ class RegistrationMisalignmentTest(ScriptedLoadableModuleTest):
         self.test_GeometryRoundTrip()
         self.setUp()
         self.test_ProcessAndEvaluate()
+        self.setUp()
+        self.test_RegistrationChecks()
 
     def _obliqueVolume(self, name: str, array, spacing=(0.8, 1.1, 2.5), angle: float = 20.0):
         import numpy as np
@@ -748,4 +995,26 @@ class RegistrationMisalignmentTest(ScriptedLoadableModuleTest):
         self.assertEqual([row.label for row in rows], ["F-1", "F-2"])
         for row in rows:
             self.assertAlmostEqual(row.tre_mm, 4.0, places=6)  # the 4 mm shift of the transform
+        self.delayDisplay("Test passed")
+
+    def test_RegistrationChecks(self):
+        import numpy as np
+
+        self.delayDisplay("Registration checks of a known affine registration")
+        rng = np.random.default_rng(1)
+        array = (rng.normal(0.0, 300.0, (20, 24, 24)) - 400.0).astype(np.int16)
+        fixed = self._obliqueVolume("fixed", array)
+        moving = self._obliqueVolume("moving", array)
+        transform = slicer.mrmlScene.AddNewNodeByClass("vtkMRMLLinearTransformNode", "registration")
+        scale = np.diag([1.1, 1.0, 1.0, 1.0])
+        transform.SetMatrixTransformToParent(slicer.util.vtkMatrixFromArray(scale))
+        moving.SetAndObserveTransformNodeID(transform.GetID())
+
+        nodes, summary = RegistrationMisalignmentLogic().computeChecks(fixed, moving, ["jacobian", "intensity"],
+                                                                       bodyOnly=False, showResult=False)
+        self.assertEqual(list(nodes), ["jacobian", "intensity"])
+        jacobian = slicer.util.arrayFromVolume(nodes["jacobian"])
+        np.testing.assert_allclose(jacobian, 1 / 1.1, rtol=1e-6)  # from parent: x scaled by 1 / 1.1
+        self.assertEqual(summary.maps[0].jacobian.folding, 0)
+        self.assertIs(moving.GetParentTransformNode(), transform)
         self.delayDisplay("Test passed")

@@ -1,4 +1,4 @@
-"""``regmis``: predict, evaluate, demo, benchmark and info from the command line.
+"""``regmis``: predict, evaluate, qa, demo, benchmark and info from the command line.
 
 Exit codes: 0 success, 2 bad input (the message says which input and what to do), 1 internal error
 (set REGMIS_DEBUG=1 to see its traceback).
@@ -95,19 +95,28 @@ def cmd_predict(args: argparse.Namespace) -> int:
     from RegistrationMisalignmentLib.inference import predict
     from RegistrationMisalignmentLib.io import read_image, write_image
 
-    check_outputs([Output("--out", args.out, "image"), Output("--probabilities", args.probabilities, "image")],
+    check_outputs([Output("--out", args.out, "image"), Output("--probabilities", args.probabilities, "image"),
+                   Output("--confidence", args.confidence, "image"), Output("--entropy", args.entropy, "image")],
                   inputs=[args.fixed, args.moving, args.mask, args.model])
     model = _model_for(args)
     fixed, moving = _read_pair(args)
     mask = read_image(args.mask, "mask") if args.mask else None
     with progress_bar(model.name) as update:
         prediction = predict(fixed, moving, model, mask=mask, device=args.device,
-                             with_probabilities=bool(args.probabilities), progress=update,
+                             with_probabilities=bool(args.probabilities or args.confidence or args.entropy),
+                             progress=update,
                              log=lambda m: say(f"note: {m}"), tile_size=args.tile_size, hu_offset=args.hu_offset,
                              body_only=not args.no_body_mask, precision=args.precision)
     out = write_image(prediction.labelmap, args.out, "labelmap")
     if args.probabilities:
         write_image(prediction.probabilities, args.probabilities, "probabilities")
+    if args.confidence or args.entropy:
+        from RegistrationMisalignmentLib.checks.confidence import confidence_maps
+
+        confidence, entropy = confidence_maps(prediction.probabilities, prediction.labelmap)
+        for path, image, name in ((args.confidence, confidence, "confidence"), (args.entropy, entropy, "entropy")):
+            if path:
+                write_image(image, path, name)
     counts = np.bincount(np.asarray(_array(prediction.labelmap)).ravel(), minlength=4)[1:]
     total = max(int(counts.sum()), 1)
     shares = ", ".join(f"{n} {100 * c / total:.1f} %" for n, c in zip(("correct", "poor", "wrong"), counts))
@@ -247,6 +256,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--moving", required=True, help="moving image after registration (deformed moving)")
     p.add_argument("--out", required=True, help="output labelmap (0 outside, 1 correct, 2 poor, 3 wrong)")
     p.add_argument("--probabilities", help="also write the 3-class probabilities (vector image)")
+    p.add_argument("--confidence", help="also write the map's confidence: the largest class probability (1/3..1; 0 "
+                   "where the map is 0)")
+    p.add_argument("--entropy", help="also write the entropy of the class probabilities in bits (0..1.585)")
     p.add_argument("--mask", help="restrict the output to this fixed-image mask (e.g. lungs; default: the body)")
     p.add_argument("--no-body-mask", action="store_true",
                    help="without --mask, predict the whole image, air and table included (default: the body only)")
@@ -302,6 +314,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--resume", action="store_true", help="continue the unfinished (or extend the finished) study in "
                    "--out: its finished cases are read back, not recomputed")
     p.set_defaults(func=cmd_benchmark)
+
+    from RegistrationMisalignmentLib.checks.command import add_qa_parser
+
+    add_qa_parser(sub, model_flags, input_flags, positive_int, tile_size)
 
     p = sub.add_parser("info", help="model card and device")
     p.add_argument("--model")

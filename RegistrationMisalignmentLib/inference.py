@@ -19,7 +19,6 @@ come back.
 from __future__ import annotations
 
 import itertools
-import threading
 import time
 from collections.abc import Callable
 from contextlib import ExitStack, nullcontext
@@ -31,7 +30,7 @@ import torch
 
 from RegistrationMisalignmentLib.body_mask import body_mask
 from RegistrationMisalignmentLib.config import PRECISIONS, MisalignmentConfig
-from RegistrationMisalignmentLib.errors import InputError, PredictionCancelled
+from RegistrationMisalignmentLib.errors import InputError
 from RegistrationMisalignmentLib.grid_resample import SLAB_VOXELS, resample_to_grid, source_box, target_slabs
 from RegistrationMisalignmentLib.io import prepare_mask, prepare_pair
 from RegistrationMisalignmentLib.networks.regnet import ENCODER_CONTEXT, HEAD_CONTEXT
@@ -40,11 +39,10 @@ from RegistrationMisalignmentLib.preprocess import (
     resample_onto, scale_blocks,
 )
 from RegistrationMisalignmentLib.config import round_up_encoder_output
+from RegistrationMisalignmentLib.progress import Cancel, Progress, Reporter
 from RegistrationMisalignmentLib.spatial import compose, upsample_dvf, warp
 from RegistrationMisalignmentLib.weights import LoadedModel, load_model
 
-Progress = Callable[[float, str], None]
-Cancel = Callable[[], bool] | threading.Event
 
 
 @dataclass
@@ -70,19 +68,6 @@ def resolve_device(device: str | torch.device = "auto") -> torch.device:
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise InputError("device 'cuda' was asked for but no CUDA GPU is available; use --device cpu or auto")
     return dev
-
-
-class _Reporter:
-    """Progress callback + cancel flag in one place, so every loop checks both the same way."""
-
-    def __init__(self, progress: Progress | None, cancel: Cancel | None):
-        self.progress, self.cancel = progress, cancel
-
-    def __call__(self, fraction: float, message: str) -> None:
-        if self.cancel is not None and (self.cancel.is_set() if isinstance(self.cancel, threading.Event) else self.cancel()):
-            raise PredictionCancelled("prediction cancelled")
-        if self.progress is not None:
-            self.progress(min(max(fraction, 0.0), 1.0), message)
 
 
 def cpu_has_native_bf16() -> bool:
@@ -180,7 +165,7 @@ def tile_plan(shape: tuple[int, ...], tile_size: int, needed: torch.Tensor | Non
 
 def network_probabilities(module: torch.jit.ScriptModule, decoder: str, pyramid: dict[int, torch.Tensor],
                           config: MisalignmentConfig, tile: tuple[int, int, int], starts: list[tuple[int, int, int]],
-                          batch: int, report: _Reporter, span: tuple[float, float] = (0.1, 0.9),
+                          batch: int, report: Reporter, span: tuple[float, float] = (0.1, 0.9),
                           out_device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32,
                           precision: str = "auto") -> torch.Tensor:
     """(D, H, W, 3) class probabilities on the 1 mm grid, computed for the tiles at ``starts`` (``tile_plan``),
@@ -241,7 +226,7 @@ def dense_dvf(module: torch.jit.ScriptModule, pair: torch.Tensor, scale: int, co
 
 
 def regnet_t_displacement(module: torch.jit.ScriptModule, pyramid: dict[int, torch.Tensor], config: MisalignmentConfig,
-                          tile_size: int, batch: int, report: _Reporter, precision: str = "auto") -> torch.Tensor:
+                          tile_size: int, batch: int, report: Reporter, precision: str = "auto") -> torch.Tensor:
     """RegNet used as a 3-level registration (x4, then x2 and x1 on the warped result): total DVF (3, D, H, W)."""
     fixed, moving = pyramid[1][:1], pyramid[1][1:]
     shape = tuple(fixed.shape[1:])
@@ -362,7 +347,7 @@ def predict(fixed: sitk.Image, moving: sitk.Image, model: LoadedModel | None = N
         raise InputError(f"precision {precision!r} is not one of {', '.join(PRECISIONS)}")
     start = time.perf_counter()
     timings: dict[str, float] = {}
-    report = _Reporter(progress, cancel)
+    report = Reporter(progress, cancel)
     dev = resolve_device(device)
 
     def lap(stage: str, t0: float) -> float:

@@ -9,12 +9,16 @@ it picks the wheel that matches the computer's CUDA driver; plain pip is the fal
 from __future__ import annotations
 
 import importlib.util
+import shutil
+import sys
 from collections.abc import Callable
 
 import slicer
 
 REQUIREMENTS: dict[str, str] = {"torch": "torch>=2.1"}
 """Importable module name -> pip requirement, for what Slicer does not ship."""
+OPTIONAL: dict[str, str] = {"itk": "itk-elastix>=0.20"}
+"""Needed by one feature only (the re-registration check), asked for when that feature is chosen."""
 
 
 def missing_packages() -> list[str]:
@@ -22,10 +26,27 @@ def missing_packages() -> list[str]:
     return [name for name in REQUIREMENTS if importlib.util.find_spec(name) is None]
 
 
+def missing_elastix() -> bool:
+    """Whether itk-elastix (the re-registration check) is missing."""
+    from RegistrationMisalignmentLib.checks.reregistration import elastix_installed
+
+    return not elastix_installed()
+
+
+def python_executable() -> str:
+    """The Python for child processes: Slicer's PythonSlicer inside the application, else this interpreter
+    (inside Slicer ``sys.executable`` is the application itself)."""
+    if getattr(slicer, "app", None) is not None:
+        found = shutil.which("PythonSlicer")
+        if found:
+            return found
+    return sys.executable
+
+
 def install_packages(names: list[str], log: Callable[[str], None] = print) -> None:
-    """Install the given modules (names from ``REQUIREMENTS``); raises if one stays missing."""
+    """Install the given modules (names from ``REQUIREMENTS`` or ``OPTIONAL``); raises if one stays missing."""
     for name in names:
-        requirement = REQUIREMENTS[name]
+        requirement = {**REQUIREMENTS, **OPTIONAL}[name]
         log(f"Installing {requirement} (this may take several minutes)...")
         if name == "torch" and importlib.util.find_spec("PyTorchUtils") is not None:
             import PyTorchUtils

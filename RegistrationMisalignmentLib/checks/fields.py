@@ -1,0 +1,77 @@
+"""Any registration transform, sampled on the fixed image's grid slab by slab (LPS mm).
+
+The checks that read a transform (Jacobian, inverse consistency) accept what users have: an ITK / Slicer
+transform file (``landmarks.read_transform``: .tfm / .h5 / .txt, Slicer's inverse "modeling" classes,
+displacement-field images), a displacement-field image, or any ``SimpleITK.Transform`` (affine, B-spline,
+displacement field, composite). Every one of them maps fixed physical points to moving physical points
+(ITK's resampling convention, Slicer's "from parent"). ``displacement_slab`` evaluates T(x) - x at the
+voxel centres of slices [z0, z1) of the fixed grid with SimpleITK's ``TransformToDisplacementField``, so
+memory stays bounded by the slab whatever the image size.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Iterator
+
+import numpy as np
+import SimpleITK as sitk
+
+from RegistrationMisalignmentLib.errors import InputError
+
+SLAB_VOXELS = 1 << 21
+"""Fixed-grid voxels per slab: the float64 displacements of a slab and their 9 derivatives take ~250 MB."""
+
+TransformLike = sitk.Transform | sitk.Image | str | os.PathLike
+
+
+def as_transform(transform: TransformLike, what: str = "transform",
+                 log: Callable[[str], None] | None = None) -> sitk.Transform:
+    """A ``SimpleITK.Transform`` mapping fixed to moving points (LPS mm) from a transform, field or file.
+
+    A path goes through ``landmarks.read_transform`` (which inverts transforms stored moving -> fixed);
+    an image must be a 3-D field of 3-component vectors in LPS mm (displacement, fixed -> moving).
+    Raises ``InputError`` naming ``what`` otherwise.
+    """
+    if isinstance(transform, (str, os.PathLike)):
+        from RegistrationMisalignmentLib.landmarks import read_transform
+
+        return read_transform(transform, log=log)
+    if isinstance(transform, sitk.Image):
+        if transform.GetDimension() != 3 or transform.GetNumberOfComponentsPerPixel() != 3:
+            raise InputError(f"{what}: a displacement field must be a 3-D image of 3-component vectors (LPS mm), "
+                             f"got {transform.GetDimension()}-D with {transform.GetNumberOfComponentsPerPixel()} "
+                             "component(s).")
+        # The constructor takes its image's buffer: give it a copy, the caller's image stays whole.
+        return sitk.DisplacementFieldTransform(sitk.Image(sitk.Cast(transform, sitk.sitkVectorFloat64)))
+    if isinstance(transform, sitk.Transform):
+        if transform.GetDimension() != 3:
+            raise InputError(f"{what}: a {transform.GetDimension()}-D transform; a 3-D registration transform is "
+                             "needed.")
+        return transform
+    raise InputError(f"{what}: expected a transform file, a displacement-field image or a SimpleITK transform, "
+                     f"got {type(transform).__name__}.")
+
+
+def slabs(reference: sitk.Image, slab_voxels: int = SLAB_VOXELS) -> Iterator[tuple[int, int]]:
+    """Slice ranges [z0, z1) of ``reference`` with at most ``slab_voxels`` voxels each (at least one slice)."""
+    width, height, depth = reference.GetSize()
+    step = max(1, slab_voxels // (width * height))
+    for z0 in range(0, depth, step):
+        yield z0, min(z0 + step, depth)
+
+
+def displacement_slab(transform: sitk.Transform, reference: sitk.Image, z0: int, z1: int) -> np.ndarray:
+    """T(x) - x (float64, shape (z1 - z0, height, width, 3), LPS mm) at the voxel centres of slices z0..z1-1."""
+    width, height, _ = reference.GetSize()
+    field = sitk.TransformToDisplacementField(transform, sitk.sitkVectorFloat64, [width, height, z1 - z0],
+                                              reference.TransformIndexToPhysicalPoint((0, 0, int(z0))),
+                                              reference.GetSpacing(), reference.GetDirection())
+    return sitk.GetArrayFromImage(field)
+
+
+def on_grid(array: np.ndarray, reference: sitk.Image) -> sitk.Image:
+    """A (z, y, x) array as a float32 image with ``reference``'s geometry."""
+    image = sitk.GetImageFromArray(np.asarray(array, dtype=np.float32))
+    image.CopyInformation(reference)
+    return image
