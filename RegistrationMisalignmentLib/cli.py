@@ -210,11 +210,11 @@ def cmd_benchmark(args: argparse.Namespace) -> int:
     from RegistrationMisalignmentLib.benchmark.elastix import parse_settings
 
     check_outputs([Output("--out", args.out, "folder")], inputs=[args.dirlab, args.pairs])
-    study = next(s for s in ("phantom", "real_ct", "dirlab", "pairs") if getattr(args, s))
+    study = next(s for s in ("phantom", "chest_ct", "dirlab", "pairs") if getattr(args, s))
     options = BenchmarkOptions(study=study.replace("_", "-"), source=args.dirlab or args.pairs, cases=args.cases,
                                landmarks=args.landmarks, settings=parse_settings(args.settings), tiny=args.tiny,
                                out=args.out, device=args.device, models_dir=args.models_dir, threads=args.threads,
-                               resume=args.resume)
+                               resume=args.resume, tile_size=args.tile_size)
     try:
         report = run_benchmark(options, log=say)
     except KeyboardInterrupt:
@@ -296,21 +296,28 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("benchmark", help="the paper's evaluation protocol: elastix settings x methods at landmarks")
     study = p.add_mutually_exclusive_group(required=True)
     study.add_argument("--phantom", action="store_true", help="chest phantoms deformed by known respiratory DVFs")
-    study.add_argument("--real-ct", action="store_true",
-                       help="the held-out slab of the shared chest CT deformed by known respiratory DVFs")
+    study.add_argument("--chest-ct", "--real-ct", dest="chest_ct", action="store_true",
+                       help="the whole held-out chest CT (POPI phase 00, cut to its lungs' box) moved by physiological "
+                       "breathing fields that slide at the lung surface, Förstner landmarks on distinct points of the "
+                       "lungs (--real-ct: its former name)")
     study.add_argument("--dirlab", metavar="FOLDER", help="DIR-Lab 4DCT / COPDgene files (.img + landmark .txt)")
     study.add_argument("--pairs", metavar="CSV",
                        help="table case,fixed,moving,fixed_landmarks,moving_landmarks (paths relative to it)")
-    p.add_argument("--cases", type=positive_int, help="synthetic: number of cases (default 10); external: the first N")
+    p.add_argument("--cases", type=positive_int, help="synthetic: number of cases (phantom 10, chest CT 1); external: "
+                   "the first N")
     p.add_argument("--landmarks", type=positive_int, default=300, help="lung landmarks per synthetic case (default 300)")
     p.add_argument("--settings", default="affine,bspline20,bspline100,bspline500,bspline2000",
                    help="comma-separated registration settings (default: all five)")
-    p.add_argument("--tiny", action="store_true", help="CI size: synthetic images 32 x 32 x 32 mm, elastix "
+    p.add_argument("--tiny", action="store_true", help="CI size: synthetic images 32 x 32 x 32 mm (chest CT: a box "
+                   "in the right lung), elastix "
                    "iterations / 10 and at most 512 samples; the numbers then mean nothing")
     p.add_argument("--out", default="regmis_benchmark", help="output folder (report.md, report.json, CSV, PNGs)")
     device_flag(p)
     p.add_argument("--models-dir", help="folder of models to compare (default: the shipped models)")
     p.add_argument("--threads", type=positive_int, help="CPU threads for torch and elastix (default: all cores)")
+    p.add_argument("--tile-size", type=tile_size, help="predict's tile side in 1 mm voxels, a multiple of 16 (default: "
+                   "the model's); larger tiles re-read less context (the chest-CT study: 192 on the CPU), the "
+                   "labels are the same")
     p.add_argument("--resume", action="store_true", help="continue the unfinished (or extend the finished) study in "
                    "--out: its finished cases are read back, not recomputed")
     p.set_defaults(func=cmd_benchmark)

@@ -26,7 +26,10 @@ from RegistrationMisalignmentLib.benchmark.elastix import ELASTIX_DIR, SETTINGS,
 REPO = Path(__file__).resolve().parents[1]
 needs_elastix = pytest.mark.skipif(importlib.util.find_spec("itk") is None,
                                    reason="itk-elastix is not installed (pip install -e '.[dev]')")
-METHODS = ("test_lstm", "test_regnet_t", "test_singlescale", "elastix-t")
+METHODS = ("test_lstm", "test_regnet_t", "test_singlescale", "elastix-t", "all-correct")
+TIMED = METHODS[:-1]
+"""The trivial all-correct answer takes no time."""
+POPI = Path(__file__).resolve().parents[2] / "shared" / "data" / "popi_00_chest_ct.nii.gz"
 pytestmark = pytest.mark.filterwarnings("ignore:builtin type .* has no __module__ attribute:DeprecationWarning")
 
 
@@ -53,7 +56,9 @@ def test_tiny_phantom_study_writes_the_whole_report(tiny_run):
         assert set(case["seconds"]["registration"]) == set(SETTINGS)
         assert all(set(case["seconds"]["methods"][m]) == set(SETTINGS) for m in METHODS)
         assert case["seconds"]["total"] > 0
-    assert all(report["runtime"]["methods"][m]["total_s"] > 0 for m in METHODS)
+    assert all(report["runtime"]["methods"][m]["total_s"] > 0 for m in TIMED)
+    rows = _csv_rows(out / "landmarks.csv")
+    assert {r["predicted_class"] for r in rows if r["method"] == "all-correct"} == {"correct"}
     text = (out / "report.md").read_text(encoding="utf-8")
     assert "`regmis benchmark --phantom --cases 2 --landmarks 300 --tiny" in text
     assert "published (not re-measured)" in text and "| 73.1 | 77 |" in text  # LSTM row, all settings
@@ -130,6 +135,33 @@ def test_a_stopped_study_keeps_its_finished_cases_and_resumes_from_them(model_di
     rows = _csv_rows(out / "landmarks.csv")
     assert rows[: len(partial_rows)] == partial_rows and len(rows) == 2 * len(partial_rows)
     assert report["runtime"]["total_s"] == pytest.approx(sum(c["seconds"]["total"] for c in report["cases"]))
+
+
+@needs_elastix
+@pytest.mark.skipif(not POPI.is_file(), reason="the held-out chest CT is not in ../shared/data")
+def test_tiny_chest_ct_study_moves_the_held_out_scan_by_breathing(model_dir, tmp_path):
+    out = tmp_path / "chest"
+    code = main(["benchmark", "--real-ct", "--cases", "1", "--landmarks", "3", "--tiny", "--settings",
+                 "affine,bspline20", "--out", str(out), "--models-dir", str(model_dir), "--device", "cpu",
+                 "--tile-size", "64"])
+    assert code == 0
+    report = json.loads((out / "report.json").read_text(encoding="utf-8"))
+    assert report["study"] == "chest-ct" and report["held_out_scan"] == "popi_00_chest_ct.nii.gz"
+    assert report["command"].startswith("regmis benchmark --chest-ct --cases 1 --landmarks 3 --settings affine,bspline20 --tiny")
+    assert "--tile-size 64" in report["command"] and set(report["methods"]) == set(METHODS)
+    [case] = report["cases"]
+    assert case["name"] == "popi00_breathing7030000" and case["size"] == [32, 32, 32] and case["landmarks"] == 3
+    assert "POPI-model phase 00" in case["description"] and "sliding" in case["description"]
+    text = (out / "report.md").read_text(encoding="utf-8")
+    assert "Held-out scan: `popi_00_chest_ct.nii.gz`, never trained on" in text
+    rows = _csv_rows(out / "landmarks.csv")
+    assert len(rows) == 3 * 2 * len(METHODS)
+    # The landmarks lie in the POPI scan's own physical space (the box keeps its place in the scan).
+    scan = sitk.ReadImage(str(POPI))
+    lower = np.array(scan.GetOrigin())
+    upper = lower + np.array(scan.GetSize()) * np.array(scan.GetSpacing())
+    points = np.array([[float(r[k]) for k in "xyz"] for r in rows])
+    assert (points > lower).all() and (points < upper).all()
 
 
 # ---- the truth: residual of a registration composed with the known DVF ----------------------
@@ -209,7 +241,8 @@ def test_settings_are_parsed_in_protocol_order_and_unknown_ones_refused(model_di
 def test_the_benchmark_script_is_the_cli():
     result = subprocess.run([sys.executable, str(REPO / "benchmarks" / "evaluate_protocol.py"), "--help"],
                             capture_output=True, text=True, check=False)
-    assert result.returncode == 0 and "--real-ct" in result.stdout and "--dirlab" in result.stdout
+    assert result.returncode == 0 and "--chest-ct" in result.stdout and "--dirlab" in result.stdout
+    assert "--real-ct" in result.stdout  # the old name of the real-CT study still works
 
 
 # ---- external data: DIR-Lab and pairs --------------------------------------------------------

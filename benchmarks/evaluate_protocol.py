@@ -1,6 +1,6 @@
 """Measures every model on the paper's protocol (elastix settings x landmarks); the same as ``regmis benchmark``.
 
-    python benchmarks/evaluate_protocol.py --real-ct --out benchmarks/results/protocol_real_ct
+    python benchmarks/evaluate_protocol.py --chest-ct --out benchmarks/results/protocol_chest_ct --device cpu --threads 2 --tile-size 192
 
 The work lives in RegistrationMisalignmentLib/benchmark/study.py; this file only makes it runnable from a
 checkout without installing the package.

@@ -12,9 +12,16 @@ The truth is what a registration leaves at each fixed landmark x, given T (fixed
   D(x) = I(x + u(x))), measured in the fixed image's space. (DIR-Lab's TRE is measured in the moving
   image's space; the two differ by the local Jacobian of u.)
 
+The chest-CT study (``chest_ct_cases``) is the nearest thing here to DIR-Lab 4DCT: the whole held-out
+chest CT (POPI phase 00, cut to its lungs' box plus a margin) against itself moved by a physiological
+breathing field with sliding at the lung surface (``synthetic.breathing``: the moving image is the
+exhale of the inhale fixed image, DIR-Lab's pairing), and 300 landmarks on distinct points of the
+lungs (``benchmark.landmark_detection``: Förstner points, spread over both lungs).
+
 Seeds are disjoint from training, which used seeds below 100 000 for phantoms and validation and
-random pool seeds for its deformations: case i of a study draws its phantom from 7 000 000 + i,
-its DVF from 7 010 000 + i and its landmarks from 7 020 000 + i.
+random pool seeds for its deformations: case i of a phantom study draws its phantom from 7 000 000 + i,
+its DVF from 7 010 000 + i and its landmarks from 7 020 000 + i; case i of the chest-CT study its
+breathing field from 7 030 000 + i (its landmark detector breaks ties with 7 020 000).
 """
 
 from __future__ import annotations
@@ -32,26 +39,28 @@ from RegistrationMisalignmentLib.demo import SHARED_DATA
 from RegistrationMisalignmentLib.errors import InputError
 from RegistrationMisalignmentLib.landmarks import Landmarks
 
-SHARED_CHEST = SHARED_DATA / "chest_ct_1.5mm.nii.gz"
-"""The real chest CT crop whose lowest-z slab this study holds out."""
+SHARED_CHEST = SHARED_DATA / "popi_00_chest_ct.nii.gz"
+"""The held-out whole chest CT of the chest-CT study: POPI-model phase 00. The canonical training run
+holds it out (trainer/configs/canonical.toml, ``holdout``); no shipped model has seen it."""
 
 STUDY_SEED = 7_000_000
 DVF_SEED = STUDY_SEED + 10_000
 LANDMARK_SEED = STUDY_SEED + 20_000
 PHANTOM_SIZE_MM = (160.0, 128.0, 128.0)
 """The phantom size training used (``TrainConfig.phantom_size_mm``)."""
+CHEST_SEED = STUDY_SEED + 30_000
+"""Case i of the chest-CT study moves the held-out scan by the breathing field of seed CHEST_SEED + i."""
+CHEST_MARGIN_MM = 15.0
+"""The chest-CT case box: the lungs' bounding box grown by this (and cut at the scan's edges)."""
 TINY_SIZE_MM = (32.0, 32.0, 32.0)
 """--tiny: every synthetic image is this small (x, y, z mm at 1 mm): a phantom of this size, or a
-crop of the held-out CT slab centred on its lungs."""
-HOLDOUT_FRACTION = 0.25
-"""The lowest-z quarter of the shared chest CT's slices, held out of training (``demo.py``)."""
+box of the held-out chest CT at the centre of its right lung."""
 DVF_KIND = "respiratory"
 STUDY_DVF = {"max_displacement_mm": 20.0, "respiratory_expansion_mm": (6.0, 16.0), "diaphragm_shift_mm": (10.0, 20.0)}
 """The trainer's respiratory generator with its amplitudes doubled (training: 10 mm, 3-8 mm, 5-10 mm; 20 mm is
-the largest of the authors' presets). With the training amplitudes the lung landmarks of the CT slab move only
-1-3 mm on average, before any registration; doubled, they move about 3-8 mm (phantom: 4-8 mm, up to 20 mm),
-like DIR-Lab 4DCT's inhale/exhale pairs (mean 3.9 to 15 mm per case). The methods only ever see what the
-registration leaves, the residual they are trained to class."""
+the largest of the authors' presets), for the phantom study. With the training amplitudes lung landmarks move
+only 1-3 mm on average, before any registration; doubled, they move about 4-8 mm (up to 20 mm) in the phantoms.
+The chest-CT study uses a physiological breathing field instead (``synthetic.breathing``)."""
 
 
 class Truth(Protocol):
@@ -150,41 +159,104 @@ def phantom_cases(count: int, landmarks: int, tiny: bool) -> Iterator[Case]:
                              f"chest phantom of seed {STUDY_SEED + i}, {size[0]:g} x {size[1]:g} x {size[2]:g} mm")
 
 
-def held_out_slab() -> np.ndarray:
-    """The lowest-z quarter of the shared chest CT on the 1 mm grid (HU), never used in training."""
+@dataclass
+class ChestScan:
+    """The held-out whole chest CT on the 1 mm grid, its anatomy, the case box and the box's landmarks."""
+
+    hu: np.ndarray
+    """(D, H, W) HU of the whole scan."""
+    anatomy: object
+    """``synthetic.breathing.ChestAnatomy`` of the whole scan."""
+    box: object
+    """The same anatomy cropped to the case box."""
+    fixed: sitk.Image
+    """The case box's image (HU, float32) at its place in the scan's physical space."""
+    landmarks: Landmarks
+
+
+def _chest_box(anatomy, tiny: bool) -> tuple[tuple[int, int, int], tuple[int, int, int]]:
+    """The lungs' bounding box plus ``CHEST_MARGIN_MM``; --tiny: a ``TINY_SIZE_MM`` box at the centre of the
+    right lung (the patient's right: smaller x)."""
+    if not tiny:
+        return anatomy.lung_box(CHEST_MARGIN_MM)
+    index = np.argwhere(anatomy.lung)
+    right = index[index[:, 2] < (index[:, 2].min() + index[:, 2].max()) / 2]
+    centre = right[np.argmin(((right - right.mean(axis=0)) ** 2).sum(axis=1))]  # the lung voxel nearest its centroid
+    size = [int(round(s / DEFAULT_CONFIG.spacing_mm)) for s in TINY_SIZE_MM[::-1]]
+    start = [int(np.clip(c - n // 2, 0, max(m - n, 0))) for c, n, m in zip(centre, size, anatomy.lung.shape)]
+    return tuple(start), tuple(min(a + n, m) for a, n, m in zip(start, size, anatomy.lung.shape))
+
+
+def load_chest_scan(landmarks: int, tiny: bool) -> ChestScan:
+    """Read the held-out chest CT, find its lungs, cut the case box and place the landmarks on it."""
+    from RegistrationMisalignmentLib.preprocess import isotropic_reference
+    from RegistrationMisalignmentLib.synthetic.breathing import chest_anatomy
     from RegistrationMisalignmentLib.synthetic.images import to_training_image
+    from RegistrationMisalignmentLib.benchmark.landmark_detection import detect_landmarks
 
-    if not SHARED_CHEST.exists():
-        raise InputError(f"the real chest CT {SHARED_CHEST} is missing; use --phantom, or --dirlab / --pairs "
-                         "with your own data")
-    image = to_training_image(sitk.ReadImage(str(SHARED_CHEST)), SHARED_CHEST.name, DEFAULT_CONFIG)
-    return image.crop_z(0, int(round(HOLDOUT_FRACTION * image.hu.shape[0]))).hu
+    scan = sitk.ReadImage(str(SHARED_CHEST))
+    hu = to_training_image(scan, SHARED_CHEST.name, DEFAULT_CONFIG).hu
+    grid = isotropic_reference(scan, DEFAULT_CONFIG.spacing_mm)
+    anatomy = chest_anatomy(hu, (DEFAULT_CONFIG.spacing_mm,) * 3)
+    start, stop = _chest_box(anatomy, tiny)
+    box = anatomy.crop(start, stop)
+    fixed = sitk.GetImageFromArray(np.ascontiguousarray(hu[tuple(slice(a, b) for a, b in zip(start, stop))]))
+    fixed.SetSpacing(grid.GetSpacing())
+    fixed.SetDirection(grid.GetDirection())
+    fixed.SetOrigin(grid.TransformIndexToPhysicalPoint([int(v) for v in start[::-1]]))
+    found = detect_landmarks(sitk.GetArrayViewFromImage(fixed), box.lung, landmarks, LANDMARK_SEED,
+                             fixed.GetSpacing(), SHARED_CHEST.name)
+    points = np.array([fixed.TransformIndexToPhysicalPoint([int(v) for v in kji[::-1]]) for kji in found])
+    return ChestScan(hu, anatomy, box, fixed, Landmarks(points, [str(i + 1) for i in range(len(points))]))
 
 
-def crop_around_lungs(hu: np.ndarray, size_mm: tuple[float, float, float]) -> np.ndarray:
-    """A (z, y, x) box of ``size_mm`` (x, y, z) centred on the lungs' centroid, kept inside the image."""
-    from RegistrationMisalignmentLib.synthetic.phantom import lung_mask
+def chest_case(scan: ChestScan, index: int, tiny: bool) -> Case:
+    """Case ``index``: the scan's box moved by breathing field ``CHEST_SEED + index`` (exhale, as DIR-Lab's
+    moving images), with the scan's landmarks and the field as truth."""
+    from RegistrationMisalignmentLib.synthetic.breathing import breathe
 
-    centre = np.argwhere(sitk.GetArrayFromImage(lung_mask(sitk.GetImageFromArray(hu)))).mean(axis=0)
-    box = [int(round(s / DEFAULT_CONFIG.spacing_mm)) for s in size_mm[::-1]]
-    starts = [int(np.clip(round(c - b / 2), 0, max(n - b, 0))) for c, b, n in zip(centre, box, hu.shape)]
-    return hu[tuple(slice(s, s + b) for s, b in zip(starts, box))].copy()
+    seed = CHEST_SEED + index
+    moved, field = breathe(sitk.GetArrayViewFromImage(scan.fixed), scan.box, seed,
+                           whole=(scan.hu, scan.anatomy.lung))
+    moving = sitk.GetImageFromArray(moved)
+    moving.CopyInformation(scan.fixed)
+    width, height, depth = scan.fixed.GetSize()
+    p = field.parameters
+    lungs = int(scan.box.lung.sum())
+    description = (
+        f"{SHARED_CHEST.name} (POPI-model phase 00, a whole chest CT held out of every training run), "
+        f"{'a box at the centre of the right lung' if tiny else f'its lungs bounding box + {CHEST_MARGIN_MM:g} mm'}, "
+        f"{width} x {height} x {depth} mm at 1 mm ({lungs / 1e6:.2f} L of lung); moving image = the "
+        f"{'exhale' if p['phase'] > 0 else 'inhale'} of a breathing field (seed {seed}: cranio-caudal "
+        f"{p['cc_mm']:.1f} mm at the dorsal lung base, {100 * (1 - p['ventral_reduction']):.0f} % of it ventrally, "
+        f"left/right {1 + p['asymmetry']:.2f}/{1 - p['asymmetry']:.2f}, rise exponent {p['cc_exponent']:.2f}; "
+        f"anterior wall {p['ap_mm']:.1f} mm, lateral {p['lateral_mm']:.1f} mm; chest wall and mediastinum "
+        f"{100 * p['wall_fraction']:.0f} % of the lung's cranio-caudal motion (sliding); local variation "
+        f"{p['local_mm']:.1f} mm on {p['local_knot_mm']:g} mm knots; sponge model in the lungs, 5 HU noise), "
+        f"{len(scan.landmarks)} Förstner landmarks in the lungs (ties seed {LANDMARK_SEED})")
+    return Case(f"popi00_breathing{seed}", scan.fixed, moving, scan.landmarks,
+                SyntheticTruth(field.dvf.numpy(), scan.fixed), description)
 
 
-def real_ct_cases(count: int, landmarks: int, tiny: bool) -> Iterator[Case]:
-    """The held-out slab of the shared chest CT, deformed by ``count`` different respiratory DVFs.
+def chest_ct_cases(count: int, landmarks: int, tiny: bool) -> Iterator[Case]:
+    """The held-out whole chest CT (POPI phase 00), moved by ``count`` different breathing fields.
 
-    The slab is read at once, so a missing CT is reported before any other work.
+    A missing scan is reported at once, before any other work; the scan is read and its landmarks
+    placed when the first case is asked for, and shared by every case (one fixed image, as the
+    breathing fields differ).
     """
-    slab = held_out_slab()
-    if tiny:
-        slab = crop_around_lungs(slab, TINY_SIZE_MM)
-    depth, height, width = slab.shape
-    note = (f"{SHARED_CHEST.name}, lowest-z {HOLDOUT_FRACTION:.0%} of its slices (held out of training: "
-            f"validation-loss monitoring only){', lung-centred crop' if tiny else ''}, {width} x {height} x {depth} mm")
-    return (synthetic_case(slab, f"chest_ct_slab_dvf{DVF_SEED + i}", i, landmarks, note) for i in range(count))
+    if not SHARED_CHEST.exists():
+        raise InputError(f"the held-out chest CT {SHARED_CHEST} is missing; use --phantom, or --dirlab / --pairs "
+                         "with your own data")
+
+    def cases() -> Iterator[Case]:
+        scan = load_chest_scan(landmarks, tiny)
+        for i in range(count):
+            yield chest_case(scan, i, tiny)
+
+    return cases()
 
 
 __all__ = ["Case", "Truth", "LandmarkTruth", "SyntheticTruth", "sample_lung_landmarks", "synthetic_case",
-           "phantom_cases", "real_ct_cases", "held_out_slab", "STUDY_SEED", "DVF_SEED", "LANDMARK_SEED",
-           "TINY_SIZE_MM", "PHANTOM_SIZE_MM"]
+           "phantom_cases", "chest_ct_cases", "load_chest_scan", "chest_case", "ChestScan", "STUDY_SEED", "DVF_SEED",
+           "LANDMARK_SEED", "CHEST_SEED", "SHARED_CHEST", "TINY_SIZE_MM", "PHANTOM_SIZE_MM"]

@@ -131,8 +131,8 @@ def markdown(report: dict) -> str:
     """The human-readable report (all numbers from ``report``, i.e. from the per-landmark rows)."""
     settings, methods = report["settings"], report["methods"]
     results, truth = report["results"], report["truth"]
-    title = {"phantom": "chest phantoms", "real-ct": "held-out real chest CT", "dirlab": "DIR-Lab",
-             "pairs": "user pairs"}[report["study"]]
+    title = {"phantom": "chest phantoms", "chest-ct": "a whole held-out chest CT with breathing fields",
+             "dirlab": "DIR-Lab", "pairs": "user pairs"}[report["study"]]
     out = [f"# Misalignment benchmark on the paper's protocol: {title}", "",
            f"Produced by `{report['command']}` on {report['created']} "
            f"({report['environment']['device']}, torch {report['environment']['torch']}, "
@@ -143,7 +143,11 @@ def markdown(report: dict) -> str:
     if report["tiny"]:
         out += [f"**CI-size run (`--tiny`)**: {'; '.join(report['tiny_changes'])}. The numbers only show "
                 "that the pipeline works; they say nothing about the method.", ""]
-    out += ["## Data and truth", ""] + [f"- {c['name']}: {c['description']}" for c in report["cases"]] + [
+    out += ["## Data and truth", ""]
+    if report.get("held_out_scan"):
+        out += [f"Held-out scan: `{report['held_out_scan']}`, never trained on (the canonical training run holds it "
+                "out: `trainer/configs/canonical.toml`, `holdout`).", ""]
+    out += [f"- {c['name']}: {c['description']}" for c in report["cases"]] + [
         "", report["truth_definition"], "",
         "## Registration settings (elastix) and the truth they leave", "",
         f"Parameter files in `{report['elastix']['directory']}`; each B-spline setting starts from the affine one.", ""]
@@ -179,7 +183,10 @@ def markdown(report: dict) -> str:
     out += ["", "Build: making or reading the case. elastix settings: the shared affine stage plus each B-spline "
             "stage. Methods: every setting's prediction (elastix-t: its registration).", "",
             f"Total {runtime['total_s']:.0f} s. Per method, mean per case: "
-            + ", ".join(f"{m} {runtime['methods'][m]['per_case_mean_s']:.1f} s" for m in methods) + ".", ""]
+            + ", ".join(f"{m} {runtime['methods'][m]['per_case_mean_s']:.1f} s" for m in methods)
+            + "; per case and setting (one prediction): "
+            + ", ".join(f"{m} {runtime['methods'][m]['per_case_mean_s'] / max(len(settings), 1):.1f} s"
+                        for m in methods) + ".", ""]
     return "\n".join(out)
 
 
