@@ -316,8 +316,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--models-dir", help="folder of models to compare (default: the shipped models)")
     p.add_argument("--threads", type=positive_int, help="CPU threads for torch and elastix (default: all cores)")
     p.add_argument("--tile-size", type=tile_size, help="predict's tile side in 1 mm voxels, a multiple of 16 (default: "
-                   "the model's); larger tiles re-read less context (the chest-CT study: 192 on the CPU), the "
-                   "labels are the same")
+                   "the model's); the labels are the same. Larger tiles re-read less context but hold more memory; on 2 "
+                   "CPU cores 192 was no faster than the default 128 on a whole chest CT")
     p.add_argument("--resume", action="store_true", help="continue the unfinished (or extend the finished) study in "
                    "--out: its finished cases are read back, not recomputed")
     p.set_defaults(func=cmd_benchmark)
