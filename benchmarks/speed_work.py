@@ -196,7 +196,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="encoder input side of the throughput run (default 213: the x1 input of a 128 tile)")
     p.add_argument("--repeats", type=int, default=3, help="timed encoder runs after one warm-up (median)")
     p.add_argument("--network-seconds", type=float, help="a measured network stage (s) for the same image, to "
-                   "compare (e.g. benchmarks/results/speed-cpu-chest-balanced-tiles.md)")
+                   "compare (e.g. benchmarks/results/speed-cpu-chest-bf16-body-median3.md)")
     p.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results")
     p.add_argument("--name", default="speed-work-cpu")
     return p
