@@ -298,7 +298,7 @@ def build_parser() -> argparse.ArgumentParser:
     study.add_argument("--phantom", action="store_true", help="chest phantoms deformed by known respiratory DVFs")
     study.add_argument("--chest-ct", "--real-ct", dest="chest_ct", action="store_true",
                        help="the whole held-out chest CT (POPI phase 00, cut to its lungs' box) moved by physiological "
-                       "breathing fields that slide at the lung surface, Förstner landmarks on distinct points of the "
+                       "breathing fields that slide at the lung surface, Forstner landmarks on distinct points of the "
                        "lungs (--real-ct: its former name)")
     study.add_argument("--dirlab", metavar="FOLDER", help="DIR-Lab 4DCT / COPDgene files (.img + landmark .txt)")
     study.add_argument("--pairs", metavar="CSV",

@@ -76,5 +76,5 @@ def test_info_prints_the_model_card(model_dir, capsys):
 
 def test_console_script_is_installed_and_reports_usage():
     result = subprocess.run([sys.executable, "-m", "RegistrationMisalignmentLib.cli", "--help"], capture_output=True,
-                            text=True, check=False)
+                            text=True, encoding="utf-8", check=False)
     assert result.returncode == 0 and "predict" in result.stdout

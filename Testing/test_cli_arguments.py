@@ -122,3 +122,19 @@ def test_demo_and_benchmark_refuse_a_file_as_their_output_folder(pair, no_work, 
     assert "is a file; give a folder" in capsys.readouterr().err
     assert main(["benchmark", "--phantom", "--tiny", "--out", str(pair / "moving.nrrd")]) == 2
     assert "is a file; give a folder" in capsys.readouterr().err
+
+
+def test_every_help_text_is_ascii():
+    """A console without UTF-8 (a C locale without Python's coercion, some Windows code pages) must still print
+    --help: argparse writes it to sys.stdout, and one non-ASCII character would crash the command."""
+    import argparse
+
+    from RegistrationMisalignmentLib.cli import build_parser
+
+    parser = build_parser()
+    texts = [parser.format_help()]
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            texts += [sub.format_help() for sub in action.choices.values()]
+    offenders = sorted({c for text in texts for c in text if ord(c) > 127})
+    assert len(texts) > 5 and offenders == []

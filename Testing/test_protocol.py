@@ -240,7 +240,7 @@ def test_settings_are_parsed_in_protocol_order_and_unknown_ones_refused(model_di
 
 def test_the_benchmark_script_is_the_cli():
     result = subprocess.run([sys.executable, str(REPO / "benchmarks" / "evaluate_protocol.py"), "--help"],
-                            capture_output=True, text=True, check=False)
+                            capture_output=True, text=True, encoding="utf-8", check=False)
     assert result.returncode == 0 and "--chest-ct" in result.stdout and "--dirlab" in result.stdout
     assert "--real-ct" in result.stdout  # the old name of the real-CT study still works
 

@@ -195,17 +195,24 @@ def test_the_lib_imports_nothing_above_it():
 
 def test_every_text_file_is_opened_with_its_encoding():
     """Inside Slicer (and after any import of VTK) the C locale makes Python's default text encoding ASCII,
-    so every read_text / write_text / text-mode open of our code names UTF-8 (read from the AST)."""
+    so every read_text / write_text / text-mode open, and every subprocess read as text, of our code and
+    tests names UTF-8 (read from the AST)."""
     import ast
 
     offenders = []
-    for folder in ("RegistrationMisalignmentLib", "RegistrationMisalignment", "trainer", "benchmarks"):
+    for folder in ("RegistrationMisalignmentLib", "RegistrationMisalignment", "trainer", "benchmarks", "Testing"):
         for path in (REPO / folder).rglob("*.py"):
             for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
                 if not isinstance(node, ast.Call):
                     continue
                 name = node.func.attr if isinstance(node.func, ast.Attribute) else getattr(node.func, "id", "")
-                if name not in ("read_text", "write_text", "open") or any(k.arg == "encoding" for k in node.keywords):
+                text_mode = any(k.arg in ("text", "universal_newlines") for k in node.keywords)
+                if any(k.arg == "encoding" for k in node.keywords):
+                    continue
+                if name in ("run", "Popen", "check_output") and text_mode:
+                    offenders.append(f"{path.relative_to(REPO)}:{node.lineno} {name}(text=True)")
+                    continue
+                if name not in ("read_text", "write_text", "open"):
                     continue
                 modes = [a.value for a in node.args[1:2] + [k.value for k in node.keywords if k.arg == "mode"]
                          if isinstance(a, ast.Constant)]

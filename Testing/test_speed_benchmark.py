@@ -59,7 +59,7 @@ def test_timing_basis_names_a_single_run_as_such():
 def test_ci_run_writes_well_formed_json_and_one_table_row_per_configuration(tmp_path):
     out = tmp_path / "results"
     proc = subprocess.run([sys.executable, "-m", "benchmarks.speed", "--ci", "--out", str(out), "--cache",
-                           str(tmp_path / "cache"), "--name", "ci"], cwd=REPO, capture_output=True, text=True,
+                           str(tmp_path / "cache"), "--name", "ci"], cwd=REPO, capture_output=True, text=True, encoding="utf-8",
                           timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     report = json.loads((out / "ci.json").read_text(encoding="utf-8"))

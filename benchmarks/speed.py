@@ -264,7 +264,7 @@ def run_configuration(job: dict) -> dict:
     """Run ``speed_run`` in a fresh interpreter; its stderr streams through, its last stdout line is the result."""
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))}
     proc = subprocess.run([sys.executable, "-m", "benchmarks.speed_run", json.dumps(job)], cwd=REPO, env=env,
-                          stdout=subprocess.PIPE, text=True)
+                          stdout=subprocess.PIPE, text=True, encoding="utf-8")
     if proc.returncode != 0:
         reason = f"killed by signal {-proc.returncode}" if proc.returncode < 0 else f"exit code {proc.returncode}"
         return {"error": f"{reason} (see its stderr above)"}
