@@ -22,6 +22,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from benchmarks.publish import publish  # noqa: E402
 from RegistrationMisalignmentLib.config import MisalignmentConfig  # noqa: E402
 from RegistrationMisalignmentLib.io import read_image  # noqa: E402
 from RegistrationMisalignmentLib.networks.regnet import RegNet  # noqa: E402
@@ -113,11 +114,7 @@ def main(argv: list[str] | None = None) -> int:
                       f"with its running statistics, {endpoint_error(net, xv, yv, keep, train_mode=True):.3f} mm with batch "
                       f"norm from each block (zero predictor {zero:.3f} mm).", ""]
     lines.append(f"Wall time {time.perf_counter() - started:.0f} s on {args.threads} threads.")
-    text = "\n".join(lines) + "\n"
-    print(text)
-    if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(text, encoding="utf-8")
+    publish(lines, args.out)
     return 0
 
 

@@ -27,6 +27,7 @@ from scipy import ndimage
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from benchmarks.publish import publish  # noqa: E402
 from RegistrationMisalignmentLib.benchmark.cases import CHEST_SEED, SyntheticTruth, load_chest_scan  # noqa: E402
 from RegistrationMisalignmentLib.benchmark.elastix import ElastixRunner, parse_settings  # noqa: E402
 from RegistrationMisalignmentLib.synthetic.breathing import BreathingSettings, breathe  # noqa: E402
@@ -107,11 +108,7 @@ def main(argv: list[str] | None = None) -> int:
     total = np.mean(shares, axis=0)
     lines += [f"| these settings together | | {total[0]:.1f} | {total[1]:.1f} | {total[2]:.1f} | {total[1] + total[2]:.1f} |",
               "", f"Wall time {time.perf_counter() - started:.0f} s ({args.threads} elastix threads)."]
-    text = "\n".join(lines) + "\n"
-    print(text)
-    if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(text, encoding="utf-8")
+    publish(lines, args.out)
     return 0
 
 
