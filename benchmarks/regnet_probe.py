@@ -24,6 +24,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.publish import publish  # noqa: E402
 from RegistrationMisalignmentLib.config import MisalignmentConfig  # noqa: E402
+from RegistrationMisalignmentLib.inference import cpu_has_native_bf16  # noqa: E402
 from RegistrationMisalignmentLib.io import read_image  # noqa: E402
 from RegistrationMisalignmentLib.networks.regnet import RegNet  # noqa: E402
 from RegistrationMisalignmentLib.synthetic.dvf import DVFSettings  # noqa: E402
@@ -33,20 +34,26 @@ from trainer.dataset import BlockSampler, build_pool, weighted_huber  # noqa: E4
 
 SCAN = Path(__file__).resolve().parents[2] / "shared" / "data" / "lidc_0001_chest_ct.nii.gz"
 CANONICAL = Path(__file__).resolve().parents[1] / "benchmarks" / "results" / "training" / "canonical" / "checkpoint"
+VAL_BLOCKS = 8
+
+
+def autocast():
+    """bf16 autocast where the CPU has native bf16, as the trainer; float32 elsewhere."""
+    return torch.autocast("cpu", dtype=torch.bfloat16, enabled=cpu_has_native_bf16())
 
 
 def endpoint_error(net: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, keep: torch.Tensor,
                    train_mode: bool = False) -> float:
     """Mean |prediction - DVF| (mm) over the supervised voxels; ``train_mode``: batch norm from each block."""
     net.train(train_mode)
-    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+    with torch.no_grad(), autocast():
         prediction = torch.cat([net(x[i : i + 1]) for i in range(len(x))]).float()
     net.train()
     return float((prediction - y).norm(dim=1)[keep].mean())
 
 
 def step(net: torch.nn.Module, optimizer: torch.optim.Optimizer, x, y, w) -> float:
-    with torch.autocast("cpu", dtype=torch.bfloat16):
+    with autocast():
         loss = weighted_huber(net(x), y, w)
     optimizer.zero_grad()
     loss.backward()
@@ -71,11 +78,11 @@ def main(argv: list[str] | None = None) -> int:
     train = BlockSampler(build_pool([image], 4, 11, config, DVFSettings()), config, np.random.default_rng(1), args.block)
     val = BlockSampler(build_pool([image], 3, 99, config, DVFSettings(), kinds=("single", "mixed", "respiratory")),
                        config, np.random.default_rng(2), args.block)
-    xv, yv, wv = val.regnet_batch(8, args.scale)
+    xv, yv, wv = val.regnet_batch(VAL_BLOCKS, args.scale)
     keep = wv[:, 0] > 0
     zero = float(yv.norm(dim=1)[keep].mean())
     lines = [f"# Stage-1 probe: `python benchmarks/regnet_probe.py {' '.join(sys.argv[1:] if argv is None else argv)}`", "",
-             f"RegNet at level x{args.scale}, input blocks {args.block}^3; validation: 8 blocks of 3 unseen deformed "
+             f"RegNet at level x{args.scale}, input blocks {args.block}^3; validation: {VAL_BLOCKS} blocks of 3 unseen deformed "
              f"pairs of {SCAN.name}; the zero predictor's EPE there: **{zero:.3f} mm**.", ""]
 
     torch.manual_seed(0)

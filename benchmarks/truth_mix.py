@@ -30,9 +30,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from benchmarks.publish import publish  # noqa: E402
 from RegistrationMisalignmentLib.benchmark.cases import CHEST_SEED, SyntheticTruth, load_chest_scan  # noqa: E402
 from RegistrationMisalignmentLib.benchmark.elastix import ElastixRunner, parse_settings  # noqa: E402
+from RegistrationMisalignmentLib.config import DEFAULT_CONFIG  # noqa: E402
 from RegistrationMisalignmentLib.synthetic.breathing import BreathingSettings, breathe  # noqa: E402
-
-CLASS_EDGES_MM = (3.0, 6.0)
 
 
 def acquire(image: sitk.Image, slice_mm: float, noise_hu: float, seed: int) -> sitk.Image:
@@ -94,14 +93,14 @@ def main(argv: list[str] | None = None) -> int:
     lines = [f"# Truth mix of the chest-CT study's case: `python benchmarks/truth_mix.py {' '.join(argv or sys.argv[1:])}`",
              "", f"Field parameters: {', '.join(f'{k} {v:.2f}' if isinstance(v, float) else f'{k} {v}' for k, v in field.parameters.items())}",
              f"Acquisition: slices {f'{args.slice_mm:g} mm' if args.slice_mm else 'as the scan (1 mm)'}, noise {args.noise_hu:g} HU on both images "
-             "(the moved image has the field's own 5 HU besides).",
+             f"(the moved image has the field's own {settings.noise_sigma_hu:g} HU besides).",
              f"Landmark motion: mean {motion.mean():.1f} mm, p95 {np.percentile(motion, 95):.1f} mm, largest {motion.max():.1f} mm "
              f"({len(points)} landmarks).", "",
              "| setting | mean residual (mm) | correct % | poor % | wrong % | poor + wrong % |", "|---|---|---|---|---|---|"]
     shares = []
     for name, registration in registrations.items():
         residual = truth.residual_mm(points, registration.map_points)
-        share = 100.0 * np.bincount(np.digitize(residual, CLASS_EDGES_MM), minlength=3) / len(residual)
+        share = 100.0 * np.bincount(DEFAULT_CONFIG.classify_mm(residual), minlength=3) / len(residual)
         shares.append(share)
         lines.append(f"| {name} | {residual.mean():.2f} | {share[0]:.1f} | {share[1]:.1f} | {share[2]:.1f} | "
                      f"{share[1] + share[2]:.1f} |")
