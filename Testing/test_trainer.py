@@ -17,7 +17,8 @@ from RegistrationMisalignmentLib.synthetic.images import phantom_images
 from trainer import checkpoint
 from trainer.dataset import CLASS_BALANCE, BlockSampler, DeformedPair, build_pool, class_weights
 from RegistrationMisalignmentLib.synthetic.dvf import DVFSettings
-from trainer.train import main
+from RegistrationMisalignmentLib.networks.regnet import RegNet
+from trainer.train import Trainer, main
 
 
 @pytest.fixture(scope="module")
@@ -123,6 +124,24 @@ def test_lr_schedule_picks_the_last_entry_reached_and_rejects_bad_entries():
     assert [cfg.lr_at(e) for e in (1, 8, 9, 36, 37, 42)] == [1e-3, 1e-3, 3e-4, 3e-4, 1e-4, 1e-4]
     with pytest.raises(ValueError, match="lr_schedule"):
         TrainConfig(lr_schedule=((0, 1e-4),))
+
+
+def test_a_regnet_stage_can_start_from_the_coarser_trained_regnet(tmp_path):
+    torch.manual_seed(0)
+    coarse = RegNet().eval()
+    trainer = Trainer(TrainConfig.smoke(out=str(tmp_path), regnet_init="coarser"))
+    state = {"stage": "regnet4", "epoch": 1, "models": {"regnet4": coarse.state_dict()}, "optimizer": None,
+             "seconds": {}}
+    fine = RegNet()
+    trainer.fit("regnet2", fine, 0, state)  # no epoch: only how the stage starts
+    x = torch.randn(1, 2, 101, 101, 101)
+    with torch.no_grad():  # the same shift in voxels: half the mm on the finer level
+        torch.testing.assert_close(fine.eval()(x), 0.5 * coarse(x))
+    untouched = RegNet()
+    Trainer(TrainConfig.smoke(out=str(tmp_path / "fresh"))).fit("regnet2", untouched, 0, state)
+    assert not torch.equal(untouched.head[-1].weight, 0.5 * coarse.head[-1].weight)
+    with pytest.raises(ValueError, match="regnet_init"):
+        TrainConfig(regnet_init="finer")
 
 
 def test_resume_continues_bit_for_bit(smoke_runs):

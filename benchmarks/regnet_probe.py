@@ -8,6 +8,9 @@ That is a bug (inputs and targets that do not match, batch norm that breaks in e
 training; the three parts tell them apart. Data: LIDC-IDRI 0001 (a training scan), 4 deformed pairs to
 train on and 3 others (other DVFs, no identity pair) to validate on; blocks of ``--block`` voxels at level
 ``--scale``; bf16 autocast on CPUs that have it, as the trainer.
+
+``--init regnet4`` starts part 2 from the canonical x4 instead of a fresh network, as ``regnet_init =
+"coarser"`` starts a finer stage of the trainer (``regnet_probe_x1_from_x4.md``: does that help x1 learn?).
 """
 
 from __future__ import annotations
@@ -31,6 +34,7 @@ from RegistrationMisalignmentLib.synthetic.dvf import DVFSettings  # noqa: E402
 from RegistrationMisalignmentLib.synthetic.images import to_training_image  # noqa: E402
 from trainer import checkpoint  # noqa: E402
 from trainer.dataset import BlockSampler, build_pool, weighted_huber  # noqa: E402
+from trainer.train import start_from_coarser  # noqa: E402
 
 SCAN = Path(__file__).resolve().parents[2] / "shared" / "data" / "lidc_0001_chest_ct.nii.gz"
 CANONICAL = Path(__file__).resolve().parents[1] / "benchmarks" / "results" / "training" / "canonical" / "checkpoint"
@@ -52,6 +56,13 @@ def endpoint_error(net: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, keep:
     return float((prediction - y).norm(dim=1)[keep].mean())
 
 
+def coarser_regnet(stage: str, scale: int) -> RegNet:
+    """The canonical checkpoint's RegNet of ``stage`` (e.g. "regnet4"), its DVF output scaled to level ``scale``."""
+    net = RegNet()
+    start_from_coarser(net, checkpoint.load(CANONICAL)["models"][stage], scale / int(stage.removeprefix("regnet")))
+    return net
+
+
 def step(net: torch.nn.Module, optimizer: torch.optim.Optimizer, x, y, w) -> float:
     with autocast():
         loss = weighted_huber(net(x), y, w)
@@ -69,6 +80,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--lr", type=float, nargs="+", default=[1e-3, 1e-4])
     parser.add_argument("--fit-steps", type=int, default=40, help="steps on the one block")
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--init", metavar="STAGE", help="start part 2 from the canonical checkpoint's STAGE (e.g. regnet4), "
+                        "its output scaled from that stage's level to --scale (a shift of k voxels stays k voxels)")
     parser.add_argument("--out", type=Path)
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
@@ -98,13 +111,16 @@ def main(argv: list[str] | None = None) -> int:
               f"{loss:.4f}; EPE on that block {first:.2f} -> {endpoint_error(net, x, y, one, train_mode=True):.2f} mm "
               f"(batch norm from the block), {endpoint_error(net, x, y, one):.2f} mm (running statistics).", ""]
 
-    lines += ["## 2. Fresh blocks (does it generalise?)", "", "| lr | step | val EPE (mm) | zero predictor (mm) |",
+    start = "a fresh network" if args.init is None else f"the canonical {args.init}, output scaled to x{args.scale} (step 0: as loaded)"
+    lines += [f"## 2. Fresh blocks (does it generalise?), from {start}", "", "| lr | step | val EPE (mm) | zero predictor (mm) |",
               "|---|---|---|---|"]
     batches = [train.regnet_batch(1, args.scale) for _ in range(args.steps)]
     for lr in args.lr:
         torch.manual_seed(0)
-        net = RegNet()
+        net = RegNet() if args.init is None else coarser_regnet(args.init, args.scale)
         optimizer = torch.optim.Adam(net.parameters(), lr=lr)
+        if args.init is not None:
+            lines.append(f"| {lr:g} | 0 | {endpoint_error(net, xv, yv, keep):.3f} | {zero:.3f} |")
         for i, (x, y, w) in enumerate(batches, 1):
             step(net, optimizer, x, y, w)
             if i % max(1, args.steps // 4) == 0:

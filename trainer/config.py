@@ -8,6 +8,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 DEFAULT_SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
+REGNET_INITS = ("fresh", "coarser")
 
 
 @dataclass
@@ -41,6 +42,10 @@ class TrainConfig:
     Epochs are counted per stage, so a schedule past ``regnet_epochs`` only touches stage 2."""
     regnet_epochs: int = 30
     """Pre-training epochs of each per-scale RegNet (DVF regression)."""
+    regnet_init: str = "fresh"
+    """How a RegNet stage starts: "fresh" (random weights) or "coarser": from the trained RegNet of the next
+    coarser scale (x2 from x4, x1 from x2), its DVF output scaled to the finer level so that a shift of k
+    voxels stays k voxels (measured: benchmarks/results/training/regnet_probe_x1_from_x4.md)."""
     epochs: int = 30
     """Epochs of the misalignment model (stage 2)."""
     steps_per_epoch: int = 100
@@ -73,6 +78,8 @@ class TrainConfig:
         for entry in self.lr_schedule:
             if len(entry) != 2 or int(entry[0]) < 1 or float(entry[1]) <= 0:
                 raise ValueError(f"lr_schedule entry {entry!r}: give [first_epoch >= 1, rate > 0]")
+        if self.regnet_init not in REGNET_INITS:
+            raise ValueError(f"regnet_init {self.regnet_init!r}: give one of {', '.join(REGNET_INITS)}")
         if self.block_input < 101 or (self.block_input - 101) % 4:
             raise ValueError(f"block_input {self.block_input}: give 101 + 4k voxels (101, 105, ..., 141, ...)")
 

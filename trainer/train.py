@@ -63,6 +63,16 @@ def split_holdout(images: list[TrainingImage], fraction: float) -> tuple[list[Tr
     return train, val
 
 
+def start_from_coarser(model: RegNet, coarser: dict[str, torch.Tensor], ratio: float) -> None:
+    """Load a coarser level's trained RegNet into ``model`` with its DVF output times ``ratio`` (the finer
+    level's voxel size over the coarser one's): a RegNet's DVF is in mm of its own level, so the same
+    shift of k voxels is ``ratio`` times fewer mm on the finer level."""
+    model.load_state_dict(coarser)
+    with torch.no_grad():
+        model.head[-1].weight.mul_(ratio)
+        model.head[-1].bias.mul_(ratio)
+
+
 class Trainer:
     def __init__(self, cfg: TrainConfig):
         self.cfg = cfg
@@ -176,6 +186,8 @@ class Trainer:
         if (self.export_only or (self.out_of_time() and self.epochs_done > 0) or done_index > stage_index
                 or (done_index == stage_index and state["epoch"] >= epochs)):
             return state
+        if stage not in state["models"] and stage in REGNET_STAGES.values() and self.cfg.regnet_init == "coarser":
+            self._start_from_coarser(stage, model, state)
         model.to(self.device)
         net = self._wrap(model)
         optimizer = torch.optim.Adam(net.parameters(), lr=self.cfg.lr)
@@ -224,6 +236,14 @@ class Trainer:
                          f"{epoch + 1} of {epochs}; the checkpoint holds it")
                 break
         return state
+
+    def _start_from_coarser(self, stage: str, model: RegNet, state: dict) -> None:
+        """A RegNet stage's first epoch starts from the next coarser scale's trained RegNet (x4 has none)."""
+        scale = int(stage.removeprefix("regnet"))
+        coarser = min((s for s in self.config.scales if s > scale), default=None)
+        if coarser is not None and REGNET_STAGES[coarser] in state["models"]:
+            start_from_coarser(model, state["models"][REGNET_STAGES[coarser]], scale / coarser)
+            self.log(f"{stage} starts from the trained {REGNET_STAGES[coarser]}, its DVF output times {scale / coarser:g}")
 
     def out_of_time(self) -> bool:
         limit = self.cfg.time_limit_minutes
