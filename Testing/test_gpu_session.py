@@ -8,10 +8,10 @@ from trainer.train import parse_args
 def test_train_command_resumes_the_canonical_run_with_a_time_limit():
     command = train_command("python", "runs/cache", "cuda", 4, 8.5)
     assert command[:3] == ["python", "-m", "trainer.train"]
-    cfg, export_only = parse_args(command[3:])
+    cfg, export_only, _ = parse_args(command[3:])
     canonical = TrainConfig.from_toml(CANONICAL)
     assert not export_only and cfg.resume and cfg.out == canonical.out and cfg.holdout == canonical.holdout
     assert (cfg.data, cfg.device, cfg.batch_size, cfg.pool_on_device, cfg.time_limit_minutes) == \
         ("runs/cache", "cuda", 4, True, 8.5)
-    cpu, _ = parse_args(train_command("python", "runs/cache", "cpu", 1, 2.0)[3:])
+    cpu, _, _ = parse_args(train_command("python", "runs/cache", "cpu", 1, 2.0)[3:])
     assert cpu.pool_on_device is False and cpu.device == "cpu"

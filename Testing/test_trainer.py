@@ -157,6 +157,33 @@ def test_resume_continues_bit_for_bit(smoke_runs):
             assert torch.equal(value, b["optimizer"]["state"][key][name]), f"optimizer {key}.{name}"
 
 
+def test_a_dropped_stage_begins_again_and_the_ledger_keeps_its_first_attempt(smoke_runs, tmp_path, capsys):
+    import shutil
+
+    straight, _ = smoke_runs
+    out = tmp_path / "dropped"
+    shutil.copytree(straight, out)
+    assert main(["--smoke", "--out", str(out), "--drop-stage", "regnet1"]) == 2   # not the last stage begun
+    assert "only the last stage begun (misalignment)" in capsys.readouterr().err
+    assert main(["--smoke", "--out", str(out), "--drop-stage", "misalignment"]) == 0
+    state = checkpoint.load(out / "checkpoint")
+    assert (state["stage"], state["epoch"], "misalignment" in state["models"]) == ("regnet1", 1, False)
+    assert main(["--smoke", "--out", str(out), "--epochs", "1", "--resume"]) == 0
+    rows = [json.loads(l) for l in (out / "history.jsonl").read_text(encoding="utf-8").splitlines()]
+    assert [(r["stage"], r["epoch"]) for r in rows][-3:] == [("misalignment", 1), ("misalignment", 2), ("misalignment", 1)]
+    ledger = (out / "ledger.md").read_text(encoding="utf-8")
+    assert "| misalignment, dropped after epoch 2 | 2 | 2 |" in ledger and "| misalignment | 1 | 1 |" in ledger
+    assert "6 epochs in all" in ledger
+
+
+def test_attempt_labels_name_each_dropped_attempt_by_the_epoch_it_reached():
+    from trainer.history import attempt_labels
+
+    rows = [{"stage": s, "epoch": e} for s, e in
+            [("regnet4", 1), ("regnet4", 2), ("regnet2", 1), ("regnet2", 2), ("regnet2", 3), ("regnet2", 1), ("regnet2", 2)]]
+    assert attempt_labels(rows) == ["regnet4", "regnet4"] + ["regnet2, dropped after epoch 3"] * 3 + ["regnet2"] * 2
+
+
 def test_checkpoint_is_compact_and_keeps_finished_stages_unchanged(smoke_runs):
     straight, resumed = smoke_runs
     folder = straight / "checkpoint"

@@ -18,6 +18,8 @@ from pathlib import Path
 
 import torch
 
+from RegistrationMisalignmentLib.errors import InputError
+
 MOMENTS = ("exp_avg", "exp_avg_sq")
 
 
@@ -57,6 +59,10 @@ def save(folder: Path, stage: str, epoch: int, model: torch.nn.Module, optimizer
     tmp = folder / f"{stage}.pt.tmp"
     torch.save(payload, tmp)
     tmp.replace(folder / f"{stage}.pt")
+    _write_state(folder, stage, epoch, seconds)
+
+
+def _write_state(folder: Path, stage: str, epoch: int, seconds: dict[str, float]) -> None:
     state = folder / "state.json.tmp"
     state.write_text(json.dumps({"stage": stage, "epoch": epoch, "seconds": seconds}, indent=2) + "\n", encoding="utf-8")
     state.replace(folder / "state.json")
@@ -75,6 +81,25 @@ def load(folder: Path) -> dict:
                 raise RuntimeError(f"{path} holds epoch {payload['epoch']} but state.json says {state['epoch']}")
             optimizer = expand_moments(payload["optimizer"])
     return {**state, "models": models, "optimizer": optimizer}
+
+
+def drop_stage(folder: Path, stage: str, stages: tuple[str, ...]) -> None:
+    """Forget ``stage`` (the last one begun) so that the next resume begins it again: its file goes and
+    the state returns to the end of the stage before it, whose file still holds its last epoch and
+    optimiser. For a stage that began worse than a better start (e.g. ``regnet_init``) would; the
+    history keeps the dropped epochs (the ledger counts their hours)."""
+    state = json.loads((folder / "state.json").read_text(encoding="utf-8"))
+    if state["stage"] != stage:
+        raise InputError(f"{folder} is at {state['stage']}: only the last stage begun ({state['stage']}) can be dropped")
+    index = stages.index(stage)
+    if index == 0:
+        raise InputError(f"{stage} is the first stage: start a new run instead")
+    before = stages[index - 1]
+    epoch = torch.load(folder / f"{before}.pt", map_location="cpu", weights_only=True)["epoch"]
+    if epoch is None:
+        raise InputError(f"{before} was reused from another run (--pretrained): start that run's next stage anew instead")
+    _write_state(folder, before, epoch, {k: v for k, v in state["seconds"].items() if k != stage})
+    (folder / f"{stage}.pt").unlink()
 
 
 def exists(folder: Path) -> bool:

@@ -7,27 +7,23 @@ stage, and the last validation numbers, beside the curves.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 from trainer.export import plot_curves
-
-
-def read_history(history_path: Path) -> list[dict]:
-    return [json.loads(line) for line in history_path.read_text(encoding="utf-8").splitlines() if line.strip()]
+from trainer.history import attempt_labels, read_history
 
 
 def totals(rows: list[dict]) -> dict:
-    """Wall hours per device type, CPU core-hours (the process's CPU time), and per stage: epochs,
-    samples, hours, last validation row."""
+    """Wall hours per device type, CPU core-hours (the process's CPU time), and per stage (a dropped
+    attempt of a stage on its own line): epochs, samples, hours, last validation row."""
     hours: dict[str, float] = {}
     core_hours = 0.0
     stages: dict[str, dict] = {}
-    for row in rows:
+    for row, label in zip(rows, attempt_labels(rows)):
         device = row.get("device", "unknown")
         hours[device] = hours.get(device, 0.0) + row["seconds"] / 3600.0
         core_hours += row.get("cpu_seconds", 0.0) / 3600.0
-        entry = stages.setdefault(row["stage"], {"epochs": 0, "samples": 0, "hours": 0.0})
+        entry = stages.setdefault(label, {"epochs": 0, "samples": 0, "hours": 0.0})
         entry["epochs"] = row["epoch"]
         entry["samples"] += row.get("samples", 0)
         entry["hours"] += row["seconds"] / 3600.0

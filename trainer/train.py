@@ -356,8 +356,8 @@ class Trainer:
         return paths
 
 
-def parse_args(argv: list[str] | None) -> tuple[TrainConfig, bool]:
-    """The run's configuration and whether only to export (``--export``)."""
+def parse_args(argv: list[str] | None) -> tuple[TrainConfig, bool, str | None]:
+    """The run's configuration, whether only to export (``--export``) and the stage to drop (``--drop-stage``)."""
     parser = argparse.ArgumentParser(prog="regmis-train", description=__doc__.split("\n\n")[0])
     parser.add_argument("--config", help="TOML file with TrainConfig fields")
     parser.add_argument("--smoke", action="store_true", help="tiny run of every stage (CI; < 3 min on 2 CPU cores)")
@@ -370,9 +370,12 @@ def parse_args(argv: list[str] | None) -> tuple[TrainConfig, bool]:
     parser.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint/ (start afresh without one)")
     parser.add_argument("--export", action="store_true",
                         help="export the checkpoint's models now, without training (needs --resume)")
+    parser.add_argument("--drop-stage", choices=STAGES[1:], metavar="STAGE",
+                        help="forget the checkpoint's last stage begun, so that --resume begins it again (e.g. from a "
+                        "better start); its epochs stay in the history and the ledger")
     args = parser.parse_args(argv)
     overrides = {k.replace("-", "_"): v for k, v in vars(args).items()
-                 if k not in ("config", "smoke", "set", "export") and v not in (None, False)}
+                 if k not in ("config", "smoke", "set", "export", "drop_stage") and v not in (None, False)}
     for item in args.set:
         key, _, value = item.partition("=")
         try:
@@ -382,15 +385,24 @@ def parse_args(argv: list[str] | None) -> tuple[TrainConfig, bool]:
     if args.export and not args.resume:
         parser.error("--export writes the models of an existing checkpoint: add --resume")
     if args.smoke:
-        return TrainConfig.smoke(**overrides), args.export
-    if args.config:
-        return TrainConfig.from_toml(args.config, **overrides), args.export
-    return TrainConfig(**overrides), args.export
+        cfg = TrainConfig.smoke(**overrides)
+    elif args.config:
+        cfg = TrainConfig.from_toml(args.config, **overrides)
+    else:
+        cfg = TrainConfig(**overrides)
+    return cfg, args.export, args.drop_stage
 
 
 def main(argv: list[str] | None = None) -> int:
     try:
-        cfg, export_only = parse_args(argv)
+        cfg, export_only, drop = parse_args(argv)
+        if drop:
+            folder = Path(cfg.out) / "checkpoint"
+            if not checkpoint.exists(folder):
+                raise InputError(f"--drop-stage: {folder} holds no checkpoint")
+            checkpoint.drop_stage(folder, drop, STAGES)
+            print(f"regmis-train: {drop} dropped from {folder}; --resume begins it again")
+            return 0
         Trainer(cfg).run(export_only)
     except InputError as exc:
         print(f"regmis-train: {exc}", file=sys.stderr)
