@@ -18,6 +18,7 @@ from trainer import checkpoint
 from trainer.dataset import CLASS_BALANCE, BlockSampler, DeformedPair, build_pool, class_weights
 from RegistrationMisalignmentLib.synthetic.dvf import DVFSettings
 from RegistrationMisalignmentLib.networks.regnet import RegNet
+from trainer.history import read_history, record_drop
 from trainer.train import Trainer, main
 
 
@@ -95,11 +96,11 @@ def test_regnet_targets_are_the_dvf_on_the_level_grid(pool, scale):
 
 @pytest.fixture(scope="module")
 def smoke_runs(tmp_path_factory):
-    """Three smoke runs with the rate lowered at epoch 2: 2 epochs straight; 1 epoch, then resumed to 2
-    (bit-for-bit check, the schedule included)."""
+    """Three smoke runs with the rate lowered at epoch 2 and RegNets started from the coarser one: 2 epochs
+    straight; 1 epoch, then resumed to 2 (bit-for-bit check, the schedule included)."""
     straight = tmp_path_factory.mktemp("straight")
     resumed = tmp_path_factory.mktemp("resumed")
-    schedule = ["--set", "lr_schedule=[[2, 1e-4]]"]
+    schedule = ["--set", "lr_schedule=[[2, 1e-4]]", "--set", "regnet_init=coarser"]
     assert main(["--smoke", "--out", str(straight), *schedule]) == 0
     assert main(["--smoke", "--out", str(resumed), "--epochs", "1", *schedule]) == 0
     assert main(["--smoke", "--out", str(resumed), "--epochs", "2", "--resume", *schedule]) == 0
@@ -128,7 +129,11 @@ def test_lr_schedule_picks_the_last_entry_reached_and_rejects_bad_entries():
 
 def test_a_regnet_stage_can_start_from_the_coarser_trained_regnet(tmp_path):
     torch.manual_seed(0)
-    coarse = RegNet().eval()
+    coarse = RegNet()
+    for name, buffer in coarse.named_buffers():  # statistics of its own, which the finer stage must take over
+        if "running" in name:
+            buffer.uniform_(0.5, 1.5)
+    coarse.eval()
     trainer = Trainer(TrainConfig.smoke(out=str(tmp_path), regnet_init="coarser"))
     state = {"stage": "regnet4", "epoch": 1, "models": {"regnet4": coarse.state_dict()}, "optimizer": None,
              "seconds": {}}
@@ -138,8 +143,9 @@ def test_a_regnet_stage_can_start_from_the_coarser_trained_regnet(tmp_path):
     with torch.no_grad():  # the same shift in voxels: half the mm on the finer level
         torch.testing.assert_close(fine.eval()(x), 0.5 * coarse(x))
     untouched = RegNet()
+    start = {k: v.clone() for k, v in untouched.state_dict().items()}
     Trainer(TrainConfig.smoke(out=str(tmp_path / "fresh"))).fit("regnet2", untouched, 0, state)
-    assert not torch.equal(untouched.head[-1].weight, 0.5 * coarse.head[-1].weight)
+    assert all(torch.equal(v, start[k]) for k, v in untouched.state_dict().items())  # "fresh": as it was
     with pytest.raises(ValueError, match="regnet_init"):
         TrainConfig(regnet_init="finer")
 
@@ -165,23 +171,40 @@ def test_a_dropped_stage_begins_again_and_the_ledger_keeps_its_first_attempt(smo
     shutil.copytree(straight, out)
     assert main(["--smoke", "--out", str(out), "--drop-stage", "regnet1"]) == 2   # not the last stage begun
     assert "only the last stage begun (misalignment)" in capsys.readouterr().err
-    assert main(["--smoke", "--out", str(out), "--drop-stage", "misalignment"]) == 0
+    seconds = checkpoint.load(out / "checkpoint")["seconds"]
+    with pytest.raises(SystemExit):
+        main(["--smoke", "--out", str(out), "--drop-stage", "misalignment", "--resume"])  # alone, or not at all
+    (out / "checkpoint" / "misalignment.pt").unlink()        # a drop cut short after its first step...
+    with pytest.raises(RuntimeError, match="--drop-stage misalignment again"):
+        checkpoint.load(out / "checkpoint")
+    assert main(["--smoke", "--out", str(out), "--drop-stage", "misalignment"]) == 0   # ...is finished by running it again
     state = checkpoint.load(out / "checkpoint")
     assert (state["stage"], state["epoch"], "misalignment" in state["models"]) == ("regnet1", 1, False)
+    assert state["seconds"] == seconds                       # the dropped attempt's time still counts
     assert main(["--smoke", "--out", str(out), "--epochs", "1", "--resume"]) == 0
-    rows = [json.loads(l) for l in (out / "history.jsonl").read_text(encoding="utf-8").splitlines()]
-    assert [(r["stage"], r["epoch"]) for r in rows][-3:] == [("misalignment", 1), ("misalignment", 2), ("misalignment", 1)]
+    rows = read_history(out / "history.jsonl")
+    assert [(r["attempt"], r["epoch"]) for r in rows][-3:] == [
+        ("misalignment, attempt 1, dropped after epoch 2", 1), ("misalignment, attempt 1, dropped after epoch 2", 2),
+        ("misalignment", 1)]
     ledger = (out / "ledger.md").read_text(encoding="utf-8")
-    assert "| misalignment, dropped after epoch 2 | 2 | 2 |" in ledger and "| misalignment | 1 | 1 |" in ledger
+    assert "| misalignment, attempt 1, dropped after epoch 2 | 2 | 2 |" in ledger and "| misalignment | 1 | 1 |" in ledger
     assert "6 epochs in all" in ledger
+    assert load_model(out / "smoke_lstm_631.pt").card["training"]["epochs_done"]["misalignment"] == 1
 
 
-def test_attempt_labels_name_each_dropped_attempt_by_the_epoch_it_reached():
-    from trainer.history import attempt_labels
-
-    rows = [{"stage": s, "epoch": e} for s, e in
-            [("regnet4", 1), ("regnet4", 2), ("regnet2", 1), ("regnet2", 2), ("regnet2", 3), ("regnet2", 1), ("regnet2", 2)]]
-    assert attempt_labels(rows) == ["regnet4", "regnet4"] + ["regnet2, dropped after epoch 3"] * 3 + ["regnet2"] * 2
+def test_history_marks_each_dropped_attempt_however_its_epochs_ran(tmp_path):
+    path = tmp_path / "history.jsonl"
+    epochs = [("regnet4", 1), ("regnet4", 2), ("regnet2", 1), ("regnet2", 2), ("regnet2", 3), ("regnet2", 3)]
+    path.write_text("".join(json.dumps({"stage": s, "epoch": e}) + "\n" for s, e in epochs), encoding="utf-8")
+    record_drop(path, "regnet2", 3)
+    with open(path, "a", encoding="utf-8") as f:
+        f.write(json.dumps({"stage": "regnet2", "epoch": 1}) + "\n")
+    record_drop(path, "regnet2", 1)
+    with open(path, "a", encoding="utf-8") as f:
+        f.write(json.dumps({"stage": "regnet2", "epoch": 1}) + "\n")
+    assert [r["attempt"] for r in read_history(path)] == (
+        ["regnet4"] * 2 + ["regnet2, attempt 1, dropped after epoch 3"] * 4 + ["regnet2, attempt 2, dropped after epoch 1"]
+        + ["regnet2"])
 
 
 def test_checkpoint_is_compact_and_keeps_finished_stages_unchanged(smoke_runs):

@@ -80,10 +80,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--lr", type=float, nargs="+", default=[1e-3, 1e-4])
     parser.add_argument("--fit-steps", type=int, default=40, help="steps on the one block")
     parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--init", metavar="STAGE", help="start part 2 from the canonical checkpoint's STAGE (e.g. regnet4), "
+    parser.add_argument("--init", choices=("regnet4", "regnet2"), help="start part 2 from the canonical checkpoint's STAGE (e.g. regnet4), "
                         "its output scaled from that stage's level to --scale (a shift of k voxels stays k voxels)")
     parser.add_argument("--out", type=Path)
     args = parser.parse_args(argv)
+    if args.init and int(args.init.removeprefix("regnet")) <= args.scale:
+        parser.error(f"--init {args.init}: give a stage coarser than --scale {args.scale}")
     torch.set_num_threads(args.threads)
     started = time.perf_counter()
     config = MisalignmentConfig()

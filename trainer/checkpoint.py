@@ -72,6 +72,9 @@ def load(folder: Path) -> dict:
     """``{"stage", "epoch", "seconds", "models": {stage: weights}, "optimizer"}``: the optimiser state is
     that of the last stage (float32 moments), the models every stage saved."""
     state = json.loads((folder / "state.json").read_text(encoding="utf-8"))
+    if not (folder / f"{state['stage']}.pt").exists():
+        raise RuntimeError(f"{folder}: state.json is at {state['stage']} but {state['stage']}.pt is missing (a "
+                           f"--drop-stage cut short?): run regmis-train --drop-stage {state['stage']} again")
     models, optimizer = {}, None
     for path in sorted(folder.glob("*.pt")):
         payload = torch.load(path, map_location="cpu", weights_only=True)
@@ -83,11 +86,12 @@ def load(folder: Path) -> dict:
     return {**state, "models": models, "optimizer": optimizer}
 
 
-def drop_stage(folder: Path, stage: str, stages: tuple[str, ...]) -> None:
-    """Forget ``stage`` (the last one begun) so that the next resume begins it again: its file goes and
-    the state returns to the end of the stage before it, whose file still holds its last epoch and
-    optimiser. For a stage that began worse than a better start (e.g. ``regnet_init``) would; the
-    history keeps the dropped epochs (the ledger counts their hours)."""
+def drop_stage(folder: Path, stage: str, stages: tuple[str, ...]) -> int:
+    """Forget ``stage`` (the last one begun) so that the next resume begins it again; returns the epoch it
+    had reached. Its file goes first, then the state returns to the end of the stage before it, whose
+    file still holds its last epoch and optimiser (a drop cut short between the two is finished by
+    running it again). Its seconds stay in the state, so the model card counts them. For a stage that
+    began worse than a better start (e.g. ``regnet_init``) would; stop the run first."""
     state = json.loads((folder / "state.json").read_text(encoding="utf-8"))
     if state["stage"] != stage:
         raise InputError(f"{folder} is at {state['stage']}: only the last stage begun ({state['stage']}) can be dropped")
@@ -98,8 +102,9 @@ def drop_stage(folder: Path, stage: str, stages: tuple[str, ...]) -> None:
     epoch = torch.load(folder / f"{before}.pt", map_location="cpu", weights_only=True)["epoch"]
     if epoch is None:
         raise InputError(f"{before} was reused from another run (--pretrained): start that run's next stage anew instead")
-    _write_state(folder, before, epoch, {k: v for k, v in state["seconds"].items() if k != stage})
-    (folder / f"{stage}.pt").unlink()
+    (folder / f"{stage}.pt").unlink(missing_ok=True)
+    _write_state(folder, before, epoch, state["seconds"])
+    return state["epoch"]
 
 
 def exists(folder: Path) -> bool:

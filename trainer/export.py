@@ -12,7 +12,7 @@ from RegistrationMisalignmentLib.networks.model import MisalignmentNet, RegNetT
 from RegistrationMisalignmentLib.networks.regnet import RegNet
 from RegistrationMisalignmentLib.preprocess import block_geometry
 from RegistrationMisalignmentLib.weights import load_model, save_model
-from trainer.history import attempt_labels, read_history
+from trainer.history import read_history
 
 ARCHITECTURE = {
     "lstm": "3 RegNet Uadv encoders (x4, x2, x1; 101^3 -> 25^3 features) + hierarchical conv-LSTM decoder",
@@ -96,10 +96,9 @@ def plot_curves(history_path: Path, png_path: Path) -> Path:
     import matplotlib.pyplot as plt
 
     rows = read_history(history_path)
-    labels = attempt_labels(rows)
     fig, axes = plt.subplots(1, 3, figsize=(15, 4))
-    for stage in dict.fromkeys(labels):
-        rs = [r for r, label in zip(rows, labels) if label == stage]
+    for stage in dict.fromkeys(r["attempt"] for r in rows):
+        rs = [r for r in rows if r["attempt"] == stage]
         epochs = [r["epoch"] for r in rs]
         line = axes[0].plot(epochs, [r["train_loss"] for r in rs], marker="o", ms=3, label=stage)[0]
         if "val_endpoint_error_mm" in rs[0]:

@@ -1,4 +1,5 @@
-"""A run's ``history.jsonl``: one row per epoch, appended and never rewritten, read by the ledger and the curves."""
+"""A run's ``history.jsonl``: one row per epoch, appended and never rewritten, and a drop row where a stage
+was begun again (``regmis-train --drop-stage``); read by the ledger, the curves and the model card."""
 
 from __future__ import annotations
 
@@ -7,21 +8,29 @@ from pathlib import Path
 
 
 def read_history(history_path: Path) -> list[dict]:
-    return [json.loads(line) for line in history_path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    """The epoch rows in order, each with ``"attempt"``: its stage, or "<stage>, attempt k, dropped after
+    epoch N" for the rows of an attempt that a later drop row forgot (the checkpoint holds only a stage's
+    last attempt; the hours of all of them count)."""
+    rows: list[dict] = []
+    since_drop: dict[str, list[dict]] = {}  # stage -> its epoch rows since its last drop
+    drops: dict[str, int] = {}
+    for line in history_path.read_text(encoding="utf-8").splitlines():
+        if not line.strip():
+            continue
+        row = json.loads(line)
+        stage = row["stage"]
+        if row.get("event") == "drop":
+            drops[stage] = drops.get(stage, 0) + 1
+            for dropped in since_drop.pop(stage, []):
+                dropped["attempt"] = f"{stage}, attempt {drops[stage]}, dropped after epoch {row['epoch']}"
+            continue
+        row["attempt"] = stage
+        since_drop.setdefault(stage, []).append(row)
+        rows.append(row)
+    return rows
 
 
-def attempt_labels(rows: list[dict]) -> list[str]:
-    """Each row's stage, or "<stage>, dropped after epoch N" for the rows of a stage that was begun again
-    (``regmis-train --drop-stage``): a resumed run never repeats an epoch, so a stage's epoch falling back
-    marks a new attempt, and only its last attempt is the one the checkpoint holds."""
-    attempts: list[tuple[str, int]] = []   # per row: (stage, index of its attempt)
-    last: dict[str, tuple[int, int]] = {}  # stage -> (its latest attempt, the epoch that attempt reached)
-    for row in rows:
-        attempt, epoch = last.get(row["stage"], (0, 0))
-        if row["epoch"] <= epoch:
-            attempt += 1
-        last[row["stage"]] = (attempt, row["epoch"])
-        attempts.append((row["stage"], attempt))
-    reached = {key: row["epoch"] for key, row in zip(attempts, rows)}
-    return [stage if attempt == last[stage][0] else f"{stage}, dropped after epoch {reached[(stage, attempt)]}"
-            for stage, attempt in attempts]
+def record_drop(history_path: Path, stage: str, epoch: int) -> None:
+    """Append the drop row of ``stage``, whose attempt had reached ``epoch``."""
+    with open(history_path, "a", encoding="utf-8") as f:
+        f.write(json.dumps({"event": "drop", "stage": stage, "epoch": epoch}) + "\n")

@@ -10,7 +10,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from trainer.export import plot_curves
-from trainer.history import attempt_labels, read_history
+from trainer.history import read_history
 
 
 def totals(rows: list[dict]) -> dict:
@@ -19,11 +19,11 @@ def totals(rows: list[dict]) -> dict:
     hours: dict[str, float] = {}
     core_hours = 0.0
     stages: dict[str, dict] = {}
-    for row, label in zip(rows, attempt_labels(rows)):
+    for row in rows:
         device = row.get("device", "unknown")
         hours[device] = hours.get(device, 0.0) + row["seconds"] / 3600.0
         core_hours += row.get("cpu_seconds", 0.0) / 3600.0
-        entry = stages.setdefault(label, {"epochs": 0, "samples": 0, "hours": 0.0})
+        entry = stages.setdefault(row["attempt"], {"epochs": 0, "samples": 0, "hours": 0.0})
         entry["epochs"] = row["epoch"]
         entry["samples"] += row.get("samples", 0)
         entry["hours"] += row["seconds"] / 3600.0

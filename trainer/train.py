@@ -34,6 +34,7 @@ from RegistrationMisalignmentLib.synthetic.images import TrainingImage, phantom_
 from trainer.data import load_images
 from trainer.dataset import BlockSampler, build_pool, weighted_cross_entropy, weighted_huber
 from trainer.export import export_misalignment, export_regnet_t
+from trainer.history import read_history, record_drop
 from trainer.ledger import write_ledger
 
 REGNET_STAGES = {4: "regnet4", 2: "regnet2", 1: "regnet1"}
@@ -64,9 +65,9 @@ def split_holdout(images: list[TrainingImage], fraction: float) -> tuple[list[Tr
 
 
 def start_from_coarser(model: RegNet, coarser: dict[str, torch.Tensor], ratio: float) -> None:
-    """Load a coarser level's trained RegNet into ``model`` with its DVF output times ``ratio`` (the finer
-    level's voxel size over the coarser one's): a RegNet's DVF is in mm of its own level, so the same
-    shift of k voxels is ``ratio`` times fewer mm on the finer level."""
+    """Load a coarser level's trained RegNet into ``model`` (batch-norm statistics included) with its DVF
+    output times ``ratio``, the finer level's voxel size over the coarser one's: a DVF is in mm and one
+    voxel of level s is s mm, so the shift of k voxels the network sees is ``ratio`` times fewer mm there."""
     model.load_state_dict(coarser)
     with torch.no_grad():
         model.head[-1].weight.mul_(ratio)
@@ -327,8 +328,7 @@ class Trainer:
         return self.export(model, regnets, state)
 
     def export(self, model: MisalignmentNet, regnets: dict[int, RegNet], state: dict) -> dict[str, Path]:
-        rows = [json.loads(l) for l in self.history_path.read_text(encoding="utf-8").splitlines() if l.strip()]
-        last = {r["stage"]: r for r in rows}
+        last = {r["stage"]: r for r in read_history(self.history_path)}  # a stage's last attempt comes last
         training = {
             "images": [i.name for i in self.train_images],
             "validation_images": [i.name for i in self.val_images],
@@ -382,6 +382,8 @@ def parse_args(argv: list[str] | None) -> tuple[TrainConfig, bool, str | None]:
             overrides[key] = json.loads(value)
         except json.JSONDecodeError:
             overrides[key] = value
+    if args.drop_stage and (args.export or args.resume):
+        parser.error("--drop-stage only changes the checkpoint: run it alone (with the run stopped), then --resume")
     if args.export and not args.resume:
         parser.error("--export writes the models of an existing checkpoint: add --resume")
     if args.smoke:
@@ -400,8 +402,9 @@ def main(argv: list[str] | None = None) -> int:
             folder = Path(cfg.out) / "checkpoint"
             if not checkpoint.exists(folder):
                 raise InputError(f"--drop-stage: {folder} holds no checkpoint")
-            checkpoint.drop_stage(folder, drop, STAGES)
-            print(f"regmis-train: {drop} dropped from {folder}; --resume begins it again")
+            reached = checkpoint.drop_stage(folder, drop, STAGES)
+            record_drop(Path(cfg.out) / "history.jsonl", drop, reached)
+            print(f"regmis-train: {drop} dropped after its epoch {reached} from {folder}; --resume begins it again")
             return 0
         Trainer(cfg).run(export_only)
     except InputError as exc:
