@@ -10,7 +10,7 @@ import torch
 
 from RegistrationMisalignmentLib.config import DEFAULT_CONFIG
 from RegistrationMisalignmentLib.preprocess import scale_blocks
-from RegistrationMisalignmentLib.weights import load_model
+from RegistrationMisalignmentLib.weights import load_model, models_dir
 from conftest import SHARED_DATA
 from trainer.config import TrainConfig
 from RegistrationMisalignmentLib.synthetic.images import phantom_images
@@ -118,6 +118,11 @@ def test_smoke_run_writes_models_curves_and_history(smoke_runs):
     rows = [json.loads(l) for l in (straight / "history.jsonl").read_text(encoding="utf-8").splitlines()]
     assert [r["stage"] for r in rows] == ["regnet4", "regnet2", "regnet1", "misalignment", "misalignment"]
     assert [r["lr"] for r in rows] == [1e-3, 1e-3, 1e-3, 1e-3, 1e-4]
+    # stage 2's validation carries the shipped model's numbers on the same blocks, measured once per process
+    shipped_sha = json.loads((models_dir() / "regmis_lstm_631.json").read_text(encoding="utf-8"))["sha256"][:12]
+    reference = [(r["val_shipped_sha256"], r["val_shipped_kappa"], r["val_shipped_mean_f1"]) for r in rows[3:]]
+    assert reference[0] == reference[1] and reference[0][0] == shipped_sha and -1 <= reference[0][1] <= 1
+    assert f"the shipped model ({shipped_sha}) on the same blocks" in ledger
 
 
 def test_lr_schedule_picks_the_last_entry_reached_and_rejects_bad_entries():

@@ -108,7 +108,10 @@ def plot_curves(history_path: Path, png_path: Path) -> Path:
                          label=f"{stage} zero predictor")
         if "val_mean_f1" in rs[0]:
             axes[2].plot(epochs, [100 * r["val_mean_f1"] for r in rs], marker="o", ms=3, label=f"{stage} mean F1")
-            axes[2].plot(epochs, [100 * r["val_kappa"] for r in rs], marker="s", ms=3, label=f"{stage} kappa")
+            kappa = axes[2].plot(epochs, [100 * r["val_kappa"] for r in rs], marker="s", ms=3, label=f"{stage} kappa")[0]
+            shipped = [(r["epoch"], 100 * r["val_shipped_kappa"]) for r in rs if "val_shipped_kappa" in r]
+            if shipped:  # rows before the reference was measured have none
+                axes[2].plot(*zip(*shipped), ls="--", color=kappa.get_color(), label="shipped model's kappa")
     axes[0].set(xlabel="epoch of the stage", ylabel="training loss", yscale="log", title="training loss per stage")
     axes[1].set(xlabel="epoch of the stage", ylabel="mm", title="stage 1: validation end-point error")
     axes[2].set(xlabel="epoch of the stage", ylabel="%", title="stage 2: validation (held-out pairs)")

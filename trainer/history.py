@@ -6,6 +6,9 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+HISTORY_FILE = "history.jsonl"
+"""Its name in a run's ``out`` folder, beside ``checkpoint/``."""
+
 
 def read_history(history_path: Path) -> list[dict]:
     """The epoch rows in order, each with ``"attempt"``: its stage, or "<stage>, attempt k, dropped after

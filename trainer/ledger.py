@@ -33,8 +33,12 @@ def totals(rows: list[dict]) -> dict:
 
 def _validation(row: dict) -> str:
     if "val_mean_f1" in row:
-        return (f"mean F1 {100 * row['val_mean_f1']:.1f} %, kappa {row['val_kappa']:.3f}, "
+        text = (f"mean F1 {100 * row['val_mean_f1']:.1f} %, kappa {row['val_kappa']:.3f}, "
                 f"F1 c/p/w {' / '.join(f'{100 * f:.1f}' for f in row['val_f1'])} %")
+        if "val_shipped_kappa" in row:
+            text += (f"; the shipped model ({row['val_shipped_sha256']}) on the same blocks: mean F1 "
+                     f"{100 * row['val_shipped_mean_f1']:.1f} %, kappa {row['val_shipped_kappa']:.3f}")
+        return text
     if "val_endpoint_error_mm" in row:
         text = (f"EPE {row['val_endpoint_error_mm']:.2f} mm vs {row['val_target_magnitude_mm']:.2f} mm "
                 "for the zero predictor")

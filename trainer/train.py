@@ -24,17 +24,18 @@ from tqdm import tqdm
 from RegistrationMisalignmentLib.config import MisalignmentConfig
 from RegistrationMisalignmentLib.errors import InputError
 from RegistrationMisalignmentLib.inference import cpu_has_native_bf16, resolve_device
-from RegistrationMisalignmentLib.metrics import evaluate_classes
+from RegistrationMisalignmentLib.metrics import ClassificationReport, evaluate_classes
 from RegistrationMisalignmentLib.networks.model import MisalignmentNet
 from RegistrationMisalignmentLib.networks.regnet import RegNet
 from trainer import checkpoint
 from trainer.config import TrainConfig
 from RegistrationMisalignmentLib.synthetic.dvf import DVFSettings
 from RegistrationMisalignmentLib.synthetic.images import TrainingImage, phantom_images, scan_stem
+from RegistrationMisalignmentLib.weights import load_model
 from trainer.data import load_images
 from trainer.dataset import BlockSampler, build_pool, weighted_cross_entropy, weighted_huber
 from trainer.export import export_misalignment, export_regnet_t
-from trainer.history import read_history, record_drop
+from trainer.history import HISTORY_FILE, read_history, record_drop
 from trainer.ledger import write_ledger
 
 REGNET_STAGES = {4: "regnet4", 2: "regnet2", 1: "regnet1"}
@@ -93,12 +94,14 @@ class Trainer:
         self.main = self.rank == 0
         if self.main:
             self.out.mkdir(parents=True, exist_ok=True)
-        self.history_path = self.out / "history.jsonl"
+        self.history_path = self.out / HISTORY_FILE
         self.started = time.perf_counter()
         self.export_only = False
         self.ledger_written = -float("inf")
         self.epochs_done = 0
         """Epochs trained by this process: a time limit stops a stage only after at least one."""
+        self.shipped: dict | None = None
+        """The shipped model's stage-2 validation metrics (``_shipped_reference``), once measured."""
         self.writer = self._tensorboard()
         self.train_images, self.val_images = self._images()
         self.amp = cfg.amp and (self.device.type == "cuda" or cpu_has_native_bf16())
@@ -269,15 +272,10 @@ class Trainer:
         metrics, or a RegNet's end-point error beside the zero predictor's (the mean |DVF|)."""
         model.eval()
         if stage == "misalignment":
-            with self._autocast():
-                probs = torch.cat([model.probabilities(*(self.val_batch.inputs[s][i : i + 1].to(self.device)
-                                                         for s in (1, 2, 4)))
-                                   for i in range(len(self.val_batch.final_labels))]).float().cpu()
-            inside = self.val_batch.weights.numpy().ravel() > 0
-            truth = self.val_batch.final_labels.numpy().ravel()[inside]
-            report = evaluate_classes(truth, probs.argmax(1).numpy().ravel()[inside])
-            return {"val_mean_f1": report.mean_f1, "val_kappa": report.kappa, "val_accuracy": report.accuracy,
-                    "val_cw": report.cw, "val_f1": list(report.f1), "val_n": report.n}
+            report = self._class_report(model.probabilities)
+            row = {"val_mean_f1": report.mean_f1, "val_kappa": report.kappa, "val_accuracy": report.accuracy,
+                   "val_cw": report.cw, "val_f1": list(report.f1), "val_n": report.n}
+            return row | self._shipped_reference()
         scale = int(stage.removeprefix("regnet"))
         x, y, weights = self.val_regnet[scale]
         with self._autocast():
@@ -289,6 +287,30 @@ class Trainer:
                 # the same with the training loss's class weights (60/20/20 of the weight on correct/poor/wrong)
                 "val_weighted_endpoint_error_mm": float((error * w).sum()),
                 "val_weighted_target_magnitude_mm": float((magnitude * w).sum())}
+
+    def _class_report(self, probabilities) -> ClassificationReport:
+        """``probabilities(x1, x2, x4)`` (B, 3, ...) argmax against the held-out blocks' truth, every body voxel once."""
+        with self._autocast():
+            probs = torch.cat([probabilities(*(self.val_batch.inputs[s][i : i + 1].to(self.device) for s in (1, 2, 4)))
+                               for i in range(len(self.val_batch.final_labels))]).float().cpu()
+        inside = self.val_batch.weights.numpy().ravel() > 0
+        return evaluate_classes(self.val_batch.final_labels.numpy().ravel()[inside], probs.argmax(1).numpy().ravel()[inside])
+
+    def _shipped_reference(self) -> dict:
+        """The shipped default model on the same held-out blocks, measured once per process: stage 2's
+        counterpart of stage 1's zero predictor, it says when the run's model overtakes the one users have
+        (then the protocol decides). Empty where no shipped model loads (a checkout without Resources/Models)."""
+        if self.shipped is None:
+            try:
+                shipped = load_model(device=self.device)
+            except InputError as exc:
+                self.log(f"no shipped model to compare stage 2 with ({exc})")
+                self.shipped = {}
+                return self.shipped
+            report = self._class_report(shipped.module.probabilities)
+            self.shipped = {"val_shipped_mean_f1": report.mean_f1, "val_shipped_kappa": report.kappa,
+                            "val_shipped_f1": list(report.f1), "val_shipped_sha256": shipped.card["sha256"][:12]}
+        return self.shipped
 
     def record(self, row: dict) -> None:
         if not self.main:
@@ -403,7 +425,7 @@ def main(argv: list[str] | None = None) -> int:
             if not checkpoint.exists(folder):
                 raise InputError(f"--drop-stage: {folder} holds no checkpoint")
             reached = checkpoint.drop_stage(folder, drop, STAGES)
-            record_drop(Path(cfg.out) / "history.jsonl", drop, reached)
+            record_drop(Path(cfg.out) / HISTORY_FILE, drop, reached)
             print(f"regmis-train: {drop} dropped after its epoch {reached} from {folder}; --resume begins it again")
             return 0
         Trainer(cfg).run(export_only)
