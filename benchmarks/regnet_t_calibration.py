@@ -93,8 +93,8 @@ def main() -> None:
         epochs = " / ".join(str(training.get("epochs_done", {}).get(f"regnet{s}", planned)) for s in (4, 2, 1))
         lines.append(f"| `{path}` | {epochs} | {magnitude.mean():.2f} | {np.median(magnitude):.2f} | "
                      f"{np.corrcoef(magnitude, tre)[0, 1]:.3f} | {float(magnitude @ tre / (tre @ tre)):.2f} | "
-                     f"{classes(magnitude)} | {levels.get(4, 0):.2f} | {levels.get(2, 0):.2f} | "
-                     f"{levels.get(1, 0):.2f} | {time.perf_counter() - started:.0f} |")
+                     f"{classes(magnitude)} | {levels[4]:.2f} | {levels[2]:.2f} | "
+                     f"{levels[1]:.2f} | {time.perf_counter() - started:.0f} |")
     publish(lines, args.out)
 
 

@@ -300,11 +300,19 @@ class Trainer:
         """The shipped default model on the same held-out blocks, measured once per process: stage 2's
         counterpart of stage 1's zero predictor, it says when the run's model overtakes the one users have
         (then the protocol decides). Empty where no shipped model loads (a checkout without Resources/Models)."""
+        if not self.main:  # only rank 0 records the rows
+            return {}
         if self.shipped is None:
             try:
                 shipped = load_model(device=self.device)
             except InputError as exc:
                 self.log(f"no shipped model to compare stage 2 with ({exc})")
+                self.shipped = {}
+                return self.shipped
+            margins = [c.encoder_context + c.decoder_margin for c in (shipped.config, self.config)]
+            if margins[0] != margins[1]:  # its labels would not cover the blocks' labels voxel for voxel
+                self.log(f"the shipped model leaves a margin of {margins[0]} voxels around its labels, this run "
+                         f"{margins[1]}: stage 2 is validated without the shipped model's reference")
                 self.shipped = {}
                 return self.shipped
             report = self._class_report(shipped.module.probabilities)
@@ -363,7 +371,8 @@ class Trainer:
             "device": str(self.device) if self.world == 1 else f"{self.world} x {self.device.type} (DDP)",
             "torch": torch.__version__,
         }
-        val = {k: v for k, v in last.get("misalignment", {}).items() if k.startswith("val_")}
+        val = {k: v for k, v in last.get("misalignment", {}).items()
+               if k.startswith("val_") and not k.startswith("val_shipped_")}  # the card holds this model's numbers
         val_regnet = {s: {k: v for k, v in last.get(s, {}).items() if k.startswith("val_")} for s in REGNET_STAGES.values()}
         paths = {"ledger": self.out / "ledger.md", "curves": self.out / "curves.png"}  # written by write_ledger
         if "misalignment" in state["models"]:
