@@ -28,6 +28,7 @@ from benchmarks.publish import publish  # noqa: E402
 from RegistrationMisalignmentLib import inference  # noqa: E402
 from RegistrationMisalignmentLib.benchmark.cases import chest_ct_cases  # noqa: E402
 from RegistrationMisalignmentLib.benchmark.elastix import ElastixRunner  # noqa: E402
+from RegistrationMisalignmentLib.config import DEFAULT_CONFIG  # noqa: E402
 from RegistrationMisalignmentLib.preprocess import build_pyramid  # noqa: E402
 from RegistrationMisalignmentLib.progress import Reporter  # noqa: E402
 from RegistrationMisalignmentLib.weights import load_model  # noqa: E402
@@ -71,8 +72,7 @@ def main() -> None:
                             load_model(args.models[0]).config)
 
     def classes(mm: np.ndarray) -> str:
-        counts = np.bincount(np.digitize(mm, [3.0, 6.0]), minlength=3)
-        return " / ".join(str(c) for c in counts)
+        return " / ".join(str(c) for c in np.bincount(DEFAULT_CONFIG.classify_mm(mm), minlength=3))
 
     lines = ["# RegNet-t's displacement beside the true residual at the protocol's landmarks", "",
              f"Command: `python benchmarks/regnet_t_calibration.py --models {' '.join(args.models)} --setting "

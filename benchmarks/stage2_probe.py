@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -46,7 +47,7 @@ def main() -> None:
     state = checkpoint.load(folder)
     if "misalignment" not in state["models"]:
         sys.exit(f"{folder} holds no stage-2 model yet")
-    trainer = Trainer(TrainConfig.from_toml(args.config, out=str(Path("runs") / "stage2_probe")))  # its logs apart
+    trainer = Trainer(replace(cfg, out=str(Path("runs") / "stage2_probe")))  # its logs apart from the run's
     model = MisalignmentNet(cfg.decoder, trainer.config)
     model.load_state_dict(state["models"]["misalignment"])
     blocks = trainer.val_batch

@@ -299,26 +299,29 @@ class Trainer:
     def _shipped_reference(self) -> dict:
         """The shipped default model on the same held-out blocks, measured once per process: stage 2's
         counterpart of stage 1's zero predictor, it says when the run's model overtakes the one users have
-        (then the protocol decides). Empty where no shipped model loads (a checkout without Resources/Models)."""
-        if not self.main:  # only rank 0 records the rows
+        (then the protocol decides). Empty on ranks other than 0 (they record no rows)."""
+        if not self.main:
             return {}
         if self.shipped is None:
-            try:
-                shipped = load_model(device=self.device)
-            except InputError as exc:
-                self.log(f"no shipped model to compare stage 2 with ({exc})")
-                self.shipped = {}
-                return self.shipped
-            margins = [c.encoder_context + c.decoder_margin for c in (shipped.config, self.config)]
-            if margins[0] != margins[1]:  # its labels would not cover the blocks' labels voxel for voxel
-                self.log(f"the shipped model leaves a margin of {margins[0]} voxels around its labels, this run "
-                         f"{margins[1]}: stage 2 is validated without the shipped model's reference")
-                self.shipped = {}
-                return self.shipped
-            report = self._class_report(shipped.module.probabilities)
-            self.shipped = {"val_shipped_mean_f1": report.mean_f1, "val_shipped_kappa": report.kappa,
-                            "val_shipped_f1": list(report.f1), "val_shipped_sha256": shipped.card["sha256"][:12]}
+            self.shipped = self._measure_shipped()
         return self.shipped
+
+    def _measure_shipped(self) -> dict:
+        """``_shipped_reference``'s numbers; empty, with a log line, where no shipped model loads (a checkout
+        without Resources/Models) or its labels would not cover the blocks' labels voxel for voxel."""
+        try:
+            shipped = load_model(device=self.device)
+        except InputError as exc:
+            self.log(f"no shipped model to compare stage 2 with ({exc})")
+            return {}
+        margins = [c.encoder_context + c.decoder_margin for c in (shipped.config, self.config)]
+        if margins[0] != margins[1]:
+            self.log(f"the shipped model leaves a margin of {margins[0]} voxels around its labels, this run "
+                     f"{margins[1]}: stage 2 is validated without the shipped model's reference")
+            return {}
+        report = self._class_report(shipped.module.probabilities)
+        return {"val_shipped_mean_f1": report.mean_f1, "val_shipped_kappa": report.kappa,
+                "val_shipped_f1": list(report.f1), "val_shipped_sha256": shipped.card["sha256"][:12]}
 
     def record(self, row: dict) -> None:
         if not self.main:
