@@ -18,6 +18,8 @@ from trainer import checkpoint
 from trainer.dataset import CLASS_BALANCE, BlockSampler, DeformedPair, build_pool, class_weights
 from RegistrationMisalignmentLib.synthetic.dvf import DVFSettings
 from RegistrationMisalignmentLib.networks.regnet import RegNet
+from RegistrationMisalignmentLib.networks.model import MisalignmentNet
+from RegistrationMisalignmentLib.errors import InputError
 from trainer.history import read_history, record_drop
 from trainer.train import Trainer, main
 
@@ -38,6 +40,26 @@ def test_class_weights_give_the_60_20_20_balance_over_the_body(pool):
     # a class the pool lacks gets no weight, and the others share its part
     identity = [DeformedPair(p.name, p.pyramid, p.dvf * 0, p.magnitude * 0, p.body, p.centres) for p in pool]
     assert class_weights(identity, DEFAULT_CONFIG).tolist() == [1.0, 0.0, 0.0]
+
+
+def test_class_drawn_centres_follow_the_60_20_20_balance_and_weigh_every_body_voxel_alike(pool):
+    sampler = BlockSampler(pool, DEFAULT_CONFIG, np.random.default_rng(3), centres="class")
+    counts = np.zeros(3)
+    for _ in range(3000):
+        pair, centre = sampler.draw_centre()
+        assert pair.body[tuple(centre)]
+        counts[DEFAULT_CONFIG.classify_mm(pair.magnitude[tuple(centre)])] += 1
+    np.testing.assert_allclose(counts / counts.sum(), CLASS_BALANCE, atol=0.03)
+    batch = sampler.batch(2)
+    assert set(np.unique(batch.weights.numpy())) <= {0.0, 1.0}
+    # a class the pool lacks is never drawn: its share goes to the others
+    identity = [DeformedPair(p.name, p.pyramid, p.dvf * 0, p.magnitude * 0, p.body, p.centres) for p in pool]
+    only_correct = BlockSampler(identity, DEFAULT_CONFIG, np.random.default_rng(4), centres="class")
+    assert only_correct.class_share.tolist() == [1.0, 0.0, 0.0]
+    with pytest.raises(ValueError, match="centres 'centre'"):
+        BlockSampler(pool, DEFAULT_CONFIG, np.random.default_rng(0), centres="centre")
+    with pytest.raises(ValueError, match="centre_sampling"):
+        TrainConfig(centre_sampling="balanced")
 
 
 @pytest.mark.parametrize("block_input", [101, 109])
@@ -96,11 +118,11 @@ def test_regnet_targets_are_the_dvf_on_the_level_grid(pool, scale):
 
 @pytest.fixture(scope="module")
 def smoke_runs(tmp_path_factory):
-    """Three smoke runs with the rate lowered at epoch 2 and RegNets started from the coarser one: 2 epochs
-    straight; 1 epoch, then resumed to 2 (bit-for-bit check, the schedule included)."""
+    """Three smoke runs with the rate lowered at epoch 2, RegNets started from the coarser one and two batches
+    per step: 2 epochs straight; 1 epoch, then resumed to 2 (bit-for-bit check, the schedule included)."""
     straight = tmp_path_factory.mktemp("straight")
     resumed = tmp_path_factory.mktemp("resumed")
-    schedule = ["--set", "lr_schedule=[[2, 1e-4]]", "--set", "regnet_init=coarser"]
+    schedule = ["--set", "lr_schedule=[[2, 1e-4]]", "--set", "regnet_init=coarser", "--set", "accumulate=2"]
     assert main(["--smoke", "--out", str(straight), *schedule]) == 0
     assert main(["--smoke", "--out", str(resumed), "--epochs", "1", *schedule]) == 0
     assert main(["--smoke", "--out", str(resumed), "--epochs", "2", "--resume", *schedule]) == 0
@@ -114,7 +136,7 @@ def test_smoke_run_writes_models_curves_and_history(smoke_runs):
         assert (straight / name).exists(), name
     ledger = (straight / "ledger.md").read_text(encoding="utf-8")
     assert "5 epochs in all" in ledger and "core-hours" in ledger
-    assert "| misalignment | 2 | 2 |" in ledger and "zero predictor" in ledger
+    assert "| misalignment | 2 | 4 |" in ledger and "zero predictor" in ledger  # 2 epochs x 1 step x 2 batches
     rows = [json.loads(l) for l in (straight / "history.jsonl").read_text(encoding="utf-8").splitlines()]
     assert [r["stage"] for r in rows] == ["regnet4", "regnet2", "regnet1", "misalignment", "misalignment"]
     assert [r["lr"] for r in rows] == [1e-3, 1e-3, 1e-3, 1e-3, 1e-4]
@@ -198,7 +220,7 @@ def test_a_dropped_stage_begins_again_and_the_ledger_keeps_its_first_attempt(smo
         ("misalignment, attempt 1, dropped after epoch 2", 1), ("misalignment, attempt 1, dropped after epoch 2", 2),
         ("misalignment", 1)]
     ledger = (out / "ledger.md").read_text(encoding="utf-8")
-    assert "| misalignment, attempt 1, dropped after epoch 2 | 2 | 2 |" in ledger and "| misalignment | 1 | 1 |" in ledger
+    assert "| misalignment, attempt 1, dropped after epoch 2 | 2 | 4 |" in ledger and "| misalignment | 1 | 1 |" in ledger
     assert "6 epochs in all" in ledger
     assert load_model(out / "smoke_lstm_631.pt").card["training"]["epochs_done"]["misalignment"] == 1
 
@@ -291,3 +313,23 @@ def test_compact_cache_round_trips_within_half_a_step_and_holds_out_by_stem(tmp_
     images = [TrainingImage("chest_ct_1.5mm.nrrd", cached), TrainingImage("lidc.nrrd", cached[:8])]
     train, val = split_by_name(images, ("chest_ct_1.5mm.nii.gz",))
     assert [i.name for i in val] == ["chest_ct_1.5mm.nrrd"] and [i.name for i in train] == ["lidc.nrrd"]
+
+
+def test_stage2_can_start_from_the_shipped_model(tmp_path):
+    try:
+        shipped = load_model()
+    except InputError:
+        pytest.skip("no shipped model in Resources/Models")
+    trainer = Trainer(TrainConfig.smoke(out=str(tmp_path), misalignment_init="shipped"))
+    state = {"stage": "regnet1", "epoch": 1, "models": {}, "optimizer": None, "seconds": {}}
+    model = MisalignmentNet("lstm", DEFAULT_CONFIG)
+    trainer.fit("misalignment", model, 0, state)  # no epoch: only how the stage starts
+    weights = shipped.module.state_dict()
+    assert all(torch.equal(v, weights[k]) for k, v in model.state_dict().items())
+    other = Trainer(TrainConfig.smoke(out=str(tmp_path / "other"), split="12-6-3", misalignment_init="shipped"))
+    with pytest.raises(InputError, match="split '6-3-1' vs '12-6-3'"):
+        other.fit("misalignment", MisalignmentNet("lstm", other.config), 0, dict(state))
+    with pytest.raises(ValueError, match="misalignment_init"):
+        TrainConfig(misalignment_init="random")
+    with pytest.raises(ValueError, match="accumulate"):
+        TrainConfig(accumulate=0)

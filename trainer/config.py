@@ -9,6 +9,9 @@ from pathlib import Path
 
 DEFAULT_SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 REGNET_INITS = ("fresh", "coarser")
+MISALIGNMENT_INITS = ("encoders", "shipped")
+CENTRE_SAMPLING = ("uniform", "class")
+"""The block placements of ``trainer.dataset.BlockSampler`` (kept here so that the config needs no torch)."""
 
 
 @dataclass
@@ -36,6 +39,9 @@ class TrainConfig:
     seed: int = 0
 
     batch_size: int = 10
+    accumulate: int = 1
+    """Forward passes of ``batch_size`` blocks whose gradients are summed before each optimiser step: a larger
+    batch for the step without the memory of one (batch norm still sees ``batch_size`` blocks at a time)."""
     lr: float = 1e-3
     lr_schedule: tuple[tuple[int, float], ...] = ()
     """(first epoch, rate) pairs: from that 1-based epoch of a stage on, Adam's rate is ``rate``.
@@ -48,6 +54,10 @@ class TrainConfig:
     voxels stays k voxels (measured: benchmarks/results/training/regnet_probe_x1_from_x4.md)."""
     epochs: int = 30
     """Epochs of the misalignment model (stage 2)."""
+    misalignment_init: str = "encoders"
+    """How stage 2 starts: "encoders": the three stage-1 RegNets' encoders and a fresh decoder (the paper), or
+    "shipped": every weight of the shipped default model (same decoder and split), to train it further on
+    this run's data (measured: benchmarks/results/training/stage2_recipe_*.md)."""
     steps_per_epoch: int = 100
     pool_pairs: int = 8
     """Deformed pairs generated per epoch (the paper: 28 DVFs per image over the run)."""
@@ -58,6 +68,10 @@ class TrainConfig:
     """Wall-clock budget of this stretch of the run (0: none). Training stops after the first epoch that ends
     past it, whatever the stage; the checkpoint holds that epoch and what is complete is exported (a lent GPU
     comes back with its work). The card records the epochs done."""
+    centre_sampling: str = "uniform"
+    """How training blocks are placed (``trainer.dataset``): "uniform" body centres with per-voxel class weights
+    (60/20/20 of the loss), or "class": the centre's class drawn 60/20/20 as the paper draws its patches, every
+    body voxel weighted the same. Validation blocks are always uniform, so curves stay comparable."""
     val_pairs: int = 4
     val_patches: int = 24
     device: str = "auto"
@@ -80,6 +94,12 @@ class TrainConfig:
                 raise ValueError(f"lr_schedule entry {entry!r}: give [first_epoch >= 1, rate > 0]")
         if self.regnet_init not in REGNET_INITS:
             raise ValueError(f"regnet_init {self.regnet_init!r}: give one of {', '.join(REGNET_INITS)}")
+        if self.misalignment_init not in MISALIGNMENT_INITS:
+            raise ValueError(f"misalignment_init {self.misalignment_init!r}: give one of {', '.join(MISALIGNMENT_INITS)}")
+        if self.accumulate < 1:
+            raise ValueError(f"accumulate {self.accumulate}: give 1 (a step per batch) or more batches per step")
+        if self.centre_sampling not in CENTRE_SAMPLING:
+            raise ValueError(f"centre_sampling {self.centre_sampling!r}: give one of {', '.join(CENTRE_SAMPLING)}")
         if self.block_input < 101 or (self.block_input - 101) % 4:
             raise ValueError(f"block_input {self.block_input}: give 101 + 4k voxels (101, 105, ..., 141, ...)")
 

@@ -4,11 +4,13 @@ A *pair pool* holds a few deformed pairs (fixed = real CT, moving = the CT warpe
 with sponge model and noise). A training sample is one dense block: the encoders' inputs for an
 output block of ``block_input - 82`` labels per side (stage 2; 19 for the paper's 101^3 patch, 59 for
 141^3) or ``block_input - 80`` DVF voxels (stage 1), cut with ``preprocess.scale_blocks`` exactly as
-inference cuts its tiles. Blocks are placed on body voxels; every labelled voxel inside the body is
-supervised, each weighted so that the classes correct / poor / wrong carry the paper's 60 / 20 / 20 %
-of the loss (the paper balances the *patches* 60/20/20 by their centre voxel; with dense blocks the
-balance moves into the per-voxel weights). Output blocks start on 1 mm voxels that are multiples of 4,
-the alignment the model assumes (see ``networks.model``).
+inference cuts its tiles. Blocks are placed on body voxels and every labelled voxel inside the body is
+supervised. The paper's 60 / 20 / 20 % balance of correct / poor / wrong is kept one of two ways
+(``CENTRE_SAMPLING``): ``"uniform"`` centres, each voxel weighted so that the classes carry 60/20/20 of the
+loss; or ``"class"``, the paper's own way: the block centre's class is drawn 60/20/20 (Sokooti et al. 2021,
+section III-D: patches balanced by the magnitude at their centre) and every body voxel weighs the same.
+Output blocks start on 1 mm voxels that are multiples of 4, the alignment the model assumes (see
+``networks.model``).
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ from RegistrationMisalignmentLib.preprocess import background_value, build_pyram
 from RegistrationMisalignmentLib.synthetic.deform import deform_pair
 from RegistrationMisalignmentLib.synthetic.dvf import KINDS, DVFSettings
 from RegistrationMisalignmentLib.synthetic.images import TrainingImage
+from trainer.config import CENTRE_SAMPLING
 
 CLASS_BALANCE = (0.6, 0.2, 0.2)
 """Share of the loss carried by correct / poor / wrong voxels (the paper's 60/20/20)."""
@@ -92,17 +95,46 @@ class BlockSampler:
     """Draws dense training blocks from a pool of deformed pairs."""
 
     def __init__(self, pairs: list[DeformedPair], config: MisalignmentConfig, rng: np.random.Generator,
-                 block_input: int = 101, balance: tuple[float, float, float] = CLASS_BALANCE):
+                 block_input: int = 101, balance: tuple[float, float, float] = CLASS_BALANCE,
+                 centres: str = "uniform"):
         if (block_input - 101) % 4 or block_input < 101:
             raise ValueError(f"block_input {block_input}: give 101 + 4k voxels (the encoder's input sizes)")
+        if centres not in CENTRE_SAMPLING:
+            raise ValueError(f"centres {centres!r}: give one of {', '.join(CENTRE_SAMPLING)}")
         self.pairs, self.config, self.rng = pairs, config, rng
         self.block_input = block_input
         self.labels_side = block_input - 2 * config.encoder_context - 2 * config.decoder_margin
         self.dvf_side = block_input - 2 * (ENCODER_CONTEXT + HEAD_CONTEXT)
-        self.weights = class_weights(pairs, config, balance)
+        self.by_class = centres == "class"
+        if self.by_class:
+            self.weights = np.ones(3, dtype=np.float32)
+            self.centres_of_class = self._centres_by_class()
+            present = np.array([len(c) > 0 for c in self.centres_of_class])
+            share = np.where(present, balance, 0.0)
+            self.class_share = share / share.sum() if share.sum() else share
+        else:
+            self.weights = class_weights(pairs, config, balance)
+
+    def _centres_by_class(self) -> list[np.ndarray]:
+        """Per class, the (pair index, centre index) of every centre whose |DVF| falls in it."""
+        found: list[list[np.ndarray]] = [[], [], []]
+        for i, pair in enumerate(self.pairs):
+            classes = self.config.classify_mm(pair.magnitude[tuple(pair.centres.T)]) if len(pair.centres) else []
+            for k in range(3):
+                index = np.flatnonzero(np.asarray(classes) == k)
+                found[k].append(np.stack([np.full(len(index), i), index], axis=1))
+        return [np.concatenate(f) for f in found]
 
     def draw_centre(self) -> tuple[DeformedPair, np.ndarray]:
-        """A pair (uniformly) and a body voxel of it (uniformly on the centre sub-grid)."""
+        """A pair and a body voxel of it on the centre sub-grid: uniformly (pair, then voxel), or with
+        ``centres="class"`` a class drawn by the balance first, then uniformly one of the pool's centres of it."""
+        if self.by_class:
+            if not self.class_share.sum():
+                raise ValueError("no body voxel in any pair of the pool")
+            of_class = self.centres_of_class[int(self.rng.choice(3, p=self.class_share))]
+            pair_index, centre_index = of_class[int(self.rng.integers(len(of_class)))]
+            pair = self.pairs[int(pair_index)]
+            return pair, pair.centres[int(centre_index)]
         holders = [p for p in self.pairs if len(p.centres)]
         if not holders:
             raise ValueError("no body voxel in any pair of the pool")
@@ -110,7 +142,8 @@ class BlockSampler:
         return pair, pair.centres[int(self.rng.integers(len(pair.centres)))]
 
     def voxel_weights(self, magnitude: np.ndarray, body: np.ndarray) -> np.ndarray:
-        """Class weight of every voxel of a |DVF| block; 0 outside the body (or the image: body False)."""
+        """Class weight of every voxel of a |DVF| block (1 with class-drawn centres); 0 outside the body
+        (or the image: body False)."""
         return np.where(body, self.weights[self.config.classify_mm(magnitude)], 0.0).astype(np.float32)
 
     def _targets(self, pair: DeformedPair, start: tuple[int, ...], size: int, stride: int = 1):

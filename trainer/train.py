@@ -169,7 +169,8 @@ class Trainer:
         pool_seed = int(np.random.default_rng(seed).integers(2**31))
         device = self.device if self.cfg.pool_on_device else "cpu"
         pool = build_pool(self.train_images, self.cfg.pool_pairs, pool_seed, self.config, self.settings, device)
-        return BlockSampler(pool, self.config, np.random.default_rng(seed), self.cfg.block_input)
+        return BlockSampler(pool, self.config, np.random.default_rng(seed), self.cfg.block_input,
+                            centres=self.cfg.centre_sampling)
 
     def _wrap(self, model: torch.nn.Module) -> torch.nn.Module:
         if self.world > 1:
@@ -192,6 +193,8 @@ class Trainer:
             return state
         if stage not in state["models"] and stage in REGNET_STAGES.values() and self.cfg.regnet_init == "coarser":
             self._start_from_coarser(stage, model, state)
+        if stage not in state["models"] and stage == "misalignment" and self.cfg.misalignment_init == "shipped":
+            self._start_from_shipped(model)
         model.to(self.device)
         net = self._wrap(model)
         optimizer = torch.optim.Adam(net.parameters(), lr=self.cfg.lr)
@@ -210,9 +213,12 @@ class Trainer:
             bar = tqdm(range(self.cfg.steps_per_epoch), desc=f"{stage} {epoch + 1}/{epochs}", disable=not self.main,
                        leave=False, file=sys.stderr)
             for step in bar:
-                loss = self._step(stage, net, sampler)
                 optimizer.zero_grad(set_to_none=True)
-                loss.backward()
+                loss = torch.zeros((), device=self.device)
+                for _ in range(self.cfg.accumulate):  # one graph in memory at a time
+                    part = self._step(stage, net, sampler) / self.cfg.accumulate
+                    part.backward()
+                    loss += part.detach()
                 optimizer.step()
                 # Kept on the device: reading every loss would make the CPU wait for the GPU at each step
                 # instead of cutting the next batch while it computes.
@@ -220,7 +226,7 @@ class Trainer:
                 if step % 10 == 0:
                     bar.set_postfix(loss=f"{losses[-1].item():.4f}")
             seconds = time.perf_counter() - wall
-            samples = self.cfg.steps_per_epoch * self.cfg.batch_size * self.world
+            samples = self.cfg.steps_per_epoch * self.cfg.accumulate * self.cfg.batch_size * self.world
             side = sampler.labels_side if stage == "misalignment" else sampler.dvf_side
             row = {"stage": stage, "epoch": epoch + 1, "lr": lr, "train_loss": float(torch.stack(losses).float().mean()),
                    "seconds": seconds, "cpu_seconds": time.process_time() - cpu, "pool_seconds": pool_seconds,
@@ -248,6 +254,18 @@ class Trainer:
         if coarser is not None and REGNET_STAGES[coarser] in state["models"]:
             start_from_coarser(model, state["models"][REGNET_STAGES[coarser]], scale / coarser)
             self.log(f"{stage} starts from the trained {REGNET_STAGES[coarser]}, its DVF output times {scale / coarser:g}")
+
+    def _start_from_shipped(self, model: MisalignmentNet) -> None:
+        """Stage 2 starts from every weight of the shipped default model (``misalignment_init = "shipped"``)."""
+        shipped = load_model(device="cpu")
+        mismatch = [f"{key} {shipped.card.get(key)!r} vs {value!r}" for key, value in
+                    (("decoder", self.cfg.decoder), ("split", self.cfg.split)) if shipped.card.get(key) != value]
+        if mismatch or shipped.config.decoder_margin != self.config.decoder_margin:
+            raise InputError(f"misalignment_init = \"shipped\": the shipped model ({shipped.path.name}) does not fit "
+                             f"this run ({', '.join(mismatch) or 'decoder margin'}); give misalignment_init = \"encoders\"")
+        weights = shipped.module.state_dict()
+        model.load_state_dict({k: v for k, v in weights.items() if k in model.state_dict()})
+        self.log(f"misalignment starts from the shipped model {shipped.path.name} ({shipped.card['sha256'][:12]})")
 
     def out_of_time(self) -> bool:
         limit = self.cfg.time_limit_minutes
