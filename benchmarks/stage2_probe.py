@@ -33,6 +33,18 @@ from trainer.dataset import weighted_cross_entropy  # noqa: E402
 from trainer.train import Trainer  # noqa: E402
 
 
+def probe_trainer(config: str, name: str, needs_stage2: bool) -> tuple[TrainConfig, Path, dict, Trainer]:
+    """The run's config, its checkpoint folder and state, and a ``Trainer`` of that config (its validation
+    blocks, training scans) that logs under runs/``name``, apart from the run's. With ``needs_stage2`` it
+    exits first, before the minutes of loading, where the checkpoint holds no stage-2 model."""
+    cfg = TrainConfig.from_toml(config)
+    folder = Path(cfg.out) / "checkpoint"
+    state = checkpoint.load(folder)
+    if needs_stage2 and "misalignment" not in state["models"]:
+        sys.exit(f"{folder} holds no stage-2 model yet")
+    return cfg, folder, state, Trainer(replace(cfg, out=str(Path("runs") / name)))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--config", default="trainer/configs/canonical.toml")
@@ -42,12 +54,7 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(2)
 
-    cfg = TrainConfig.from_toml(args.config)
-    folder = Path(cfg.out) / "checkpoint"
-    state = checkpoint.load(folder)
-    if "misalignment" not in state["models"]:
-        sys.exit(f"{folder} holds no stage-2 model yet")
-    trainer = Trainer(replace(cfg, out=str(Path("runs") / "stage2_probe")))  # its logs apart from the run's
+    cfg, folder, state, trainer = probe_trainer(args.config, "stage2_probe", needs_stage2=True)
     model = MisalignmentNet(cfg.decoder, trainer.config)
     model.load_state_dict(state["models"]["misalignment"])
     blocks = trainer.val_batch

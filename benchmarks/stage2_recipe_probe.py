@@ -4,7 +4,7 @@
         --out benchmarks/results/training/stage2_recipe_frozen.md
 
 Why: the canonical run's stage 2 (all weights trainable, Adam 1e-3, one 141^3 block per step) gave every
-held-out voxel the class "correct" for 36 epochs, while ``stage2_probe.py`` showed that it fits one block in
+held-out voxel the class "correct" for 45 epochs, while ``stage2_probe.py`` showed that it fits one block in
 15 steps. So the gradient reaches the decision, but what it learns from one block does not carry to the next.
 A suspect with a literature reading: a fresh, random decoder sends large, noisy gradients into pre-trained
 encoders and distorts their features before the decoder has learnt to use them (Kumar et al., "Fine-tuning
@@ -28,7 +28,6 @@ from __future__ import annotations
 import argparse
 import sys
 import time
-from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -38,10 +37,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.publish import publish  # noqa: E402
 from benchmarks.regnet_probe import autocast  # noqa: E402
+from benchmarks.stage2_probe import probe_trainer  # noqa: E402
 from RegistrationMisalignmentLib.networks.model import MisalignmentNet  # noqa: E402
-from RegistrationMisalignmentLib.weights import load_model  # noqa: E402
-from trainer import checkpoint  # noqa: E402
-from trainer.config import CENTRE_SAMPLING, TrainConfig  # noqa: E402
+from trainer.config import CENTRE_SAMPLING  # noqa: E402
 from trainer.dataset import BlockSampler, build_pool, weighted_cross_entropy  # noqa: E402
 from trainer.train import REGNET_STAGES, Trainer  # noqa: E402
 
@@ -58,8 +56,7 @@ def start_model(start: str, state: dict, trainer: Trainer, seed: int) -> Misalig
         model.load_state_dict(state["models"]["misalignment"])
         return model
     if start == "shipped":
-        shipped = load_model(device="cpu").module.state_dict()
-        model.load_state_dict({k: v for k, v in shipped.items() if k != "merge"})  # a buffer, rebuilt by the model
+        trainer._start_from_shipped(model)  # as misalignment_init = "shipped" starts the run's stage 2
         return model
     for scale, stage in REGNET_STAGES.items():
         regnet = {k.removeprefix("encoder."): v for k, v in state["models"][stage].items() if k.startswith("encoder.")}
@@ -92,15 +89,11 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(2)
 
-    cfg = TrainConfig.from_toml(args.config)
-    folder = Path(cfg.out) / "checkpoint"
-    state = checkpoint.load(folder)
-    trainer = Trainer(replace(cfg, out=str(Path("runs") / "stage2_recipe_probe")))  # its logs apart from the run's
+    cfg, folder, state, trainer = probe_trainer(args.config, "stage2_recipe_probe", needs_stage2=args.start == "checkpoint")
     model = start_model(args.start, state, trainer, cfg.seed)
-    trainable = [p for name, p in model.named_parameters() if not (args.freeze and name.startswith("encoder"))]
     for name, p in model.named_parameters():
         p.requires_grad_(not (args.freeze and name.startswith("encoder")))
-    optimizer = torch.optim.Adam(trainable, lr=args.lr)
+    optimizer = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=args.lr)
 
     lines = [f"# Stage-2 recipe probe: `python benchmarks/stage2_recipe_probe.py {' '.join(sys.argv[1:])}`", "",
              f"Start: {args.start} (checkpoint `{folder}` at stage {state['stage']} epoch {state['epoch']}); "

@@ -263,8 +263,8 @@ class Trainer:
         if mismatch or shipped.config.decoder_margin != self.config.decoder_margin:
             raise InputError(f"misalignment_init = \"shipped\": the shipped model ({shipped.path.name}) does not fit "
                              f"this run ({', '.join(mismatch) or 'decoder margin'}); give misalignment_init = \"encoders\"")
-        weights = shipped.module.state_dict()
-        model.load_state_dict({k: v for k, v in weights.items() if k in model.state_dict()})
+        wanted = model.state_dict().keys()  # without the non-persistent buffers the TorchScript file also holds
+        model.load_state_dict({k: v for k, v in shipped.module.state_dict().items() if k in wanted})
         self.log(f"misalignment starts from the shipped model {shipped.path.name} ({shipped.card['sha256'][:12]})")
 
     def out_of_time(self) -> bool:
