@@ -58,8 +58,9 @@ def test_class_drawn_centres_follow_the_60_20_20_balance_and_weigh_every_body_vo
     assert only_correct.class_share.tolist() == [1.0, 0.0, 0.0]
     with pytest.raises(ValueError, match="centres 'centre'"):
         BlockSampler(pool, DEFAULT_CONFIG, np.random.default_rng(0), centres="centre")
-    with pytest.raises(ValueError, match="centre_sampling"):
-        TrainConfig(centre_sampling="balanced")
+    for name in ("centre_sampling", "val_centre_sampling"):
+        with pytest.raises(ValueError, match=name):
+            TrainConfig(**{name: "balanced"})
 
 
 @pytest.mark.parametrize("block_input", [101, 109])
@@ -140,6 +141,10 @@ def test_smoke_run_writes_models_curves_and_history(smoke_runs):
     rows = [json.loads(l) for l in (straight / "history.jsonl").read_text(encoding="utf-8").splitlines()]
     assert [r["stage"] for r in rows] == ["regnet4", "regnet2", "regnet1", "misalignment", "misalignment"]
     assert [r["lr"] for r in rows] == [1e-3, 1e-3, 1e-3, 1e-3, 1e-4]
+    # stage 2's rows say what judged them: the held-out blocks and their true class mix
+    assert [r["val_blocks"] for r in rows[3:]] == ["2 x uniform"] * 2
+    assert rows[3]["val_truth_share"] == rows[4]["val_truth_share"] and sum(rows[3]["val_truth_share"]) == pytest.approx(1)
+    assert "judged on 2 x uniform blocks of" in ledger
     # stage 2's validation carries the shipped model's numbers on the same blocks (none without one)
     card = models_dir() / "regmis_lstm_631.json"
     if not card.exists():

@@ -40,6 +40,9 @@ def _validation(row: dict) -> str:
             text += (f"; the shipped model ({row['val_shipped_sha256']}) on the same blocks: kappa "
                      f"{row['val_shipped_kappa']:.3f}, F1 c/p/w "
                      f"{' / '.join(f'{100 * f:.1f}' for f in row['val_shipped_f1'])} %")
+        if "val_blocks" in row:  # rows before these were recorded: 6 uniform blocks
+            text += (f"; judged on {row['val_blocks']} blocks of "
+                     f"{' / '.join(f'{100 * s:.0f}' for s in row['val_truth_share'])} % c/p/w")
         return text
     if "val_endpoint_error_mm" in row:
         text = (f"EPE {row['val_endpoint_error_mm']:.2f} mm vs {row['val_target_magnitude_mm']:.2f} mm "

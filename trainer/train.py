@@ -107,8 +107,11 @@ class Trainer:
         self.amp = cfg.amp and (self.device.type == "cuda" or cpu_has_native_bf16())
         val_sampler = BlockSampler(
             build_pool(self.val_images, cfg.val_pairs, cfg.seed + 100_000, self.config, self.settings),
-            self.config, np.random.default_rng(cfg.seed + 100_000), cfg.block_input)
+            self.config, np.random.default_rng(cfg.seed + 100_000), cfg.block_input, centres=cfg.val_centre_sampling)
         self.val_batch = val_sampler.batch(cfg.val_patches)
+        truth = self.val_batch.final_labels.numpy().ravel()[self.val_batch.weights.numpy().ravel() > 0]
+        self.val_truth_share = (np.bincount(truth, minlength=3) / max(len(truth), 1)).tolist()
+        """Share of correct / poor / wrong among the held-out blocks' body voxels (the judge's class mix)."""
         self.val_regnet = {s: val_sampler.regnet_batch(cfg.val_patches, s) for s in self.config.scales}
 
     # ---- set-up --------------------------------------------------------------------------
@@ -292,7 +295,9 @@ class Trainer:
         if stage == "misalignment":
             report = self._class_report(model.probabilities)
             row = {"val_mean_f1": report.mean_f1, "val_kappa": report.kappa, "val_accuracy": report.accuracy,
-                   "val_cw": report.cw, "val_f1": list(report.f1), "val_n": report.n}
+                   "val_cw": report.cw, "val_f1": list(report.f1), "val_n": report.n,
+                   "val_blocks": f"{len(self.val_batch.final_labels)} x {self.cfg.val_centre_sampling}",
+                   "val_truth_share": self.val_truth_share}
             return row | self._shipped_reference()
         scale = int(stage.removeprefix("regnet"))
         x, y, weights = self.val_regnet[scale]
