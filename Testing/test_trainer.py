@@ -58,9 +58,29 @@ def test_class_drawn_centres_follow_the_60_20_20_balance_and_weigh_every_body_vo
     assert only_correct.class_share.tolist() == [1.0, 0.0, 0.0]
     with pytest.raises(ValueError, match="centres 'centre'"):
         BlockSampler(pool, DEFAULT_CONFIG, np.random.default_rng(0), centres="centre")
+    assert only_correct.class_quota(5) == [0] * 5
     for name in ("centre_sampling", "val_centre_sampling"):
         with pytest.raises(ValueError, match=name):
             TrainConfig(**{name: "balanced"})
+
+
+def test_stratified_blocks_hold_each_class_in_the_exact_balance(pool):
+    """Validation's class-drawn blocks: their centres' classes are the balance's exact shares of the blocks
+    (largest remainders), not 12 lucky or unlucky draws; uniform samplers ignore ``stratified``."""
+    sampler = BlockSampler(pool, DEFAULT_CONFIG, np.random.default_rng(5), centres="class")
+    assert sampler.class_quota(12) == [0] * 7 + [1] * 3 + [2] * 2 and sampler.class_quota(5) == [0, 0, 0, 1, 2]
+    sampler.rng = np.random.default_rng(6)
+    batch = sampler.batch(5, stratified=True)
+    side = sampler.labels_side
+    sampler.rng = np.random.default_rng(6)
+    for i, klass in enumerate(sampler.class_quota(5)):
+        pair, centre = sampler.draw_centre(klass)
+        assert DEFAULT_CONFIG.classify_mm(pair.magnitude[tuple(centre)]) == klass
+        start = [int(c - side // 2) // 4 * 4 for c in centre]
+        assert int(batch.final_labels[i][tuple(int(c) - s for c, s in zip(centre, start))]) == klass
+    uniform = BlockSampler(pool, DEFAULT_CONFIG, np.random.default_rng(7))
+    uniform.rng, same = np.random.default_rng(8), BlockSampler(pool, DEFAULT_CONFIG, np.random.default_rng(8))
+    assert torch.equal(uniform.batch(2, stratified=True).final_labels, same.batch(2).final_labels)
 
 
 @pytest.mark.parametrize("block_input", [101, 109])

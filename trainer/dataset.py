@@ -125,13 +125,16 @@ class BlockSampler:
                 found[k].append(np.stack([np.full(len(index), i), index], axis=1))
         return [np.concatenate(f) for f in found]
 
-    def draw_centre(self) -> tuple[DeformedPair, np.ndarray]:
+    def draw_centre(self, klass: int | None = None) -> tuple[DeformedPair, np.ndarray]:
         """A pair and a body voxel of it on the centre sub-grid: uniformly (pair, then voxel), or with
-        ``centres="class"`` a class drawn by the balance first, then uniformly one of the pool's centres of it."""
+        ``centres="class"`` a class (``klass``, or drawn by the balance) first, then uniformly one of the
+        pool's centres of it."""
         if self.by_class:
             if not self.class_share.sum():
                 raise ValueError("no body voxel in any pair of the pool")
-            of_class = self.centres_of_class[int(self.rng.choice(3, p=self.class_share))]
+            if klass is None:
+                klass = int(self.rng.choice(3, p=self.class_share))
+            of_class = self.centres_of_class[klass]
             pair_index, centre_index = of_class[int(self.rng.integers(len(of_class)))]
             pair = self.pairs[int(pair_index)]
             return pair, pair.centres[int(centre_index)]
@@ -154,13 +157,24 @@ class BlockSampler:
         return (extract_block(magnitude, start, shape, 0.0)[0].numpy(),
                 extract_block(body, start, shape, False)[0].numpy())
 
-    def batch(self, size: int) -> Batch:
-        """``size`` dense blocks for stage 2, each centred (to the model's 4-voxel alignment) on a body voxel."""
+    def class_quota(self, size: int) -> list[int]:
+        """The centre classes of ``size`` blocks in the balance's exact proportion (largest remainders), for a
+        validation set whose mix does not hang on a few draws; classes the pool lacks get none."""
+        exact = self.class_share * size
+        counts = np.floor(exact).astype(int)
+        for k in np.argsort(counts - exact, kind="stable")[: size - counts.sum()]:
+            counts[k] += 1
+        return [k for k in range(3) for _ in range(counts[k])]
+
+    def batch(self, size: int, stratified: bool = False) -> Batch:
+        """``size`` dense blocks for stage 2, each centred (to the model's 4-voxel alignment) on a body voxel;
+        ``stratified`` with class-drawn centres: the centre classes in the balance's exact proportion."""
         side = self.labels_side
         inputs: dict[int, list[torch.Tensor]] = {s: [] for s in self.config.scales}
         finals, steps, weights = [], [], []
-        for _ in range(size):
-            pair, centre = self.draw_centre()
+        classes = self.class_quota(size) if stratified and self.by_class else [None] * size
+        for klass in classes:
+            pair, centre = self.draw_centre(klass)
             start = tuple(int(c - side // 2) // 4 * 4 for c in centre)
             for s, block in scale_blocks(pair.pyramid, start, (side,) * 3, self.config).items():
                 inputs[s].append(block)

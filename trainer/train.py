@@ -108,7 +108,7 @@ class Trainer:
         val_sampler = BlockSampler(
             build_pool(self.val_images, cfg.val_pairs, cfg.seed + 100_000, self.config, self.settings),
             self.config, np.random.default_rng(cfg.seed + 100_000), cfg.block_input, centres=cfg.val_centre_sampling)
-        self.val_batch = val_sampler.batch(cfg.val_patches)
+        self.val_batch = val_sampler.batch(cfg.val_patches, stratified=True)
         truth = self.val_batch.final_labels.numpy().ravel()[self.val_batch.weights.numpy().ravel() > 0]
         self.val_truth_share = (np.bincount(truth, minlength=3) / max(len(truth), 1)).tolist()
         """Share of correct / poor / wrong among the held-out blocks' body voxels (the judge's class mix)."""
