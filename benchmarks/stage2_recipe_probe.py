@@ -95,8 +95,10 @@ def main() -> None:
         p.requires_grad_(not (args.freeze and name.startswith("encoder")))
     optimizer = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=args.lr)
 
+    origin = ("the shipped default model" if args.start == "shipped"
+              else f"checkpoint `{folder}` at stage {state['stage']} epoch {state['epoch']}")
     lines = [f"# Stage-2 recipe probe: `python benchmarks/stage2_recipe_probe.py {' '.join(sys.argv[1:])}`", "",
-             f"Start: {args.start} (checkpoint `{folder}` at stage {state['stage']} epoch {state['epoch']}); "
+             f"Start: {args.start} ({origin}); "
              f"{'encoders frozen, decoder trained' if args.freeze else 'all weights trained'}; Adam {args.lr:g}; "
              f"{args.batch} block(s) of {args.block_input}^3 per step, {args.centres} centres; {cfg.pool_pairs} fresh deformed pairs of the "
              f"training scans every {args.pool_every} steps. Validation: the trainer's {len(trainer.val_batch.final_labels)} "
