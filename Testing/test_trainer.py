@@ -140,10 +140,12 @@ def test_regnet_targets_are_the_dvf_on_the_level_grid(pool, scale):
 @pytest.fixture(scope="module")
 def smoke_runs(tmp_path_factory):
     """Three smoke runs with the rate lowered at epoch 2, RegNets started from the coarser one and two batches
-    per step: 2 epochs straight; 1 epoch, then resumed to 2 (bit-for-bit check, the schedule included)."""
+    per step and the weights' running average: 2 epochs straight; 1 epoch, then resumed to 2 (bit-for-bit check,
+    the schedule and the average included)."""
     straight = tmp_path_factory.mktemp("straight")
     resumed = tmp_path_factory.mktemp("resumed")
-    schedule = ["--set", "lr_schedule=[[2, 1e-4]]", "--set", "regnet_init=coarser", "--set", "accumulate=2"]
+    schedule = ["--set", "lr_schedule=[[2, 1e-4]]", "--set", "regnet_init=coarser", "--set", "accumulate=2",
+                "--set", "ema_decay=0.5"]
     assert main(["--smoke", "--out", str(straight), *schedule]) == 0
     assert main(["--smoke", "--out", str(resumed), "--epochs", "1", *schedule]) == 0
     assert main(["--smoke", "--out", str(resumed), "--epochs", "2", "--resume", *schedule]) == 0
@@ -176,6 +178,19 @@ def test_smoke_run_writes_models_curves_and_history(smoke_runs):
     assert f"the shipped model ({shipped_sha}) on the same blocks: kappa" in ledger
     exported = json.loads((straight / "smoke_lstm_631.json").read_text(encoding="utf-8"))
     assert not any(k.startswith("val_shipped_") for k in exported["metrics"]["validation_patches"])
+
+
+def test_the_running_average_is_validated_and_exported_beside_the_last_steps_numbers(smoke_runs):
+    straight, _ = smoke_runs
+    rows = [json.loads(l) for l in (straight / "history.jsonl").read_text(encoding="utf-8").splitlines()]
+    assert all("val_live_endpoint_error_mm" in r for r in rows[:3]) and all("val_live_kappa" in r for r in rows[3:])
+    assert "weights averaged; the last step's own: kappa" in (straight / "ledger.md").read_text(encoding="utf-8")
+    state = checkpoint.load(straight / "checkpoint")
+    average, last = state["averages"]["misalignment"], state["models"]["misalignment"]
+    assert any(not torch.equal(average[k], last[k]) for k in average if average[k].is_floating_point())
+    assert Trainer.weights("misalignment", state) is average  # what is handed on and exported (next test)
+    with pytest.raises(ValueError, match="ema_decay"):
+        TrainConfig(ema_decay=1.0)
 
 
 def test_lr_schedule_picks_the_last_entry_reached_and_rejects_bad_entries():
@@ -216,6 +231,10 @@ def test_resume_continues_bit_for_bit(smoke_runs):
     for stage, state in a["models"].items():
         for key, value in state.items():
             assert torch.equal(value, b["models"][stage][key]), f"{stage}.{key}"
+    assert a["averages"].keys() == b["averages"].keys() == a["models"].keys()
+    for stage, state in a["averages"].items():
+        for key, value in state.items():
+            assert torch.equal(value, b["averages"][stage][key]), f"average {stage}.{key}"
     for key, entry in a["optimizer"]["state"].items():
         for name, value in entry.items():
             assert torch.equal(value, b["optimizer"]["state"][key][name]), f"optimizer {key}.{name}"
@@ -273,7 +292,8 @@ def test_checkpoint_is_compact_and_keeps_finished_stages_unchanged(smoke_runs):
     saved = torch.load(folder / "misalignment.pt", weights_only=True)
     params = sum(v.numel() for v in saved["model"].values() if v.is_floating_point())
     assert {v["exp_avg"].dtype for v in saved["optimizer"]["state"].values()} == {torch.bfloat16}
-    assert (folder / "misalignment.pt").stat().st_size < 9 * params   # fp32 weights + two bf16 moments
+    assert saved["average"] is not None  # the smoke runs keep the weights' running average
+    assert (folder / "misalignment.pt").stat().st_size < 13 * params  # fp32 weights and average + two bf16 moments
     for stage in ("regnet4", "regnet2", "regnet1"):   # stage 2 never rewrites stage 1's files
         assert (folder / f"{stage}.pt").read_bytes() == (resumed / "checkpoint" / f"{stage}.pt").read_bytes()
 
@@ -285,7 +305,7 @@ def test_exported_model_equals_the_eager_model(smoke_runs):
     loaded = load_model(straight / "smoke_lstm_631.pt")
     assert loaded.card["training"]["images"] and "validation_patches" in loaded.card["metrics"]
     eager = MisalignmentNet("lstm", loaded.config)
-    eager.load_state_dict(checkpoint.load(straight / "checkpoint")["models"]["misalignment"])
+    eager.load_state_dict(Trainer.weights("misalignment", checkpoint.load(straight / "checkpoint")))  # the average
     eager.eval()
     torch.manual_seed(0)
     x1, x2, x4 = torch.randn(1, 2, 101, 101, 101), torch.randn(1, 2, 93, 93, 93), torch.randn(1, 2, 85, 85, 85)

@@ -1,7 +1,8 @@
 """A compact, resumable checkpoint: one folder, one file per stage, small enough to commit.
 
 Layout: ``state.json`` (the stage and epoch reached, seconds per stage) and ``<stage>.pt`` per stage
-(its weights in float32 and Adam's state with both moments in bfloat16). A finished stage's file
+(its weights in float32, their running average when the run keeps one (``ema_decay``), and Adam's state with
+both moments in bfloat16). A finished stage's file
 never changes again, so a git history of a growing run stores each finished stage once; only the
 current stage's file (~8 bytes per parameter: 10.5 MB for the LSTM model) changes from one commit to
 the next.
@@ -46,16 +47,18 @@ def expand_moments(optimizer_state: dict) -> dict:
 
 
 def save(folder: Path, stage: str, epoch: int, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
-         seconds: dict[str, float], finished: dict[str, dict] | None = None) -> None:
+         seconds: dict[str, float], finished: dict[str, dict] | None = None,
+         average: torch.nn.Module | None = None) -> None:
     """Write ``stage``'s file and then ``state.json`` (each atomically: a stopped run leaves the last
     complete checkpoint). ``finished`` stages (weights only, e.g. RegNets reused from another run) are
-    written once, when their file is missing."""
+    written once, when their file is missing; ``average``: the weights' running average (float32)."""
     folder.mkdir(parents=True, exist_ok=True)
     for name, weights in (finished or {}).items():
         if not (folder / f"{name}.pt").exists():
             torch.save({"epoch": None, "model": weights, "optimizer": None}, folder / f"{name}.pt")
     weights = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
-    payload = {"epoch": epoch, "model": weights, "optimizer": round_moments(optimizer.state_dict())}
+    payload = {"epoch": epoch, "model": weights, "optimizer": round_moments(optimizer.state_dict()),
+               "average": None if average is None else {k: v.detach().cpu().clone() for k, v in average.state_dict().items()}}
     tmp = folder / f"{stage}.pt.tmp"
     torch.save(payload, tmp)
     tmp.replace(folder / f"{stage}.pt")
@@ -69,21 +72,24 @@ def _write_state(folder: Path, stage: str, epoch: int, seconds: dict[str, float]
 
 
 def load(folder: Path) -> dict:
-    """``{"stage", "epoch", "seconds", "models": {stage: weights}, "optimizer"}``: the optimiser state is
-    that of the last stage (float32 moments), the models every stage saved."""
+    """``{"stage", "epoch", "seconds", "models": {stage: weights}, "averages": {stage: weights}, "optimizer"}``:
+    the optimiser state is that of the last stage (float32 moments), the models every stage saved, the
+    averages those a stage kept."""
     state = json.loads((folder / "state.json").read_text(encoding="utf-8"))
     if not (folder / f"{state['stage']}.pt").exists():
         raise RuntimeError(f"{folder}: state.json is at {state['stage']} but {state['stage']}.pt is missing (a "
                            f"--drop-stage cut short?): run regmis-train --drop-stage {state['stage']} again")
-    models, optimizer = {}, None
+    models, averages, optimizer = {}, {}, None
     for path in sorted(folder.glob("*.pt")):
         payload = torch.load(path, map_location="cpu", weights_only=True)
         models[path.stem] = payload["model"]
+        if payload.get("average") is not None:  # files of runs before ema_decay have none
+            averages[path.stem] = payload["average"]
         if path.stem == state["stage"]:
             if payload["epoch"] != state["epoch"]:
                 raise RuntimeError(f"{path} holds epoch {payload['epoch']} but state.json says {state['epoch']}")
             optimizer = expand_moments(payload["optimizer"])
-    return {**state, "models": models, "optimizer": optimizer}
+    return {**state, "models": models, "averages": averages, "optimizer": optimizer}
 
 
 def drop_stage(folder: Path, stage: str, stages: tuple[str, ...]) -> int:

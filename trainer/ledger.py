@@ -35,6 +35,8 @@ def _validation(row: dict) -> str:
     if "val_mean_f1" in row:
         text = (f"mean F1 {100 * row['val_mean_f1']:.1f} %, kappa {row['val_kappa']:.3f}, "
                 f"F1 c/p/w {' / '.join(f'{100 * f:.1f}' for f in row['val_f1'])} %")
+        if "val_live_kappa" in row:  # the numbers above are the weights' running average (ema_decay)
+            text += f" (weights averaged; the last step's own: kappa {row['val_live_kappa']:.3f})"
         if "val_shipped_kappa" in row:
             # per-class F1, not the mean: a class neither predicts nor holds is left out of a mean F1 (nan)
             text += (f"; the shipped model ({row['val_shipped_sha256']}) on the same blocks: kappa "
@@ -47,6 +49,8 @@ def _validation(row: dict) -> str:
     if "val_endpoint_error_mm" in row:
         text = (f"EPE {row['val_endpoint_error_mm']:.2f} mm vs {row['val_target_magnitude_mm']:.2f} mm "
                 "for the zero predictor")
+        if "val_live_endpoint_error_mm" in row:
+            text += f" (weights averaged; the last step's own: {row['val_live_endpoint_error_mm']:.2f} mm)"
         if "val_weighted_endpoint_error_mm" in row:
             text += (f"; class-weighted {row['val_weighted_endpoint_error_mm']:.2f} vs "
                      f"{row['val_weighted_target_magnitude_mm']:.2f} mm")

@@ -19,6 +19,7 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.distributed as dist
+from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 from tqdm import tqdm
 
 from RegistrationMisalignmentLib.config import MisalignmentConfig
@@ -38,6 +39,8 @@ from trainer.export import export_misalignment, export_regnet_t
 from trainer.history import HISTORY_FILE, read_history, record_drop
 from trainer.ledger import write_ledger
 
+LIVE_KEYS = ("val_mean_f1", "val_kappa", "val_f1", "val_endpoint_error_mm")
+"""Validation numbers also recorded for the last step's weights when the run keeps their average."""
 REGNET_STAGES = {4: "regnet4", 2: "regnet2", 1: "regnet1"}
 LEDGER_EVERY_S = 60.0
 """The ledger and its curves are rewritten after an epoch when this long has passed, and when the run stops."""
@@ -200,6 +203,7 @@ class Trainer:
             self._start_from_shipped(model)
         model.to(self.device)
         net = self._wrap(model)
+        average = self._average(stage, model, state)
         optimizer = torch.optim.Adam(net.parameters(), lr=self.cfg.lr)
         if done_index == stage_index:
             first_epoch = state["epoch"]
@@ -223,6 +227,8 @@ class Trainer:
                     part.backward()
                     loss += part.detach()
                 optimizer.step()
+                if average is not None:
+                    average.update_parameters(model)
                 # Kept on the device: reading every loss would make the CPU wait for the GPU at each step
                 # instead of cutting the next batch while it computes.
                 losses.append(loss.detach())
@@ -235,13 +241,19 @@ class Trainer:
                    "seconds": seconds, "cpu_seconds": time.process_time() - cpu, "pool_seconds": pool_seconds,
                    "device": self.device.type, "world": self.world, "amp": self.amp, "samples": samples,
                    "patches_per_s": samples / seconds, "labelled_voxels_per_s": samples * side**3 / seconds}
-            row.update(self.validate(stage, model))
+            row.update(self.validate(stage, model if average is None else average.module))
+            if average is not None:  # the last step's own weights beside their average
+                row.update({k.replace("val_", "val_live_", 1): v for k, v in self.validate(stage, model).items()
+                            if k in LIVE_KEYS})
+            averages = state.get("averages", {})
             state = {"stage": stage, "epoch": epoch + 1, "optimizer": None,
                      "models": {**state["models"], stage: model.state_dict()},
+                     "averages": averages if average is None else {**averages, stage: average.module.state_dict()},
                      "seconds": {**state["seconds"], stage: state["seconds"].get(stage, 0.0) + seconds}}
             if self.main:
                 checkpoint.save(self.checkpoint_dir, stage, epoch + 1, model, optimizer, state["seconds"],
-                                {k: v for k, v in state["models"].items() if k != stage})
+                                {k: v for k, v in state["models"].items() if k != stage},
+                                None if average is None else average.module)
             self.record(row)
             self.epochs_done += 1
             if self.out_of_time():
@@ -250,12 +262,30 @@ class Trainer:
                 break
         return state
 
+    def _average(self, stage: str, model: torch.nn.Module, state: dict) -> AveragedModel | None:
+        """The running average of ``model``'s weights (``ema_decay``), resumed from the checkpoint where it holds
+        one; a new one starts at the weights of the first step it sees."""
+        if not self.cfg.ema_decay:
+            return None
+        average = AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(self.cfg.ema_decay), use_buffers=True)
+        saved = state.get("averages", {}).get(stage)
+        if saved is not None:
+            average.module.load_state_dict(saved)
+            average.n_averaged.fill_(1)  # go on averaging instead of copying the next step's weights
+        return average
+
+    @staticmethod
+    def weights(stage: str, state: dict) -> dict:
+        """The weights a finished ``stage`` hands on (to the next stage and the export): its running average
+        where it kept one, else its last step's."""
+        return state.get("averages", {}).get(stage, state["models"][stage])
+
     def _start_from_coarser(self, stage: str, model: RegNet, state: dict) -> None:
         """A RegNet stage's first epoch starts from the next coarser scale's trained RegNet (x4 has none)."""
         scale = int(stage.removeprefix("regnet"))
         coarser = min((s for s in self.config.scales if s > scale), default=None)
         if coarser is not None and REGNET_STAGES[coarser] in state["models"]:
-            start_from_coarser(model, state["models"][REGNET_STAGES[coarser]], scale / coarser)
+            start_from_coarser(model, self.weights(REGNET_STAGES[coarser], state), scale / coarser)
             self.log(f"{stage} starts from the trained {REGNET_STAGES[coarser]}, its DVF output times {scale / coarser:g}")
 
     def _start_from_shipped(self, model: MisalignmentNet) -> None:
@@ -374,12 +404,16 @@ class Trainer:
         regnets = {s: RegNet() for s in self.config.scales}
         for s in self.config.scales:
             state = self.fit(REGNET_STAGES[s], regnets[s], cfg.regnet_epochs, state)
+            if REGNET_STAGES[s] in state["models"]:
+                regnets[s].load_state_dict(self.weights(REGNET_STAGES[s], state))
         model = MisalignmentNet(cfg.decoder, self.config)
         for s in self.config.scales:
             getattr(model, f"encoder{s}").load_state_dict(regnets[s].encoder.state_dict())
         state = self.fit("misalignment", model, cfg.epochs, state)
         if not self.main:
             return {}
+        if "misalignment" in state["models"]:
+            model.load_state_dict(self.weights("misalignment", state))
         self.write_ledger()
         return self.export(model, regnets, state)
 
