@@ -4,7 +4,7 @@ Layout: ``state.json`` (the stage and epoch reached, seconds per stage) and ``<s
 (its weights in float32, their running average when the run keeps one (``ema_decay``), and Adam's state with
 both moments in bfloat16). A finished stage's file
 never changes again, so a git history of a growing run stores each finished stage once; only the
-current stage's file (~8 bytes per parameter: 10.5 MB for the LSTM model) changes from one commit to
+current stage's file (~8 bytes per parameter, 12 with the average: 16 MB for the LSTM model) changes from one commit to
 the next.
 
 Bit-for-bit resume: at every save the live optimiser's moments are rounded to bfloat16 in place, so the
