@@ -1,11 +1,10 @@
 """A compact, resumable checkpoint: one folder, one file per stage, small enough to commit.
 
 Layout: ``state.json`` (the stage and epoch reached, seconds per stage) and ``<stage>.pt`` per stage
-(its weights in float32, their running average when the run keeps one (``ema_decay``), and Adam's state with
-both moments in bfloat16). A finished stage's file
-never changes again, so a git history of a growing run stores each finished stage once; only the
-current stage's file (~8 bytes per parameter, 12 with the average: 16 MB for the LSTM model) changes from one commit to
-the next.
+(its weights in float32, their running average when the run keeps one (``ema_decay``), and Adam's state
+with both moments in bfloat16). A finished stage's file never changes again, so a git history of a
+growing run stores each finished stage once; only the current stage's file (~8 bytes per parameter, 12
+with the average: 16 MB for the LSTM model) changes from one commit to the next.
 
 Bit-for-bit resume: at every save the live optimiser's moments are rounded to bfloat16 in place, so the
 process that goes on training and a process that resumes from the files hold identical numbers.
