@@ -139,13 +139,13 @@ def test_regnet_targets_are_the_dvf_on_the_level_grid(pool, scale):
 
 @pytest.fixture(scope="module")
 def smoke_runs(tmp_path_factory):
-    """Three smoke runs with the rate lowered at epoch 2, RegNets started from the coarser one and two batches
-    per step and the weights' running average: 2 epochs straight; 1 epoch, then resumed to 2 (bit-for-bit check,
+    """Three smoke runs with the rate lowered at epoch 2, RegNets started from the coarser one, two steps per
+    epoch of two batches each and the weights' running average: 2 epochs straight; 1 epoch, then resumed to 2 (bit-for-bit check,
     the schedule and the average included)."""
     straight = tmp_path_factory.mktemp("straight")
     resumed = tmp_path_factory.mktemp("resumed")
     schedule = ["--set", "lr_schedule=[[2, 1e-4]]", "--set", "regnet_init=coarser", "--set", "accumulate=2",
-                "--set", "ema_decay=0.5"]
+                "--set", "ema_decay=0.5", "--set", "steps_per_epoch=2"]
     assert main(["--smoke", "--out", str(straight), *schedule]) == 0
     assert main(["--smoke", "--out", str(resumed), "--epochs", "1", *schedule]) == 0
     assert main(["--smoke", "--out", str(resumed), "--epochs", "2", "--resume", *schedule]) == 0
@@ -159,7 +159,7 @@ def test_smoke_run_writes_models_curves_and_history(smoke_runs):
         assert (straight / name).exists(), name
     ledger = (straight / "ledger.md").read_text(encoding="utf-8")
     assert "5 epochs in all" in ledger and "core-hours" in ledger
-    assert "| misalignment | 2 | 4 |" in ledger and "zero predictor" in ledger  # 2 epochs x 1 step x 2 batches
+    assert "| misalignment | 2 | 8 |" in ledger and "zero predictor" in ledger  # 2 epochs x 2 steps x 2 batches
     rows = [json.loads(l) for l in (straight / "history.jsonl").read_text(encoding="utf-8").splitlines()]
     assert [r["stage"] for r in rows] == ["regnet4", "regnet2", "regnet1", "misalignment", "misalignment"]
     assert [r["lr"] for r in rows] == [1e-3, 1e-3, 1e-3, 1e-3, 1e-4]
@@ -188,9 +188,30 @@ def test_the_running_average_is_validated_and_exported_beside_the_last_steps_num
     state = checkpoint.load(straight / "checkpoint")
     average, last = state["averages"]["misalignment"], state["models"]["misalignment"]
     assert any(not torch.equal(average[k], last[k]) for k in average if average[k].is_floating_point())
-    assert Trainer.weights("misalignment", state) is average  # what is handed on and exported (next test)
+    # the RegNets' averages are what stage 2's encoders and RegNet-t get (stage 2's: next test)
+    regnet_t = torch.jit.load(str(straight / "regmis_regnet_t.pt"), map_location="cpu").state_dict()
+    for stage in ("regnet4", "regnet2", "regnet1"):
+        kept = state["averages"][stage]
+        assert all(torch.equal(regnet_t[f"regnet{stage[-1]}.{k}"], v) for k, v in kept.items())
+        assert any(not torch.equal(v, state["models"][stage][k]) for k, v in kept.items())  # 2 steps: not the last
+    # integer buffers (batch norm's step count) are the live model's, not averaged
+    counts = {k: v for k, v in average.items() if not v.is_floating_point()}
+    assert counts and all(torch.equal(v, last[k]) for k, v in counts.items())
     with pytest.raises(ValueError, match="ema_decay"):
         TrainConfig(ema_decay=1.0)
+
+
+def test_a_stage_resumed_without_the_average_hands_on_its_own_weights(smoke_runs, tmp_path):
+    import shutil
+
+    straight, _ = smoke_runs
+    out = tmp_path / "average_off"
+    shutil.copytree(straight, out)
+    assert main(["--smoke", "--out", str(out), "--epochs", "3", "--resume", "--set", "ema_decay=0"]) == 0
+    state = checkpoint.load(out / "checkpoint")
+    assert "misalignment" not in state["averages"] and "regnet1" in state["averages"]  # finished stages keep theirs
+    exported = torch.jit.load(str(out / "smoke_lstm_631.pt"), map_location="cpu").state_dict()
+    assert all(torch.equal(exported[k], v) for k, v in state["models"]["misalignment"].items())
 
 
 def test_lr_schedule_picks_the_last_entry_reached_and_rejects_bad_entries():
@@ -264,7 +285,7 @@ def test_a_dropped_stage_begins_again_and_the_ledger_keeps_its_first_attempt(smo
         ("misalignment, attempt 1, dropped after epoch 2", 1), ("misalignment, attempt 1, dropped after epoch 2", 2),
         ("misalignment", 1)]
     ledger = (out / "ledger.md").read_text(encoding="utf-8")
-    assert "| misalignment, attempt 1, dropped after epoch 2 | 2 | 4 |" in ledger and "| misalignment | 1 | 1 |" in ledger
+    assert "| misalignment, attempt 1, dropped after epoch 2 | 2 | 8 |" in ledger and "| misalignment | 1 | 1 |" in ledger
     assert "6 epochs in all" in ledger
     assert load_model(out / "smoke_lstm_631.pt").card["training"]["epochs_done"]["misalignment"] == 1
 
@@ -321,7 +342,7 @@ def test_second_decoder_reuses_the_pretrained_regnets(smoke_runs, tmp_path):
                  "--pretrained", str(straight / "checkpoint")]) == 0
     stages = [l.split('"stage": "')[1].split('"')[0] for l in (out / "history.jsonl").read_text(encoding="utf-8").splitlines()]
     assert stages == ["misalignment"]
-    first = checkpoint.load(straight / "checkpoint")["models"]["regnet1"]
+    first = Trainer.weights("regnet1", checkpoint.load(straight / "checkpoint"))  # what that run handed on
     again = checkpoint.load(out / "checkpoint")["models"]["regnet1"]
     assert all(torch.equal(first[k], again[k]) for k in first)
     assert load_model(out / "smoke_ms.pt").decoder == "multiscale"

@@ -4,7 +4,8 @@ correct / poor / wrong (|DVF| < 3, 3-6, >= 6 mm), and what share of block centre
     python benchmarks/pool_class_mix.py --seeds 2 --out benchmarks/results/training/pool_class_mix.md
 
 Why: stage 2 learns "wrong" only from voxels the synthetic fields move 6 mm or more, and the canonical run's
-held-out blocks held none (even with class-drawn centres: ``val_truth_share`` in its history), while the
+held-out blocks held none (6 uniform blocks, then 12 drawn by class at random: ``val_truth_share`` in its
+history, epochs 34-36; the stratified blocks since hold 7 %), while the
 protocol's affine setting leaves 10.7 % of its landmarks wrong (``results/truth_mix/study_field.md``). The
 fields are made as the trainer makes them (``deform_pair`` with ``DVFSettings()``, masks estimated from the
 image), on every scan of ``--data`` on the trainer's 1 mm grid.

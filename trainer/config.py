@@ -86,7 +86,8 @@ class TrainConfig:
     hold no "wrong" voxel at all (the canonical run's 6 held no wrong and 12 % poor), so its F1 and kappa
     never see the class users need most; "class" centres put every class in the judge, in the exact
     60/20/20 proportion of blocks (12 random class draws held no wrong one on the canonical run). The validation
-    numbers of the run's model and the shipped model's beside them are always on the same blocks."""
+    numbers of the run's model and the shipped model's beside them are always on the same blocks. Stage 1
+    (the RegNets) is always judged on uniform blocks."""
     device: str = "auto"
     amp: bool = True
     """bf16 autocast on CUDA and on CPUs with native bf16 (AVX-512 BF16 or AMX): forward + backward of a

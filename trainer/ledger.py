@@ -42,7 +42,7 @@ def _validation(row: dict) -> str:
             text += (f"; the shipped model ({row['val_shipped_sha256']}) on the same blocks: kappa "
                      f"{row['val_shipped_kappa']:.3f}, F1 c/p/w "
                      f"{' / '.join(f'{100 * f:.1f}' for f in row['val_shipped_f1'])} %")
-        if "val_blocks" in row:  # rows before these were recorded: 6 uniform blocks
+        if "val_blocks" in row:  # older rows do not say (the canonical run's before its epoch 34: 6 uniform blocks)
             text += (f"; judged on {row['val_blocks']} blocks of "
                      f"{' / '.join(f'{100 * s:.0f}' for s in row['val_truth_share'])} % c/p/w")
         return text

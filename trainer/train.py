@@ -47,6 +47,15 @@ LEDGER_EVERY_S = 60.0
 STAGES = ("regnet4", "regnet2", "regnet1", "misalignment")
 
 
+def update_average(average: AveragedModel, model: torch.nn.Module) -> None:
+    """One step of the weights' running average; integer buffers (batch norm's step count) are copied, not
+    averaged."""
+    average.update_parameters(model)
+    for kept, live in zip(average.module.buffers(), model.buffers()):
+        if not kept.is_floating_point():
+            kept.copy_(live)
+
+
 def split_by_name(images: list[TrainingImage], names: tuple[str, ...]) -> tuple[list[TrainingImage], list[TrainingImage]]:
     """Whole scans named in ``names`` for validation, the others for training; every name must match one
     scan (extensions aside, so a compact copy of the data holds out the same scan)."""
@@ -108,13 +117,15 @@ class Trainer:
         self.writer = self._tensorboard()
         self.train_images, self.val_images = self._images()
         self.amp = cfg.amp and (self.device.type == "cuda" or cpu_has_native_bf16())
-        val_sampler = BlockSampler(
-            build_pool(self.val_images, cfg.val_pairs, cfg.seed + 100_000, self.config, self.settings),
-            self.config, np.random.default_rng(cfg.seed + 100_000), cfg.block_input, centres=cfg.val_centre_sampling)
+        val_pool = build_pool(self.val_images, cfg.val_pairs, cfg.seed + 100_000, self.config, self.settings)
+        val_sampler = BlockSampler(val_pool, self.config, np.random.default_rng(cfg.seed + 100_000), cfg.block_input,
+                                   centres=cfg.val_centre_sampling)
         self.val_batch = val_sampler.batch(cfg.val_patches, stratified=True)
         truth = self.val_batch.final_labels.numpy().ravel()[self.val_batch.weights.numpy().ravel() > 0]
         self.val_truth_share = (np.bincount(truth, minlength=3) / max(len(truth), 1)).tolist()
         """Share of correct / poor / wrong among the held-out blocks' body voxels (the judge's class mix)."""
+        if cfg.val_centre_sampling != "uniform":  # stage 1 is always judged on uniform blocks with class weights
+            val_sampler = BlockSampler(val_pool, self.config, np.random.default_rng(cfg.seed + 100_001), cfg.block_input)
         self.val_regnet = {s: val_sampler.regnet_batch(cfg.val_patches, s) for s in self.config.scales}
 
     # ---- set-up --------------------------------------------------------------------------
@@ -160,7 +171,7 @@ class Trainer:
             self.history_path.unlink()
         if self.cfg.pretrained:
             earlier = checkpoint.load(Path(self.cfg.pretrained)) if checkpoint.exists(Path(self.cfg.pretrained)) else {}
-            regnets = {k: v for k, v in earlier.get("models", {}).items() if k in REGNET_STAGES.values()}
+            regnets = {k: self.weights(k, earlier) for k in earlier.get("models", {}) if k in REGNET_STAGES.values()}
             if len(regnets) != len(REGNET_STAGES):
                 raise InputError(f"{self.cfg.pretrained} holds no complete RegNet pre-training "
                                  f"(found {sorted(regnets)}); give the checkpoint folder of a run that finished stage 1")
@@ -228,7 +239,7 @@ class Trainer:
                     loss += part.detach()
                 optimizer.step()
                 if average is not None:
-                    average.update_parameters(model)
+                    update_average(average, model)
                 # Kept on the device: reading every loss would make the CPU wait for the GPU at each step
                 # instead of cutting the next batch while it computes.
                 losses.append(loss.detach())
@@ -245,10 +256,11 @@ class Trainer:
             if average is not None:  # the last step's own weights beside their average
                 row.update({k.replace("val_", "val_live_", 1): v for k, v in self.validate(stage, model).items()
                             if k in LIVE_KEYS})
-            averages = state.get("averages", {})
+            averages = {k: v for k, v in state.get("averages", {}).items() if k != stage}  # a stage's average
+            if average is not None:                                                           # ends with ema_decay 0
+                averages[stage] = average.module.state_dict()
             state = {"stage": stage, "epoch": epoch + 1, "optimizer": None,
-                     "models": {**state["models"], stage: model.state_dict()},
-                     "averages": averages if average is None else {**averages, stage: average.module.state_dict()},
+                     "models": {**state["models"], stage: model.state_dict()}, "averages": averages,
                      "seconds": {**state["seconds"], stage: state["seconds"].get(stage, 0.0) + seconds}}
             if self.main:
                 checkpoint.save(self.checkpoint_dir, stage, epoch + 1, model, optimizer, state["seconds"],
@@ -326,7 +338,8 @@ class Trainer:
             report = self._class_report(model.probabilities)
             row = {"val_mean_f1": report.mean_f1, "val_kappa": report.kappa, "val_accuracy": report.accuracy,
                    "val_cw": report.cw, "val_f1": list(report.f1), "val_n": report.n,
-                   "val_blocks": f"{len(self.val_batch.final_labels)} x {self.cfg.val_centre_sampling}",
+                   "val_blocks": f"{len(self.val_batch.final_labels)} x {self.cfg.val_centre_sampling}"
+                                 + (", stratified" if self.cfg.val_centre_sampling == "class" else ""),
                    "val_truth_share": self.val_truth_share}
             return row | self._shipped_reference()
         scale = int(stage.removeprefix("regnet"))
