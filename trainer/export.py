@@ -109,6 +109,14 @@ def plot_curves(history_path: Path, png_path: Path) -> Path:
         if "val_mean_f1" in rs[0]:
             axes[2].plot(epochs, [100 * r["val_mean_f1"] for r in rs], marker="o", ms=3, label=f"{stage} mean F1")
             kappa = axes[2].plot(epochs, [100 * r["val_kappa"] for r in rs], marker="s", ms=3, label=f"{stage} kappa")[0]
+            live = [(r["epoch"], 100 * r["val_live_kappa"]) for r in rs if "val_live_kappa" in r]
+            if live:  # with ema_decay the kappa above is the average's; the last step's own, faint
+                axes[2].plot(*zip(*live), lw=0.8, alpha=0.5, color=kappa.get_color(), label=f"{stage} kappa, last step")
+            for before, row in zip(rs, rs[1:]):  # numbers on either side of a change of judge do not compare
+                if row.get("val_blocks") != before.get("val_blocks"):
+                    axes[2].axvline(row["epoch"] - 0.5, color="grey", lw=0.8, ls=":")
+                    axes[2].text(row["epoch"] - 0.5, 1, f" {row['val_blocks']} blocks", rotation=90, fontsize=7,
+                                 color="grey", va="bottom")
             shipped = [(r["epoch"], 100 * r["val_shipped_kappa"]) for r in rs if "val_shipped_kappa" in r]
             if shipped:  # rows before the reference was measured have none
                 axes[2].plot(*zip(*shipped), ls="--", color=kappa.get_color(), label="shipped model's kappa")
