@@ -2,6 +2,7 @@
 correct / poor / wrong (|DVF| < 3, 3-6, >= 6 mm), and what share of block centres could be drawn per class.
 
     python benchmarks/pool_class_mix.py --seeds 2 --out benchmarks/results/training/pool_class_mix.md
+    python benchmarks/pool_class_mix.py --max-displacement-mm 15 --out benchmarks/results/training/pool_class_mix_15mm.md
 
 Why: stage 2 learns "wrong" only from voxels the synthetic fields move 6 mm or more, and the canonical run's
 held-out blocks held none (6 uniform blocks, then 12 drawn by class at random: ``val_truth_share`` in its
@@ -44,11 +45,13 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--data", default="../shared/data", help="folder of CTs (the trainer's data)")
     parser.add_argument("--seeds", type=int, default=2, help="fields per scan and kind")
+    parser.add_argument("--max-displacement-mm", type=float, default=DVFSettings.max_displacement_mm,
+                        help="DVFSettings.max_displacement_mm: the largest |u| per axis (a candidate for more wrong voxels)")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--out", type=Path)
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
-    config, settings = MisalignmentConfig(), DVFSettings()
+    config, settings = MisalignmentConfig(), DVFSettings(max_displacement_mm=args.max_displacement_mm)
     started = time.perf_counter()
     kinds = [k for k in KINDS if k != "identity"]  # identity: every voxel correct
     lines = [f"# Class mix of the trainer's synthetic DVFs: `python benchmarks/pool_class_mix.py "
