@@ -140,8 +140,8 @@ def test_regnet_targets_are_the_dvf_on_the_level_grid(pool, scale):
 @pytest.fixture(scope="module")
 def smoke_runs(tmp_path_factory):
     """Three smoke runs with the rate lowered at epoch 2, RegNets started from the coarser one, two steps per
-    epoch of two batches each and the weights' running average: 2 epochs straight; 1 epoch, then resumed to 2 (bit-for-bit check,
-    the schedule and the average included)."""
+    epoch of two batches each and the weights' running average: 2 epochs straight; 1 epoch, then resumed to
+    2 (bit-for-bit check, the schedule and the average included)."""
     straight = tmp_path_factory.mktemp("straight")
     resumed = tmp_path_factory.mktemp("resumed")
     schedule = ["--set", "lr_schedule=[[2, 1e-4]]", "--set", "regnet_init=coarser", "--set", "accumulate=2",

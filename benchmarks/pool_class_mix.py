@@ -29,16 +29,15 @@ from RegistrationMisalignmentLib.config import MisalignmentConfig  # noqa: E402
 from RegistrationMisalignmentLib.synthetic.deform import deform_pair  # noqa: E402
 from RegistrationMisalignmentLib.synthetic.dvf import KINDS, DVFSettings  # noqa: E402
 from trainer.data import load_images  # noqa: E402
-from trainer.dataset import CENTRE_STRIDE  # noqa: E402
+from trainer.dataset import CENTRE_STRIDE, class_shares  # noqa: E402
 
 
-def class_shares(magnitude: np.ndarray, body: np.ndarray, config: MisalignmentConfig) -> tuple[np.ndarray, np.ndarray]:
+def body_and_centre_shares(magnitude: np.ndarray, body: np.ndarray,
+                           config: MisalignmentConfig) -> tuple[np.ndarray, np.ndarray]:
     """Share of correct / poor / wrong among the body voxels, and among the centre sub-grid's body voxels."""
-    def shares(m: np.ndarray) -> np.ndarray:
-        counts = np.bincount(config.classify_mm(m), minlength=3)
-        return counts / max(counts.sum(), 1)
     sub = (slice(None, None, CENTRE_STRIDE),) * 3
-    return shares(magnitude[body]), shares(magnitude[sub][body[sub]])
+    return (class_shares(config.classify_mm(magnitude[body])),
+            class_shares(config.classify_mm(magnitude[sub][body[sub]])))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -69,7 +68,7 @@ def main(argv: list[str] | None = None) -> int:
             for seed in range(args.seeds):
                 _, dvf = deform_pair(hu, kind, (config.spacing_mm,) * 3, torch.Generator().manual_seed(seed), settings)
                 magnitude = dvf.square().sum(0).sqrt().numpy()
-                body, centres = class_shares(magnitude, image.body, config)
+                body, centres = body_and_centre_shares(magnitude, image.body, config)
                 totals[kind] += body
                 lines.append(f"| {image.name} | {kind} | {seed} | {magnitude[image.body].max():.1f} | "
                              f"{' / '.join(f'{100 * s:.1f}' for s in body)} | "

@@ -55,13 +55,17 @@ def save(folder: Path, stage: str, epoch: int, model: torch.nn.Module, optimizer
     for name, weights in (finished or {}).items():
         if not (folder / f"{name}.pt").exists():
             torch.save({"epoch": None, "model": weights, "optimizer": None}, folder / f"{name}.pt")
-    weights = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
-    payload = {"epoch": epoch, "model": weights, "optimizer": round_moments(optimizer.state_dict()),
-               "average": None if average is None else {k: v.detach().cpu().clone() for k, v in average.state_dict().items()}}
+    payload = {"epoch": epoch, "model": _cpu_copy(model), "optimizer": round_moments(optimizer.state_dict()),
+               "average": None if average is None else _cpu_copy(average)}
     tmp = folder / f"{stage}.pt.tmp"
     torch.save(payload, tmp)
     tmp.replace(folder / f"{stage}.pt")
     _write_state(folder, stage, epoch, seconds)
+
+
+def _cpu_copy(module: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """``module``'s weights and buffers, copied to the CPU (the live tensors go on training)."""
+    return {k: v.detach().cpu().clone() for k, v in module.state_dict().items()}
 
 
 def _write_state(folder: Path, stage: str, epoch: int, seconds: dict[str, float]) -> None:

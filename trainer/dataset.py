@@ -61,6 +61,12 @@ def make_pair(image: TrainingImage, kind: str, seed: int, config: MisalignmentCo
     return DeformedPair(f"{image.name}/{kind}/{seed}", pyramid, dvf.cpu(), magnitude, body, centres)
 
 
+def class_shares(classes: np.ndarray) -> np.ndarray:
+    """Share of correct / poor / wrong among class indices (0, 1, 2); zeros where there are none."""
+    counts = np.bincount(np.ravel(classes), minlength=3)
+    return counts / max(counts.sum(), 1)
+
+
 def class_weights(pairs: list[DeformedPair], config: MisalignmentConfig,
                   balance: tuple[float, float, float] = CLASS_BALANCE) -> np.ndarray:
     """Per final class, the voxel weight that gives each class ``balance`` of the loss over the pool's body.

@@ -34,7 +34,7 @@ from RegistrationMisalignmentLib.synthetic.dvf import DVFSettings
 from RegistrationMisalignmentLib.synthetic.images import TrainingImage, phantom_images, scan_stem
 from RegistrationMisalignmentLib.weights import load_model
 from trainer.data import load_images
-from trainer.dataset import BlockSampler, build_pool, weighted_cross_entropy, weighted_huber
+from trainer.dataset import BlockSampler, build_pool, class_shares, weighted_cross_entropy, weighted_huber
 from trainer.export import export_misalignment, export_regnet_t
 from trainer.history import HISTORY_FILE, read_history, record_drop
 from trainer.ledger import write_ledger
@@ -121,8 +121,8 @@ class Trainer:
         val_sampler = BlockSampler(val_pool, self.config, np.random.default_rng(cfg.seed + 100_000), cfg.block_input,
                                    centres=cfg.val_centre_sampling)
         self.val_batch = val_sampler.batch(cfg.val_patches, stratified=True)
-        truth = self.val_batch.final_labels.numpy().ravel()[self.val_batch.weights.numpy().ravel() > 0]
-        self.val_truth_share = (np.bincount(truth, minlength=3) / max(len(truth), 1)).tolist()
+        inside = self.val_batch.weights.numpy() > 0
+        self.val_truth_share = class_shares(self.val_batch.final_labels.numpy()[inside]).tolist()
         """Share of correct / poor / wrong among the held-out blocks' body voxels (the judge's class mix)."""
         if cfg.val_centre_sampling != "uniform":  # stage 1 is always judged on uniform blocks with class weights
             val_sampler = BlockSampler(val_pool, self.config, np.random.default_rng(cfg.seed + 100_001), cfg.block_input)
