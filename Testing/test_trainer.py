@@ -20,7 +20,7 @@ from RegistrationMisalignmentLib.synthetic.dvf import DVFSettings
 from RegistrationMisalignmentLib.networks.regnet import RegNet
 from RegistrationMisalignmentLib.networks.model import MisalignmentNet
 from RegistrationMisalignmentLib.errors import InputError
-from trainer.history import read_history, record_drop
+from trainer.history import read_history, record_event
 from trainer.train import Trainer, main
 
 
@@ -294,10 +294,10 @@ def test_history_marks_each_dropped_attempt_however_its_epochs_ran(tmp_path):
     path = tmp_path / "history.jsonl"
     epochs = [("regnet4", 1), ("regnet4", 2), ("regnet2", 1), ("regnet2", 2), ("regnet2", 3), ("regnet2", 3)]
     path.write_text("".join(json.dumps({"stage": s, "epoch": e}) + "\n" for s, e in epochs), encoding="utf-8")
-    record_drop(path, "regnet2", 3)
+    record_event(path, "drop", "regnet2", 3)
     with open(path, "a", encoding="utf-8") as f:
         f.write(json.dumps({"stage": "regnet2", "epoch": 1}) + "\n")
-    record_drop(path, "regnet2", 1)
+    record_event(path, "drop", "regnet2", 1)
     with open(path, "a", encoding="utf-8") as f:
         f.write(json.dumps({"stage": "regnet2", "epoch": 1}) + "\n")
     assert [r["attempt"] for r in read_history(path)] == (
@@ -399,3 +399,77 @@ def test_stage2_can_start_from_the_shipped_model(tmp_path):
         TrainConfig(misalignment_init="random")
     with pytest.raises(ValueError, match="accumulate"):
         TrainConfig(accumulate=0)
+
+
+def test_select_by_exports_the_best_validated_epoch_and_keeps_it_in_the_checkpoint(smoke_runs, tmp_path):
+    import shutil
+
+    straight, _ = smoke_runs
+    out = tmp_path / "selected"
+    shutil.copytree(straight, out)
+    assert main(["--smoke", "--out", str(out), "--epochs", "4", "--resume", "--set", "ema_decay=0.5",
+                 "--set", "select_by=val_mean_f1"]) == 0
+    rows = [r for r in read_history(out / "history.jsonl") if r["stage"] == "misalignment"]
+    selecting = rows[2:]  # epochs 3 and 4 ran with select_by
+    scores = [r["val_mean_f1"] if r["val_mean_f1"] == r["val_mean_f1"] else -1 for r in selecting]
+    best_row = selecting[int(np.argmax(scores))]
+    assert [r["selected_epoch"] for r in selecting] == [3, best_row["epoch"]] and "selected_epoch" not in rows[1]
+    best = checkpoint.load(out / "checkpoint")["bests"]["misalignment"]
+    assert (best["epoch"], best["metric"], best["judge"]) == (best_row["epoch"], "val_mean_f1", best_row["val_blocks"])
+    exported = load_model(out / "smoke_lstm_631.pt")
+    weights = exported.module.state_dict()
+    assert all(torch.equal(weights[k], v) for k, v in best["weights"].items())
+    assert exported.card["training"]["selected"] == {"epoch": best_row["epoch"], "by": "val_mean_f1"}
+    assert exported.card["training"]["epochs_done"]["misalignment"] == 4
+    assert exported.card["metrics"]["validation_patches"]["val_kappa"] == best_row["val_kappa"]
+    assert f"misalignment's export: epoch {best_row['epoch']}, the best-validated" in (out / "ledger.md").read_text("utf-8")
+    # a drop forgets the attempt's best
+    assert main(["--smoke", "--out", str(out), "--drop-stage", "misalignment"]) == 0
+    assert not (out / "checkpoint" / "misalignment.best.pt").exists()
+    with pytest.raises(ValueError, match="select_by"):
+        TrainConfig(select_by="val_loss")
+
+
+def test_selection_starts_anew_when_the_judge_changes(tmp_path):
+    trainer = Trainer(TrainConfig.smoke(out=str(tmp_path), select_by="val_kappa"))
+    model = torch.nn.Linear(2, 1)
+    first = trainer._select("misalignment", {"epoch": 1, "val_kappa": 0.5, "val_blocks": "6 x uniform"}, model, None)
+    worse = {"epoch": 2, "val_kappa": 0.4, "val_blocks": "6 x uniform"}
+    assert trainer._select("misalignment", worse, model, first) is first and worse["selected_epoch"] == 1
+    nan = {"epoch": 3, "val_kappa": float("nan"), "val_blocks": "6 x uniform"}
+    assert trainer._select("misalignment", nan, model, first) is first
+    judged_anew = {"epoch": 4, "val_kappa": 0.1, "val_blocks": "12 x class, stratified"}
+    assert trainer._select("misalignment", judged_anew, model, first)["epoch"] == 4  # 0.1 vs 0.5 does not compare
+    assert trainer._select("regnet1", {"epoch": 1}, model, None) is None  # stage 1 is not selected
+
+
+def test_rewind_sets_stage_2_back_to_an_earlier_export_and_training_goes_on(smoke_runs, tmp_path, capsys):
+    import shutil
+
+    straight, _ = smoke_runs
+    out = tmp_path / "rewound"
+    shutil.copytree(straight, out)
+    earlier = tmp_path / "earlier"
+    earlier.mkdir()
+    for suffix in (".pt", ".json"):  # the export of epoch 2
+        shutil.copy(straight / f"smoke_lstm_631{suffix}", earlier / f"smoke_lstm_631{suffix}")
+    assert main(["--smoke", "--out", str(out), "--epochs", "3", "--resume", "--set", "ema_decay=0.5"]) == 0
+    with pytest.raises(SystemExit):
+        main(["--smoke", "--out", str(out), "--rewind-to", str(earlier / "smoke_lstm_631.pt"), "--resume"])
+    other_split = ["--smoke", "--out", str(out), "--split", "3-3-3", "--rewind-to", str(earlier / "smoke_lstm_631.pt")]
+    assert main(other_split) == 2 and "not a model of this run (split '6-3-1' vs '3-3-3')" in capsys.readouterr().err
+    assert main(["--smoke", "--out", str(out), "--rewind-to", str(earlier / "smoke_lstm_631.pt")]) == 0
+    state = checkpoint.load(out / "checkpoint")
+    export = torch.jit.load(str(earlier / "smoke_lstm_631.pt"), map_location="cpu").state_dict()
+    assert state["epoch"] == 3 and state["optimizer"]["state"] == {}
+    for weights in (state["models"]["misalignment"], state["averages"]["misalignment"]):
+        assert all(torch.equal(v, export[k]) for k, v in weights.items())
+    assert main(["--smoke", "--out", str(out), "--epochs", "4", "--resume", "--set", "ema_decay=0.5"]) == 0
+    rows = read_history(out / "history.jsonl")
+    assert [r["epoch"] for r in rows if r["stage"] == "misalignment"] == [1, 2, 3, 4]  # the count goes on
+    ledger = (out / "ledger.md").read_text(encoding="utf-8")
+    sha = load_model(earlier / "smoke_lstm_631.pt").card["sha256"][:12]
+    assert f"misalignment set back after its epoch 3 to `{earlier / 'smoke_lstm_631.pt'}` ({sha})" in ledger
+    assert "| misalignment | 4 | 10 |" in ledger  # 8 + 1 + 1 blocks: the rewound epochs still count
+    with pytest.raises(InputError, match="do not fit"):
+        checkpoint.rewind(out / "checkpoint", "misalignment", {"x": torch.zeros(1)})

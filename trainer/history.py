@@ -1,5 +1,6 @@
-"""A run's ``history.jsonl``: one row per epoch, appended and never rewritten, and a drop row where a stage
-was begun again (``regmis-train --drop-stage``); read by the ledger, the curves and the model card."""
+"""A run's ``history.jsonl``: one row per epoch, appended and never rewritten, and an event row where a stage
+was begun again (``regmis-train --drop-stage``) or set back to an earlier model (``--rewind-to``); read by the
+ledger, the curves and the model card."""
 
 from __future__ import annotations
 
@@ -26,6 +27,7 @@ def read_history(history_path: Path) -> list[dict]:
             drops[stage] = drops.get(stage, 0) + 1
             for dropped in since_drop.pop(stage, []):
                 dropped["attempt"] = f"{stage}, attempt {drops[stage]}, dropped after epoch {row['epoch']}"
+        if "event" in row:
             continue
         row["attempt"] = stage
         since_drop.setdefault(stage, []).append(row)
@@ -33,7 +35,14 @@ def read_history(history_path: Path) -> list[dict]:
     return rows
 
 
-def record_drop(history_path: Path, stage: str, epoch: int) -> None:
-    """Append the drop row of ``stage``, whose attempt had reached ``epoch``."""
+def read_events(history_path: Path) -> list[dict]:
+    """The event rows (drops, rewinds) in order."""
+    rows = (json.loads(line) for line in history_path.read_text(encoding="utf-8").splitlines() if line.strip())
+    return [row for row in rows if "event" in row]
+
+
+def record_event(history_path: Path, event: str, stage: str, epoch: int, **details) -> None:
+    """Append an event row: ``"drop"`` of ``stage``, whose attempt had reached ``epoch``, or ``"rewind"`` of
+    ``stage`` after ``epoch`` to the model that ``details`` name."""
     with open(history_path, "a", encoding="utf-8") as f:
-        f.write(json.dumps({"event": "drop", "stage": stage, "epoch": epoch}) + "\n")
+        f.write(json.dumps({"event": event, "stage": stage, "epoch": epoch, **details}) + "\n")

@@ -10,7 +10,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from trainer.export import plot_curves
-from trainer.history import read_history
+from trainer.history import read_events, read_history
 
 
 def totals(rows: list[dict]) -> dict:
@@ -72,6 +72,15 @@ def write_ledger(history_path: Path, out: Path) -> Path:
     for stage, entry in summary["stages"].items():
         lines.append(f"| {stage} | {entry['epochs']} | {entry['samples']} | {entry['hours']:.2f} | "
                      f"{_validation(entry['last'])} |")
+    for event in read_events(history_path):
+        if event["event"] == "rewind":
+            lines.append(f"- {event['stage']} set back after its epoch {event['epoch']} to `{event['to']}` "
+                         f"({event['sha256']}), Adam's moments cleared; its epochs count on (`--rewind-to`)")
+    last = summary["stages"].get("misalignment", {}).get("last", {})
+    if "selected_epoch" in last:
+        selected = next(r for r in rows if r["attempt"] == "misalignment" and r["epoch"] == last["selected_epoch"])
+        lines.append(f"- misalignment's export: epoch {selected['epoch']}, the best-validated so far "
+                     f"(`select_by`): {_validation(selected)}")
     lines += ["", "![curves](curves.png)", ""]
     path = out / "ledger.md"
     path.write_text("\n".join(lines), encoding="utf-8")

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import sys
 import time
@@ -36,7 +37,7 @@ from RegistrationMisalignmentLib.weights import load_model
 from trainer.data import load_images
 from trainer.dataset import BlockSampler, build_pool, class_shares, weighted_cross_entropy, weighted_huber
 from trainer.export import export_misalignment, export_regnet_t
-from trainer.history import HISTORY_FILE, read_history, record_drop
+from trainer.history import HISTORY_FILE, read_history, record_event
 from trainer.ledger import write_ledger
 
 LIVE_KEYS = ("val_mean_f1", "val_kappa", "val_f1", "val_endpoint_error_mm")
@@ -215,6 +216,7 @@ class Trainer:
         model.to(self.device)
         net = self._wrap(model)
         average = self._average(stage, model, state)
+        best = state.get("bests", {}).get(stage)
         optimizer = torch.optim.Adam(net.parameters(), lr=self.cfg.lr)
         if done_index == stage_index:
             first_epoch = state["epoch"]
@@ -256,16 +258,18 @@ class Trainer:
             if average is not None:  # the last step's own weights beside their average
                 row.update({k.replace("val_", "val_live_", 1): v for k, v in self.validate(stage, model).items()
                             if k in LIVE_KEYS})
+            best = self._select(stage, row, model if average is None else average.module, best)
             averages = {k: v for k, v in state.get("averages", {}).items() if k != stage}  # a stage's average
             if average is not None:                                                           # ends with ema_decay 0
                 averages[stage] = average.module.state_dict()
             state = {"stage": stage, "epoch": epoch + 1, "optimizer": None,
                      "models": {**state["models"], stage: model.state_dict()}, "averages": averages,
+                     "bests": {**state.get("bests", {}), **({stage: best} if best else {})},
                      "seconds": {**state["seconds"], stage: state["seconds"].get(stage, 0.0) + seconds}}
             if self.main:
                 checkpoint.save(self.checkpoint_dir, stage, epoch + 1, model, optimizer, state["seconds"],
                                 {k: v for k, v in state["models"].items() if k != stage},
-                                None if average is None else average.module)
+                                None if average is None else average.module, best)
             self.record(row)
             self.epochs_done += 1
             if self.out_of_time():
@@ -273,6 +277,19 @@ class Trainer:
                          f"{epoch + 1} of {epochs}; the checkpoint holds it")
                 break
         return state
+
+    def _select(self, stage: str, row: dict, validated: torch.nn.Module, best: dict | None) -> dict | None:
+        """The stage's best-validated weights after this epoch's ``row`` (``select_by``): ``validated``'s, copied,
+        when its number beats ``best``'s on the same held-out blocks; ``row`` gets the selected epoch."""
+        metric = self.cfg.select_by
+        if not metric or stage != "misalignment":
+            return best
+        value = row[metric] if row[metric] == row[metric] else -math.inf  # nan: a class neither held nor predicted
+        if best is None or best["judge"] != row["val_blocks"] or value > best["value"]:
+            best = {"epoch": row["epoch"], "metric": metric, "value": value, "judge": row["val_blocks"],
+                    "weights": {k: v.detach().clone() for k, v in validated.state_dict().items()}}
+        row["selected_epoch"] = best["epoch"]
+        return best
 
     def _average(self, stage: str, model: torch.nn.Module, state: dict) -> AveragedModel | None:
         """The running average of ``model``'s weights (``ema_decay``), resumed from the checkpoint where it holds
@@ -425,13 +442,25 @@ class Trainer:
         state = self.fit("misalignment", model, cfg.epochs, state)
         if not self.main:
             return {}
-        if "misalignment" in state["models"]:
+        selected = state.get("bests", {}).get("misalignment") if cfg.select_by else None
+        if selected is not None:
+            model.load_state_dict(selected["weights"])
+            self.log(f"exporting misalignment's epoch {selected['epoch']}: the best {selected['metric']} "
+                     f"({selected['value']:.4f}) on {selected['judge']} held-out blocks")
+        elif "misalignment" in state["models"]:
             model.load_state_dict(self.weights("misalignment", state))
         self.write_ledger()
-        return self.export(model, regnets, state)
+        return self.export(model, regnets, state, None if selected is None else selected["epoch"])
 
-    def export(self, model: MisalignmentNet, regnets: dict[int, RegNet], state: dict) -> dict[str, Path]:
-        last = {r["stage"]: r for r in read_history(self.history_path)}  # a stage's last attempt comes last
+    def export(self, model: MisalignmentNet, regnets: dict[int, RegNet], state: dict,
+               selected_epoch: int | None = None) -> dict[str, Path]:
+        """The models and their cards; ``model`` holds stage 2's weights of ``selected_epoch`` (None: its last)."""
+        rows = read_history(self.history_path)
+        last = {r["stage"]: r for r in rows}  # a stage's last attempt comes last
+        epochs_done = {stage: row["epoch"] for stage, row in last.items()}
+        if selected_epoch is not None:  # the card holds the numbers of the weights it ships
+            last["misalignment"] = next((r for r in rows if r["attempt"] == "misalignment" and r["epoch"] == selected_epoch),
+                                        last["misalignment"])
         training = {
             "images": [i.name for i in self.train_images],
             "validation_images": [i.name for i in self.val_images],
@@ -440,7 +469,8 @@ class Trainer:
             "class_balance": [0.6, 0.2, 0.2],
             "trainer_config": self.cfg.to_dict(),
             "seconds_per_stage": state["seconds"],
-            "epochs_done": {stage: row["epoch"] for stage, row in last.items()},
+            "epochs_done": epochs_done,
+            "selected": None if selected_epoch is None else {"epoch": selected_epoch, "by": self.cfg.select_by},
             "device": str(self.device) if self.world == 1 else f"{self.world} x {self.device.type} (DDP)",
             "torch": torch.__version__,
         }
@@ -460,8 +490,9 @@ class Trainer:
         return paths
 
 
-def parse_args(argv: list[str] | None) -> tuple[TrainConfig, bool, str | None]:
-    """The run's configuration, whether only to export (``--export``) and the stage to drop (``--drop-stage``)."""
+def parse_args(argv: list[str] | None) -> tuple[TrainConfig, bool, tuple[str, str] | None]:
+    """The run's configuration, whether only to export (``--export``) and the change to make to the checkpoint
+    instead of training: ``("drop", stage)`` (``--drop-stage``), ``("rewind", model path)`` (``--rewind-to``)."""
     parser = argparse.ArgumentParser(prog="regmis-train", description=__doc__.split("\n\n")[0])
     parser.add_argument("--config", help="TOML file with TrainConfig fields")
     parser.add_argument("--smoke", action="store_true", help="tiny run of every stage (CI; < 3 min on 2 CPU cores)")
@@ -477,17 +508,22 @@ def parse_args(argv: list[str] | None) -> tuple[TrainConfig, bool, str | None]:
     parser.add_argument("--drop-stage", choices=STAGES[1:], metavar="STAGE",
                         help="forget the checkpoint's last stage begun, so that --resume begins it again (e.g. from a "
                         "better start); its epochs stay in the history and the ledger")
+    parser.add_argument("--rewind-to", metavar="MODEL.pt",
+                        help="set stage 2's weights back to an earlier export of this run (e.g. a candidate whose "
+                        "later epochs drifted) and clear Adam's moments; --resume then trains on from it, its epoch "
+                        "count, history and ledger going on")
     args = parser.parse_args(argv)
     overrides = {k.replace("-", "_"): v for k, v in vars(args).items()
-                 if k not in ("config", "smoke", "set", "export", "drop_stage") and v not in (None, False)}
+                 if k not in ("config", "smoke", "set", "export", "drop_stage", "rewind_to") and v not in (None, False)}
     for item in args.set:
         key, _, value = item.partition("=")
         try:
             overrides[key] = json.loads(value)
         except json.JSONDecodeError:
             overrides[key] = value
-    if args.drop_stage and (args.export or args.resume):
-        parser.error("--drop-stage only changes the checkpoint: run it alone (with the run stopped), then --resume")
+    for flag, value in (("--drop-stage", args.drop_stage), ("--rewind-to", args.rewind_to)):
+        if value and (args.export or args.resume or (args.drop_stage and args.rewind_to)):
+            parser.error(f"{flag} only changes the checkpoint: run it alone (with the run stopped), then --resume")
     if args.export and not args.resume:
         parser.error("--export writes the models of an existing checkpoint: add --resume")
     if args.smoke:
@@ -496,19 +532,38 @@ def parse_args(argv: list[str] | None) -> tuple[TrainConfig, bool, str | None]:
         cfg = TrainConfig.from_toml(args.config, **overrides)
     else:
         cfg = TrainConfig(**overrides)
-    return cfg, args.export, args.drop_stage
+    edit = ("drop", args.drop_stage) if args.drop_stage else ("rewind", args.rewind_to) if args.rewind_to else None
+    return cfg, args.export, edit
+
+
+def edit_checkpoint(cfg: TrainConfig, action: str, target: str) -> None:
+    """``--drop-stage`` (``action`` "drop", ``target`` a stage) or ``--rewind-to`` ("rewind", an export of the
+    run's stage 2) on the run's checkpoint, recorded as an event row of its history."""
+    folder = Path(cfg.out) / "checkpoint"
+    if not checkpoint.exists(folder):
+        raise InputError(f"--{'drop-stage' if action == 'drop' else 'rewind-to'}: {folder} holds no checkpoint")
+    history = Path(cfg.out) / HISTORY_FILE
+    if action == "drop":
+        reached = checkpoint.drop_stage(folder, target, STAGES)
+        record_event(history, "drop", target, reached)
+        print(f"regmis-train: {target} dropped after its epoch {reached} from {folder}; --resume begins it again")
+        return
+    model = load_model(target, device="cpu")  # verified against its card
+    mismatch = [f"{key} {model.card.get(key)!r} vs {value!r}" for key, value in
+                (("decoder", cfg.decoder), ("split", cfg.split)) if model.card.get(key) != value]
+    if mismatch:
+        raise InputError(f"--rewind-to {target}: not a model of this run ({', '.join(mismatch)})")
+    reached = checkpoint.rewind(folder, "misalignment", model.module.state_dict())
+    record_event(history, "rewind", "misalignment", reached, to=str(target), sha256=model.card["sha256"][:12])
+    print(f"regmis-train: misalignment set back after its epoch {reached} to {target} ({model.card['sha256'][:12]}); "
+          "--resume trains on from it")
 
 
 def main(argv: list[str] | None = None) -> int:
     try:
-        cfg, export_only, drop = parse_args(argv)
-        if drop:
-            folder = Path(cfg.out) / "checkpoint"
-            if not checkpoint.exists(folder):
-                raise InputError(f"--drop-stage: {folder} holds no checkpoint")
-            reached = checkpoint.drop_stage(folder, drop, STAGES)
-            record_drop(Path(cfg.out) / HISTORY_FILE, drop, reached)
-            print(f"regmis-train: {drop} dropped after its epoch {reached} from {folder}; --resume begins it again")
+        cfg, export_only, edit = parse_args(argv)
+        if edit:
+            edit_checkpoint(cfg, *edit)
             return 0
         Trainer(cfg).run(export_only)
     except InputError as exc:
