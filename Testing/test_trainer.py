@@ -173,7 +173,7 @@ def test_smoke_run_writes_models_curves_and_history(smoke_runs):
         assert not any(k.startswith("val_shipped_") for r in rows for k in r)
         return
     shipped_sha = json.loads(card.read_text(encoding="utf-8"))["sha256"][:12]
-    reference = [(r["val_shipped_sha256"], r["val_shipped_kappa"], r["val_shipped_f1"]) for r in rows[3:]]
+    reference = [(r["val_shipped_sha256"], r["val_shipped_kappa"], r["val_shipped_f1"], r["val_shipped_cw"]) for r in rows[3:]]
     assert reference[0] == reference[1] and reference[0][0] == shipped_sha and -1 <= reference[0][1] <= 1
     assert f"the shipped model ({shipped_sha}) on the same blocks: kappa" in ledger
     exported = json.loads((straight / "smoke_lstm_631.json").read_text(encoding="utf-8"))

@@ -34,14 +34,15 @@ def totals(rows: list[dict]) -> dict:
 def _validation(row: dict) -> str:
     if "val_mean_f1" in row:
         text = (f"mean F1 {100 * row['val_mean_f1']:.1f} %, kappa {row['val_kappa']:.3f}, "
-                f"F1 c/p/w {' / '.join(f'{100 * f:.1f}' for f in row['val_f1'])} %")
+                f"F1 c/p/w {' / '.join(f'{100 * f:.1f}' for f in row['val_f1'])} %, cw {row['val_cw']} voxels")
         if "val_live_kappa" in row:  # the numbers above are the weights' running average (ema_decay)
             text += f" (weights averaged; the last step's own: kappa {row['val_live_kappa']:.3f})"
         if "val_shipped_kappa" in row:
             # per-class F1, not the mean: a class neither predicts nor holds is left out of a mean F1 (nan)
             text += (f"; the shipped model ({row['val_shipped_sha256']}) on the same blocks: kappa "
                      f"{row['val_shipped_kappa']:.3f}, F1 c/p/w "
-                     f"{' / '.join(f'{100 * f:.1f}' for f in row['val_shipped_f1'])} %")
+                     f"{' / '.join(f'{100 * f:.1f}' for f in row['val_shipped_f1'])} %"
+                     + (f", cw {row['val_shipped_cw']} voxels" if "val_shipped_cw" in row else ""))
         if "val_blocks" in row:  # older rows do not say (the canonical run's before its epoch 34: 6 uniform blocks)
             text += (f"; judged on {row['val_blocks']} blocks of "
                      f"{' / '.join(f'{100 * s:.0f}' for s in row['val_truth_share'])} % c/p/w")

@@ -403,7 +403,7 @@ class Trainer:
                      f"{margins[1]}: stage 2 is validated without the shipped model's reference")
             return {}
         report = self._class_report(shipped.module.probabilities)
-        return {"val_shipped_mean_f1": report.mean_f1, "val_shipped_kappa": report.kappa,
+        return {"val_shipped_mean_f1": report.mean_f1, "val_shipped_kappa": report.kappa, "val_shipped_cw": report.cw,
                 "val_shipped_f1": list(report.f1), "val_shipped_sha256": shipped.card["sha256"][:12]}
 
     def record(self, row: dict) -> None:
