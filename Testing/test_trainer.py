@@ -401,48 +401,65 @@ def test_stage2_can_start_from_the_shipped_model(tmp_path):
         TrainConfig(accumulate=0)
 
 
-def test_select_by_exports_the_best_validated_epoch_and_keeps_it_in_the_checkpoint(smoke_runs, tmp_path):
+def test_select_by_exports_the_best_validated_epoch_and_keeps_it_across_a_resume(smoke_runs, tmp_path):
     import shutil
 
     straight, _ = smoke_runs
     out = tmp_path / "selected"
     shutil.copytree(straight, out)
-    assert main(["--smoke", "--out", str(out), "--epochs", "4", "--resume", "--set", "ema_decay=0.5",
-                 "--set", "select_by=val_mean_f1"]) == 0
+    selecting = ["--set", "ema_decay=0.5", "--set", "select_by=val_mean_f1"]
+    assert main(["--smoke", "--out", str(out), "--epochs", "3", "--resume", *selecting]) == 0
+    assert main(["--smoke", "--out", str(out), "--epochs", "4", "--resume", *selecting]) == 0  # the best comes back
     rows = [r for r in read_history(out / "history.jsonl") if r["stage"] == "misalignment"]
-    selecting = rows[2:]  # epochs 3 and 4 ran with select_by
-    scores = [r["val_mean_f1"] if r["val_mean_f1"] == r["val_mean_f1"] else -1 for r in selecting]
-    best_row = selecting[int(np.argmax(scores))]
-    assert [r["selected_epoch"] for r in selecting] == [3, best_row["epoch"]] and "selected_epoch" not in rows[1]
+    scores = [r["val_mean_f1"] if r["val_mean_f1"] == r["val_mean_f1"] else -1 for r in rows[2:]]
+    best_row = rows[2 + int(scores[1] > scores[0])]  # epochs 3 and 4 ran with select_by; a tie keeps epoch 3
+    assert [(r["selected_epoch"], r["selected_since"]) for r in rows[2:]] == [(3, 3), (best_row["epoch"], 3)]
+    assert "selected_epoch" not in rows[1]
     best = checkpoint.load(out / "checkpoint")["bests"]["misalignment"]
-    assert (best["epoch"], best["metric"], best["judge"]) == (best_row["epoch"], "val_mean_f1", best_row["val_blocks"])
+    assert (best["epoch"], best["metric"], best["judge"]) == (best_row["epoch"], "val_mean_f1", best_row["val_judge"])
     exported = load_model(out / "smoke_lstm_631.pt")
     weights = exported.module.state_dict()
     assert all(torch.equal(weights[k], v) for k, v in best["weights"].items())
-    assert exported.card["training"]["selected"] == {"epoch": best_row["epoch"], "by": "val_mean_f1"}
+    assert exported.card["training"]["selected"]["epoch"] == best_row["epoch"]
+    assert exported.card["training"]["selected"]["since"] == 3
     assert exported.card["training"]["epochs_done"]["misalignment"] == 4
     assert exported.card["metrics"]["validation_patches"]["val_kappa"] == best_row["val_kappa"]
-    assert f"misalignment's export: epoch {best_row['epoch']}, the best-validated" in (out / "ledger.md").read_text("utf-8")
-    # a drop forgets the attempt's best
+    assert "selected" not in load_model(out / "regmis_regnet_t.pt").card["training"]
+    ledger = (out / "ledger.md").read_text(encoding="utf-8")
+    assert f"misalignment's export: epoch {best_row['epoch']}, the best-validated since epoch 3" in ledger
+    # a best written by an epoch that did not finish is not taken up
+    ahead = {**best, "epoch": 5}
+    torch.save(ahead, out / "checkpoint" / "misalignment.best.pt")
+    assert "misalignment" not in checkpoint.load(out / "checkpoint")["bests"]
+    # a drop forgets the attempt's best; a fresh start in the folder clears the old checkpoint
     assert main(["--smoke", "--out", str(out), "--drop-stage", "misalignment"]) == 0
     assert not (out / "checkpoint" / "misalignment.best.pt").exists()
-    with pytest.raises(ValueError, match="select_by"):
-        TrainConfig(select_by="val_loss")
+    Trainer(TrainConfig.smoke(out=str(out))).load_checkpoint()
+    assert not checkpoint.exists(out / "checkpoint") and not list((out / "checkpoint").glob("*.pt"))
+    assert main(["--smoke", "--out", str(out), "--set", "select_by=val_loss"]) == 2
 
 
-def test_selection_starts_anew_when_the_judge_changes(tmp_path):
+def test_selection_keeps_the_best_and_starts_anew_when_the_judge_or_metric_changes(tmp_path):
     trainer = Trainer(TrainConfig.smoke(out=str(tmp_path), select_by="val_kappa"))
     model = torch.nn.Linear(2, 1)
-    first = trainer._select("misalignment", {"epoch": 1, "val_kappa": 0.5, "val_blocks": "6 x uniform"}, model, None)
-    worse = {"epoch": 2, "val_kappa": 0.4, "val_blocks": "6 x uniform"}
+
+    def row(epoch, kappa, judge="a", **more):
+        return {"epoch": epoch, "val_kappa": kappa, "val_blocks": "6 x uniform", "val_judge": judge, **more}
+
+    first = trainer._select("misalignment", row(1, 0.5), model, None)
+    worse = row(2, 0.4)
     assert trainer._select("misalignment", worse, model, first) is first and worse["selected_epoch"] == 1
-    nan = {"epoch": 3, "val_kappa": float("nan"), "val_blocks": "6 x uniform"}
-    assert trainer._select("misalignment", nan, model, first) is first
-    judged_anew = {"epoch": 4, "val_kappa": 0.1, "val_blocks": "12 x class, stratified"}
-    assert trainer._select("misalignment", judged_anew, model, first)["epoch"] == 4  # 0.1 vs 0.5 does not compare
+    assert trainer._select("misalignment", row(3, float("nan")), model, first) is first
+    kept = {k: v.clone() for k, v in model.state_dict().items()}
+    better = trainer._select("misalignment", row(4, 0.6), model, first)
+    assert (better["epoch"], better["since"], better["value"]) == (4, 1, 0.6)
+    with torch.no_grad():
+        model.weight.add_(1.0)  # training goes on: the best is a copy
+    assert all(torch.equal(better["weights"][k], v) for k, v in kept.items())
+    assert trainer._select("misalignment", row(5, 0.1, judge="b"), model, better)["since"] == 5  # other blocks
+    trainer.cfg.select_by = "val_mean_f1"
+    assert trainer._select("misalignment", row(6, 0.0, val_mean_f1=0.2), model, better)["since"] == 6  # other metric
     assert trainer._select("regnet1", {"epoch": 1}, model, None) is None  # stage 1 is not selected
-
-
 def test_rewind_sets_stage_2_back_to_an_earlier_export_and_training_goes_on(smoke_runs, tmp_path, capsys):
     import shutil
 
@@ -456,15 +473,19 @@ def test_rewind_sets_stage_2_back_to_an_earlier_export_and_training_goes_on(smok
     assert main(["--smoke", "--out", str(out), "--epochs", "3", "--resume", "--set", "ema_decay=0.5"]) == 0
     with pytest.raises(SystemExit):
         main(["--smoke", "--out", str(out), "--rewind-to", str(earlier / "smoke_lstm_631.pt"), "--resume"])
-    other_split = ["--smoke", "--out", str(out), "--split", "3-3-3", "--rewind-to", str(earlier / "smoke_lstm_631.pt")]
-    assert main(other_split) == 2 and "not a model of this run (split '6-3-1' vs '3-3-3')" in capsys.readouterr().err
+    other_split = ["--smoke", "--out", str(out), "--split", "6-3-3", "--rewind-to", str(earlier / "smoke_lstm_631.pt")]
+    assert main(other_split) == 2 and "not a model of this run (split '6-3-1' vs '6-3-3')" in capsys.readouterr().err
     assert main(["--smoke", "--out", str(out), "--rewind-to", str(earlier / "smoke_lstm_631.pt")]) == 0
     state = checkpoint.load(out / "checkpoint")
     export = torch.jit.load(str(earlier / "smoke_lstm_631.pt"), map_location="cpu").state_dict()
     assert state["epoch"] == 3 and state["optimizer"]["state"] == {}
     for weights in (state["models"]["misalignment"], state["averages"]["misalignment"]):
         assert all(torch.equal(v, export[k]) for k, v in weights.items())
+    assert main(["--smoke", "--out", str(out), "--resume", "--export"]) == 0  # set back, not yet validated:
+    card = load_model(out / "smoke_lstm_631.pt").card                           # the card gives no numbers
+    assert card["metrics"]["validation_patches"] == {} and card["training"]["rewound"][-1]["epoch"] == 3
     assert main(["--smoke", "--out", str(out), "--epochs", "4", "--resume", "--set", "ema_decay=0.5"]) == 0
+    assert load_model(out / "smoke_lstm_631.pt").card["metrics"]["validation_patches"]["val_kappa"] is not None
     rows = read_history(out / "history.jsonl")
     assert [r["epoch"] for r in rows if r["stage"] == "misalignment"] == [1, 2, 3, 4]  # the count goes on
     ledger = (out / "ledger.md").read_text(encoding="utf-8")

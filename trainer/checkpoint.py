@@ -55,15 +55,14 @@ def save(folder: Path, stage: str, epoch: int, model: torch.nn.Module, optimizer
     """Write ``stage``'s file and then ``state.json`` (each atomically: a stopped run leaves the last
     complete checkpoint). ``finished`` stages (weights only, e.g. RegNets reused from another run) are
     written once, when their file is missing; ``average``: the weights' running average (float32);
-    ``best``: the stage's best-validated weights (``{"epoch", "metric", "value", "judge", "weights"}``),
-    written when its epoch is this one."""
+    ``best``: the stage's best-validated weights on the CPU (``{"epoch", "metric", "value", "judge", "blocks",
+    "since", "weights"}``), written when its epoch is this one."""
     folder.mkdir(parents=True, exist_ok=True)
     for name, weights in (finished or {}).items():
         if not (folder / f"{name}.pt").exists():
             torch.save({"epoch": None, "model": weights, "optimizer": None}, folder / f"{name}.pt")
     if best is not None and best["epoch"] == epoch:  # first, so that state.json never names an epoch it lacks
-        _save_atomic({**best, "weights": {k: v.detach().cpu().clone() for k, v in best["weights"].items()}},
-                     folder / f"{stage}{BEST_SUFFIX}")
+        _save_atomic(best, folder / f"{stage}{BEST_SUFFIX}")
     payload = {"epoch": epoch, "model": _cpu_copy(model), "optimizer": round_moments(optimizer.state_dict()),
                "average": None if average is None else _cpu_copy(average)}
     _save_atomic(payload, folder / f"{stage}.pt")
@@ -98,7 +97,10 @@ def load(folder: Path) -> dict:
                            f"--drop-stage cut short?): run regmis-train --drop-stage {state['stage']} again")
     models, averages, bests, optimizer = {}, {}, {}, None
     for path in sorted(folder.glob(f"*{BEST_SUFFIX}")):
-        bests[path.name.removesuffix(BEST_SUFFIX)] = torch.load(path, map_location="cpu", weights_only=True)
+        best = torch.load(path, map_location="cpu", weights_only=True)
+        stage = path.name.removesuffix(BEST_SUFFIX)
+        if not (stage == state["stage"] and best["epoch"] > state["epoch"]):  # written by an epoch that did not finish
+            bests[stage] = best
     for path in sorted(p for p in folder.glob("*.pt") if not p.name.endswith(BEST_SUFFIX)):
         payload = torch.load(path, map_location="cpu", weights_only=True)
         models[path.stem] = payload["model"]
@@ -158,6 +160,13 @@ def rewind(folder: Path, stage: str, weights: dict[str, torch.Tensor]) -> int:
     payload["optimizer"] = {"state": {}, "param_groups": payload["optimizer"]["param_groups"]}
     _save_atomic(payload, path)
     return state["epoch"]
+
+
+def clear(folder: Path) -> None:
+    """Remove a checkpoint's files (a run started afresh in its folder), ``state.json`` first."""
+    (folder / "state.json").unlink(missing_ok=True)
+    for path in folder.glob("*.pt*"):
+        path.unlink()
 
 
 def exists(folder: Path) -> bool:

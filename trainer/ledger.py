@@ -73,16 +73,16 @@ def write_ledger(history_path: Path, out: Path) -> Path:
     for stage, entry in summary["stages"].items():
         lines.append(f"| {stage} | {entry['epochs']} | {entry['samples']} | {entry['hours']:.2f} | "
                      f"{_validation(entry['last'])} |")
-    for event in read_events(history_path):
-        if event["event"] == "rewind":
-            lines.append(f"- {event['stage']} set back after its epoch {event['epoch']} to `{event['to']}` "
-                         f"({event['sha256']}), Adam's moments cleared; its epochs count on (`--rewind-to`)")
+    notes = [f"- {event['stage']} set back after its epoch {event['epoch']} to `{event['to']}` ({event['sha256']}), "
+             "Adam's moments cleared; its epochs count on (`--rewind-to`)"
+             for event in read_events(history_path) if event["event"] == "rewind"]
     last = summary["stages"].get("misalignment", {}).get("last", {})
     if "selected_epoch" in last:
-        selected = next(r for r in rows if r["attempt"] == "misalignment" and r["epoch"] == last["selected_epoch"])
-        lines.append(f"- misalignment's export: epoch {selected['epoch']}, the best-validated so far "
-                     f"(`select_by`): {_validation(selected)}")
-    lines += ["", "![curves](curves.png)", ""]
+        selected = next((r for r in rows if r["attempt"] == "misalignment" and r["epoch"] == last["selected_epoch"]), None)
+        notes.append(f"- misalignment's export: epoch {last['selected_epoch']}, the best-validated since epoch "
+                     f"{last.get('selected_since', '?')} (`select_by`): "
+                     + (_validation(selected) if selected else "(no history row of it)"))
+    lines += [*([""] + notes if notes else []), "", "![curves](curves.png)", ""]
     path = out / "ledger.md"
     path.write_text("\n".join(lines), encoding="utf-8")
     plot_curves(history_path, out / "curves.png")

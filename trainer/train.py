@@ -10,6 +10,7 @@ a caudal slab of every real image and phantoms of other seeds. Runs under ``torc
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import math
 import os
@@ -37,7 +38,7 @@ from RegistrationMisalignmentLib.weights import load_model
 from trainer.data import load_images
 from trainer.dataset import BlockSampler, build_pool, class_shares, weighted_cross_entropy, weighted_huber
 from trainer.export import export_misalignment, export_regnet_t
-from trainer.history import HISTORY_FILE, read_history, record_event
+from trainer.history import HISTORY_FILE, read_events, read_history, record_event
 from trainer.ledger import write_ledger
 
 LIVE_KEYS = ("val_mean_f1", "val_kappa", "val_f1", "val_endpoint_error_mm")
@@ -124,6 +125,9 @@ class Trainer:
         self.val_batch = val_sampler.batch(cfg.val_patches, stratified=True)
         inside = self.val_batch.weights.numpy() > 0
         self.val_truth_share = class_shares(self.val_batch.final_labels.numpy()[inside]).tolist()
+        self.val_judge = hashlib.sha256(self.val_batch.final_labels.numpy().tobytes()
+                                        + inside.tobytes()).hexdigest()[:12]
+        """Fingerprint of the held-out blocks' truth and body: numbers compare only under the same one."""
         """Share of correct / poor / wrong among the held-out blocks' body voxels (the judge's class mix)."""
         if cfg.val_centre_sampling != "uniform":  # stage 1 is always judged on uniform blocks with class weights
             val_sampler = BlockSampler(val_pool, self.config, np.random.default_rng(cfg.seed + 100_001), cfg.block_input)
@@ -170,6 +174,9 @@ class Trainer:
             return state
         if self.main and self.history_path.exists():
             self.history_path.unlink()
+        if self.main and checkpoint.exists(self.checkpoint_dir):  # else a later --resume mixes in its files
+            checkpoint.clear(self.checkpoint_dir)
+            self.log(f"starting afresh: the old checkpoint in {self.checkpoint_dir} is cleared (--resume continues it)")
         if self.cfg.pretrained:
             earlier = checkpoint.load(Path(self.cfg.pretrained)) if checkpoint.exists(Path(self.cfg.pretrained)) else {}
             regnets = {k: self.weights(k, earlier) for k in earlier.get("models", {}) if k in REGNET_STAGES.values()}
@@ -279,16 +286,19 @@ class Trainer:
         return state
 
     def _select(self, stage: str, row: dict, validated: torch.nn.Module, best: dict | None) -> dict | None:
-        """The stage's best-validated weights after this epoch's ``row`` (``select_by``): ``validated``'s, copied,
-        when its number beats ``best``'s on the same held-out blocks; ``row`` gets the selected epoch."""
+        """The stage's best-validated weights after this epoch's ``row`` (``select_by``): ``validated``'s, copied to
+        the CPU, when its number beats ``best``'s on the same held-out blocks (``val_judge``) and metric; a new
+        count starts (``since`` this epoch) where either changed. ``row`` gets the selected epoch."""
         metric = self.cfg.select_by
         if not metric or stage != "misalignment":
             return best
         value = row[metric] if row[metric] == row[metric] else -math.inf  # nan: a class neither held nor predicted
-        if best is None or best["judge"] != row["val_blocks"] or value > best["value"]:
-            best = {"epoch": row["epoch"], "metric": metric, "value": value, "judge": row["val_blocks"],
-                    "weights": {k: v.detach().clone() for k, v in validated.state_dict().items()}}
-        row["selected_epoch"] = best["epoch"]
+        anew = best is None or (best["judge"], best["metric"]) != (row["val_judge"], metric)
+        if anew or value > best["value"]:
+            best = {"epoch": row["epoch"], "metric": metric, "value": value, "judge": row["val_judge"],
+                    "blocks": row["val_blocks"], "since": row["epoch"] if anew else best["since"],
+                    "weights": {k: v.detach().cpu().clone() for k, v in validated.state_dict().items()}}
+        row["selected_epoch"], row["selected_since"] = best["epoch"], best["since"]
         return best
 
     def _average(self, stage: str, model: torch.nn.Module, state: dict) -> AveragedModel | None:
@@ -357,7 +367,7 @@ class Trainer:
                    "val_cw": report.cw, "val_f1": list(report.f1), "val_n": report.n,
                    "val_blocks": f"{len(self.val_batch.final_labels)} x {self.cfg.val_centre_sampling}"
                                  + (", stratified" if self.cfg.val_centre_sampling == "class" else ""),
-                   "val_truth_share": self.val_truth_share}
+                   "val_truth_share": self.val_truth_share, "val_judge": self.val_judge}
             return row | self._shipped_reference()
         scale = int(stage.removeprefix("regnet"))
         x, y, weights = self.val_regnet[scale]
@@ -446,21 +456,29 @@ class Trainer:
         if selected is not None:
             model.load_state_dict(selected["weights"])
             self.log(f"exporting misalignment's epoch {selected['epoch']}: the best {selected['metric']} "
-                     f"({selected['value']:.4f}) on {selected['judge']} held-out blocks")
+                     f"({selected['value']:.4f}) since epoch {selected['since']} on {selected['blocks']} held-out blocks")
         elif "misalignment" in state["models"]:
             model.load_state_dict(self.weights("misalignment", state))
+            if cfg.select_by:
+                self.log(f"select_by = {cfg.select_by!r} but no epoch has been selected yet: exporting the last weights")
         self.write_ledger()
-        return self.export(model, regnets, state, None if selected is None else selected["epoch"])
+        return self.export(model, regnets, state, selected)
 
     def export(self, model: MisalignmentNet, regnets: dict[int, RegNet], state: dict,
-               selected_epoch: int | None = None) -> dict[str, Path]:
-        """The models and their cards; ``model`` holds stage 2's weights of ``selected_epoch`` (None: its last)."""
+               selected: dict | None = None) -> dict[str, Path]:
+        """The models and their cards; ``model`` holds stage 2's ``selected`` weights (None: its last). The card
+        holds the validation numbers of the weights it ships, none where the history has no row of them."""
         rows = read_history(self.history_path)
         last = {r["stage"]: r for r in rows}  # a stage's last attempt comes last
         epochs_done = {stage: row["epoch"] for stage, row in last.items()}
-        if selected_epoch is not None:  # the card holds the numbers of the weights it ships
-            last["misalignment"] = next((r for r in rows if r["attempt"] == "misalignment" and r["epoch"] == selected_epoch),
-                                        last["misalignment"])
+        shipped_row = last.get("misalignment", {})
+        rewinds = [e for e in read_events(self.history_path) if e["event"] == "rewind" and e["stage"] == "misalignment"]
+        if selected is not None:
+            shipped_row = next((r for r in rows if r["attempt"] == "misalignment" and r["epoch"] == selected["epoch"]), {})
+        elif rewinds and rewinds[-1]["epoch"] >= shipped_row.get("epoch", 0):  # set back, not yet validated
+            shipped_row = {}
+        if "misalignment" in state["models"] and not shipped_row:
+            self.log("no validation row of the exported stage-2 weights in the history: the card gives no numbers")
         training = {
             "images": [i.name for i in self.train_images],
             "validation_images": [i.name for i in self.val_images],
@@ -470,17 +488,21 @@ class Trainer:
             "trainer_config": self.cfg.to_dict(),
             "seconds_per_stage": state["seconds"],
             "epochs_done": epochs_done,
-            "selected": None if selected_epoch is None else {"epoch": selected_epoch, "by": self.cfg.select_by},
+
             "device": str(self.device) if self.world == 1 else f"{self.world} x {self.device.type} (DDP)",
             "torch": torch.__version__,
         }
-        val = {k: v for k, v in last.get("misalignment", {}).items()
+        val = {k: v for k, v in shipped_row.items()
                if k.startswith("val_") and not k.startswith("val_shipped_")}  # the card holds this model's numbers
         val_regnet = {s: {k: v for k, v in last.get(s, {}).items() if k.startswith("val_")} for s in REGNET_STAGES.values()}
         paths = {"ledger": self.out / "ledger.md", "curves": self.out / "curves.png"}  # written by write_ledger
         if "misalignment" in state["models"]:
-            paths["model"] = export_misalignment(model.cpu(), self.config, self.out / f"{self.cfg.name}.pt", training,
-                                                 {"validation_patches": val})
+            choice = {"selected": None if not self.cfg.select_by else
+                      {"by": self.cfg.select_by, "epoch": None} if selected is None else
+                      {k: selected[k] for k in ("epoch", "metric", "value", "since", "blocks")},
+                      "rewound": rewinds}
+            paths["model"] = export_misalignment(model.cpu(), self.config, self.out / f"{self.cfg.name}.pt",
+                                                 {**training, **choice}, {"validation_patches": val})
         if all(stage in state["models"] for stage in REGNET_STAGES.values()):
             paths["regnet-t"] = export_regnet_t({s: r.cpu() for s, r in regnets.items()}, self.config,
                                                 self.out / "regmis_regnet_t.pt", training,
@@ -549,8 +571,11 @@ def edit_checkpoint(cfg: TrainConfig, action: str, target: str) -> None:
         print(f"regmis-train: {target} dropped after its epoch {reached} from {folder}; --resume begins it again")
         return
     model = load_model(target, device="cpu")  # verified against its card
-    mismatch = [f"{key} {model.card.get(key)!r} vs {value!r}" for key, value in
-                (("decoder", cfg.decoder), ("split", cfg.split)) if model.card.get(key) != value]
+    ours = MisalignmentConfig(split=cfg.split).to_dict()
+    theirs = model.config.to_dict()
+    mismatch = [f"{key} {theirs.get(key)!r} vs {value!r}" for key, value in ours.items() if theirs.get(key) != value]
+    if model.card.get("decoder") != cfg.decoder:
+        mismatch.insert(0, f"decoder {model.card.get('decoder')!r} vs {cfg.decoder!r}")
     if mismatch:
         raise InputError(f"--rewind-to {target}: not a model of this run ({', '.join(mismatch)})")
     reached = checkpoint.rewind(folder, "misalignment", model.module.state_dict())
@@ -566,7 +591,7 @@ def main(argv: list[str] | None = None) -> int:
             edit_checkpoint(cfg, *edit)
             return 0
         Trainer(cfg).run(export_only)
-    except InputError as exc:
+    except (InputError, ValueError) as exc:  # ValueError: a setting out of range (TrainConfig, MisalignmentConfig)
         print(f"regmis-train: {exc}", file=sys.stderr)
         return 2
     return 0
