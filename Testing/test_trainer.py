@@ -20,7 +20,7 @@ from RegistrationMisalignmentLib.synthetic.dvf import DVFSettings
 from RegistrationMisalignmentLib.networks.regnet import RegNet
 from RegistrationMisalignmentLib.networks.model import MisalignmentNet
 from RegistrationMisalignmentLib.errors import InputError
-from trainer.history import read_history, record_event
+from trainer.history import read_events, read_history, record_event, rewind_label
 from trainer.train import Trainer, main
 
 
@@ -427,6 +427,12 @@ def test_select_by_exports_the_best_validated_epoch_and_keeps_it_across_a_resume
     assert "selected" not in load_model(out / "regmis_regnet_t.pt").card["training"]
     ledger = (out / "ledger.md").read_text(encoding="utf-8")
     assert f"misalignment's export: epoch {best_row['epoch']}, the best-validated since epoch 3" in ledger
+    # stage 2 can be set back to it
+    assert main(["--smoke", "--out", str(out), "--rewind-to", "best"]) == 0
+    assert all(torch.equal(v, best["weights"][k]) for k, v in checkpoint.load(out / "checkpoint")["models"]["misalignment"].items())
+    event = read_events(out / "history.jsonl")[-1]
+    assert event["to"] == f"its best val_mean_f1 weights, epoch {best_row['epoch']}"
+    assert rewind_label(event) == f"epoch {best_row['epoch']}"
     # a best written by an epoch that did not finish is not taken up
     ahead = {**best, "epoch": 5}
     torch.save(ahead, out / "checkpoint" / "misalignment.best.pt")
@@ -490,7 +496,9 @@ def test_rewind_sets_stage_2_back_to_an_earlier_export_and_training_goes_on(smok
     assert [r["epoch"] for r in rows if r["stage"] == "misalignment"] == [1, 2, 3, 4]  # the count goes on
     ledger = (out / "ledger.md").read_text(encoding="utf-8")
     sha = load_model(earlier / "smoke_lstm_631.pt").card["sha256"][:12]
-    assert f"misalignment set back after its epoch 3 to `{earlier / 'smoke_lstm_631.pt'}` ({sha})" in ledger
+    assert f"misalignment set back after its epoch 3 to {earlier / 'smoke_lstm_631.pt'} ({sha})" in ledger
+    assert rewind_label(read_events(out / "history.jsonl")[-1]) == sha
+    assert main(["--smoke", "--out", str(out), "--rewind-to", "best"]) == 2  # nothing selected in this run
     assert "| misalignment | 4 | 10 |" in ledger  # 8 + 1 + 1 blocks: the rewound epochs still count
     with pytest.raises(InputError, match="do not fit"):
         checkpoint.rewind(out / "checkpoint", "misalignment", {"x": torch.zeros(1)})

@@ -88,6 +88,10 @@ class TrainConfig:
     """How training blocks are placed (``trainer.dataset``): "uniform" body centres with per-voxel class weights
     (60/20/20 of the loss), or "class": the centre's class drawn 60/20/20 as the paper draws its patches, every
     body voxel weighted the same."""
+    class_balance: tuple[float, float, float] = (0.6, 0.2, 0.2)
+    """Share of the training loss (``"uniform"`` centres) or of the block centres (``"class"``) given to correct /
+    poor / wrong: the paper's 60/20/20. Validation blocks keep 60/20/20 whatever this is, so that the judge
+    stays the same."""
     val_pairs: int = 4
     val_patches: int = 24
     val_centre_sampling: str = "uniform"
@@ -121,6 +125,9 @@ class TrainConfig:
             raise ValueError(f"misalignment_init {self.misalignment_init!r}: give one of {', '.join(MISALIGNMENT_INITS)}")
         if not 0.0 <= self.ema_decay < 1.0:
             raise ValueError(f"ema_decay {self.ema_decay}: give 0 (no average) or a decay in (0, 1), e.g. 0.95")
+        if len(self.class_balance) != 3 or min(self.class_balance) <= 0 or abs(sum(self.class_balance) - 1) > 1e-6:
+            raise ValueError(f"class_balance {self.class_balance!r}: give three positive shares of correct / poor / wrong "
+                             "that add up to 1, e.g. [0.6, 0.2, 0.2]")
         if self.select_by not in SELECT_BY:
             raise ValueError(f"select_by {self.select_by!r}: give one of {', '.join(map(repr, SELECT_BY))}")
         if self.accumulate < 1:

@@ -12,7 +12,7 @@ from RegistrationMisalignmentLib.networks.model import MisalignmentNet, RegNetT
 from RegistrationMisalignmentLib.networks.regnet import RegNet
 from RegistrationMisalignmentLib.preprocess import block_geometry
 from RegistrationMisalignmentLib.weights import load_model, save_model
-from trainer.history import read_events, read_history
+from trainer.history import read_events, read_history, rewind_label
 
 ARCHITECTURE = {
     "lstm": "3 RegNet Uadv encoders (x4, x2, x1; 101^3 -> 25^3 features) + hierarchical conv-LSTM decoder",
@@ -120,7 +120,7 @@ def plot_curves(history_path: Path, png_path: Path) -> Path:
             for event in read_events(history_path):  # the weights went back to an earlier model here
                 if event["event"] == "rewind" and event["stage"] == stage:
                     axes[2].axvline(event["epoch"] + 0.5, color="black", lw=0.8, ls="--")
-                    axes[2].text(event["epoch"] + 0.5, 1, f" set back to {event['sha256']}", rotation=90, fontsize=7,
+                    axes[2].text(event["epoch"] + 0.5, 1, f" set back to {rewind_label(event)}", rotation=90, fontsize=7,
                                  va="bottom")
             shipped = [(r["epoch"], 100 * r["val_shipped_kappa"]) for r in rs if "val_shipped_kappa" in r]
             if shipped:  # rows before the reference was measured have none

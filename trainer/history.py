@@ -46,3 +46,10 @@ def record_event(history_path: Path, event: str, stage: str, epoch: int, **detai
     ``stage`` after ``epoch`` to the model that ``details`` name."""
     with open(history_path, "a", encoding="utf-8") as f:
         f.write(json.dumps({"event": event, "stage": stage, "epoch": epoch, **details}) + "\n")
+
+
+def rewind_label(event: dict) -> str:
+    """A rewind row's model in a few characters: its export's hash, or the epoch of the run's own best weights."""
+    if "sha256" in event:  # rows before "--rewind-to best" existed
+        return event["sha256"]
+    return event["to"].rsplit(" ", 1)[-1].strip("()") if event["to"].endswith(")") else event["to"].split(", ")[-1]

@@ -59,6 +59,11 @@ def _validation(row: dict) -> str:
     return ""
 
 
+def _model(event: dict) -> str:
+    """What a rewind row set the weights to (rows before "best" existed give the export's path and hash apart)."""
+    return f"`{event['to']}` ({event['sha256']})" if "sha256" in event else event["to"]
+
+
 def write_ledger(history_path: Path, out: Path) -> Path:
     """``ledger.md`` and ``curves.png`` beside the history; returns the ledger's path."""
     rows = read_history(history_path)
@@ -73,8 +78,8 @@ def write_ledger(history_path: Path, out: Path) -> Path:
     for stage, entry in summary["stages"].items():
         lines.append(f"| {stage} | {entry['epochs']} | {entry['samples']} | {entry['hours']:.2f} | "
                      f"{_validation(entry['last'])} |")
-    notes = [f"- {event['stage']} set back after its epoch {event['epoch']} to `{event['to']}` ({event['sha256']}), "
-             "Adam's moments cleared; its epochs count on (`--rewind-to`)"
+    notes = [f"- {event['stage']} set back after its epoch {event['epoch']} to {_model(event)}, Adam's moments cleared; "
+             "its epochs count on (`--rewind-to`)"
              for event in read_events(history_path) if event["event"] == "rewind"]
     last = summary["stages"].get("misalignment", {}).get("last", {})
     if "selected_epoch" in last:

@@ -195,7 +195,7 @@ class Trainer:
         device = self.device if self.cfg.pool_on_device else "cpu"
         pool = build_pool(self.train_images, self.cfg.pool_pairs, pool_seed, self.config, self.settings, device)
         return BlockSampler(pool, self.config, np.random.default_rng(seed), self.cfg.block_input,
-                            centres=self.cfg.centre_sampling)
+                            tuple(self.cfg.class_balance), centres=self.cfg.centre_sampling)
 
     def _wrap(self, model: torch.nn.Module) -> torch.nn.Module:
         if self.world > 1:
@@ -484,7 +484,7 @@ class Trainer:
             "validation_images": [i.name for i in self.val_images],
             "dvf_kinds": ["single", "mixed", "respiratory", "identity"],
             "dvf_settings": self.settings.__dict__,
-            "class_balance": [0.6, 0.2, 0.2],
+            "class_balance": list(self.cfg.class_balance),
             "trainer_config": self.cfg.to_dict(),
             "seconds_per_stage": state["seconds"],
             "epochs_done": epochs_done,
@@ -530,10 +530,11 @@ def parse_args(argv: list[str] | None) -> tuple[TrainConfig, bool, tuple[str, st
     parser.add_argument("--drop-stage", choices=STAGES[1:], metavar="STAGE",
                         help="forget the checkpoint's last stage begun, so that --resume begins it again (e.g. from a "
                         "better start); its epochs stay in the history and the ledger")
-    parser.add_argument("--rewind-to", metavar="MODEL.pt",
+    parser.add_argument("--rewind-to", metavar="MODEL.pt|best",
                         help="set stage 2's weights back to an earlier export of this run (e.g. a candidate whose "
-                        "later epochs drifted) and clear Adam's moments; --resume then trains on from it, its epoch "
-                        "count, history and ledger going on")
+                        "later epochs drifted), or to the checkpoint's best-validated ones (best, with select_by), and "
+                        "clear Adam's moments; --resume then trains on from there, its epoch count, history and ledger "
+                        "going on")
     args = parser.parse_args(argv)
     overrides = {k.replace("-", "_"): v for k, v in vars(args).items()
                  if k not in ("config", "smoke", "set", "export", "drop_stage", "rewind_to") and v not in (None, False)}
@@ -560,7 +561,7 @@ def parse_args(argv: list[str] | None) -> tuple[TrainConfig, bool, tuple[str, st
 
 def edit_checkpoint(cfg: TrainConfig, action: str, target: str) -> None:
     """``--drop-stage`` (``action`` "drop", ``target`` a stage) or ``--rewind-to`` ("rewind", an export of the
-    run's stage 2) on the run's checkpoint, recorded as an event row of its history."""
+    run's stage 2 or "best") on the run's checkpoint, recorded as an event row of its history."""
     folder = Path(cfg.out) / "checkpoint"
     if not checkpoint.exists(folder):
         raise InputError(f"--{'drop-stage' if action == 'drop' else 'rewind-to'}: {folder} holds no checkpoint")
@@ -570,18 +571,24 @@ def edit_checkpoint(cfg: TrainConfig, action: str, target: str) -> None:
         record_event(history, "drop", target, reached)
         print(f"regmis-train: {target} dropped after its epoch {reached} from {folder}; --resume begins it again")
         return
-    model = load_model(target, device="cpu")  # verified against its card
-    ours = MisalignmentConfig(split=cfg.split).to_dict()
-    theirs = model.config.to_dict()
-    mismatch = [f"{key} {theirs.get(key)!r} vs {value!r}" for key, value in ours.items() if theirs.get(key) != value]
-    if model.card.get("decoder") != cfg.decoder:
-        mismatch.insert(0, f"decoder {model.card.get('decoder')!r} vs {cfg.decoder!r}")
-    if mismatch:
-        raise InputError(f"--rewind-to {target}: not a model of this run ({', '.join(mismatch)})")
-    reached = checkpoint.rewind(folder, "misalignment", model.module.state_dict())
-    record_event(history, "rewind", "misalignment", reached, to=str(target), sha256=model.card["sha256"][:12])
-    print(f"regmis-train: misalignment set back after its epoch {reached} to {target} ({model.card['sha256'][:12]}); "
-          "--resume trains on from it")
+    if target == "best":  # the checkpoint's own best-validated weights (select_by)
+        best = checkpoint.load(folder)["bests"].get("misalignment")
+        if best is None:
+            raise InputError(f"--rewind-to best: {folder} holds no selected stage-2 weights (select_by)")
+        weights, label = best["weights"], f"its best {best['metric']} weights, epoch {best['epoch']}"
+    else:
+        model = load_model(target, device="cpu")  # verified against its card
+        ours = MisalignmentConfig(split=cfg.split).to_dict()
+        theirs = model.config.to_dict()
+        mismatch = [f"{key} {theirs.get(key)!r} vs {value!r}" for key, value in ours.items() if theirs.get(key) != value]
+        if model.card.get("decoder") != cfg.decoder:
+            mismatch.insert(0, f"decoder {model.card.get('decoder')!r} vs {cfg.decoder!r}")
+        if mismatch:
+            raise InputError(f"--rewind-to {target}: not a model of this run ({', '.join(mismatch)})")
+        weights, label = model.module.state_dict(), f"{target} ({model.card['sha256'][:12]})"
+    reached = checkpoint.rewind(folder, "misalignment", weights)
+    record_event(history, "rewind", "misalignment", reached, to=label)
+    print(f"regmis-train: misalignment set back after its epoch {reached} to {label}; --resume trains on from it")
 
 
 def main(argv: list[str] | None = None) -> int:
