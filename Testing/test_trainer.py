@@ -502,3 +502,17 @@ def test_rewind_sets_stage_2_back_to_an_earlier_export_and_training_goes_on(smok
     assert "| misalignment | 4 | 10 |" in ledger  # 8 + 1 + 1 blocks: the rewound epochs still count
     with pytest.raises(InputError, match="do not fit"):
         checkpoint.rewind(out / "checkpoint", "misalignment", {"x": torch.zeros(1)})
+
+
+def test_frozen_batch_norm_keeps_stage_2s_statistics_and_trains_the_rest(smoke_runs, tmp_path):
+    import shutil
+
+    straight, _ = smoke_runs
+    out = tmp_path / "frozen"
+    shutil.copytree(straight, out)
+    before = checkpoint.load(out / "checkpoint")["models"]["misalignment"]
+    assert main(["--smoke", "--out", str(out), "--epochs", "3", "--resume", "--set", "freeze_batch_norm=true"]) == 0
+    after = checkpoint.load(out / "checkpoint")["models"]["misalignment"]
+    statistics = [k for k in before if k.endswith(("running_mean", "running_var", "num_batches_tracked"))]
+    assert statistics and all(torch.equal(before[k], after[k]) for k in statistics)
+    assert any(not torch.equal(before[k], after[k]) for k in before if k.endswith(".weight"))  # the rest learns

@@ -55,6 +55,12 @@ class TrainConfig:
     (stage 2's validation kappa swung 0.04-0.53 epoch to epoch), the average keeps what the steps agree on
     (Polyak & Juditsky 1992; ``torch.optim.swa_utils.AveragedModel``). History rows also give the last
     step's own numbers (``val_live_*``)."""
+    freeze_batch_norm: bool = False
+    """Stage 2 normalises with the batch-norm running statistics it starts from, in training as in inference,
+    and leaves them unchanged (the affine scale and shift still learn). With one block per forward pass the
+    running statistics follow the last ~10 training blocks: on the canonical run they, not the learnt weights,
+    carried its drift (the last weights with the best epoch's statistics: kappa 0.558 instead of 0.412;
+    ``benchmarks/results/training/bn_drift_probe.md``)."""
     select_by: str = ""
     """Export stage 2's best-validated weights instead of its last ones: after every epoch the weights just
     validated (the running average where the run keeps one) are kept in the checkpoint

@@ -58,6 +58,13 @@ def update_average(average: AveragedModel, model: torch.nn.Module) -> None:
             kept.copy_(live)
 
 
+def freeze_batch_norm(model: torch.nn.Module) -> None:
+    """Batch-norm layers normalise with their running statistics and stop updating them (``freeze_batch_norm``)."""
+    for module in model.modules():
+        if isinstance(module, torch.nn.modules.batchnorm._BatchNorm):
+            module.eval()
+
+
 def split_by_name(images: list[TrainingImage], names: tuple[str, ...]) -> tuple[list[TrainingImage], list[TrainingImage]]:
     """Whole scans named in ``names`` for validation, the others for training; every name must match one
     scan (extensions aside, so a compact copy of the data holds out the same scan)."""
@@ -236,6 +243,8 @@ class Trainer:
             sampler = self._pool_sampler(stage_index, epoch)
             pool_seconds = time.perf_counter() - wall
             net.train()
+            if self.cfg.freeze_batch_norm and stage == "misalignment":
+                freeze_batch_norm(model)
             losses = []
             bar = tqdm(range(self.cfg.steps_per_epoch), desc=f"{stage} {epoch + 1}/{epochs}", disable=not self.main,
                        leave=False, file=sys.stderr)
