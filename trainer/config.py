@@ -58,14 +58,14 @@ class TrainConfig:
     freeze_batch_norm: bool = False
     """Stage 2 normalises with the batch-norm running statistics it starts from, in training as in inference,
     and leaves them unchanged (the affine scale and shift still learn). With one block per forward pass the
-    running statistics follow the last ~10 training blocks: on the canonical run they, not the learnt weights,
-    carried its drift (the last weights with the best epoch's statistics: kappa 0.558 instead of 0.412;
-    ``benchmarks/results/training/bn_drift_probe.md``)."""
+    running statistics follow the last ~10 training blocks: on the canonical run they carried most of its drift
+    over stage 2's epochs 78-96 (those epochs' weights with the best epoch's statistics: kappa 0.558 instead of
+    0.412, the best 0.580; ``benchmarks/results/training/bn_drift_probe.md``)."""
     select_by: str = ""
     """Export stage 2's best-validated weights instead of its last ones: after every epoch the weights just
     validated (the running average where the run keeps one) are kept in the checkpoint
-    (``misalignment.best.pt``) when this number of theirs is the highest yet on the same held-out blocks (a
-    change of ``val_centre_sampling`` or ``val_patches`` starts the count anew). A small-batch run drifts:
+    (``misalignment.best.pt``) when this number of theirs is the highest yet on the same held-out blocks (other
+    blocks, told by their fingerprint ``val_judge``, or another metric start the count anew). A small-batch run drifts:
     the canonical run's kappa fell from 0.57-0.61 to 0.40-0.48 within 10 epochs, and its last weights were
     all it kept. "" exports the last epoch's weights. Training always goes on from the last weights."""
     regnet_epochs: int = 30

@@ -132,10 +132,10 @@ class Trainer:
         self.val_batch = val_sampler.batch(cfg.val_patches, stratified=True)
         inside = self.val_batch.weights.numpy() > 0
         self.val_truth_share = class_shares(self.val_batch.final_labels.numpy()[inside]).tolist()
+        """Share of correct / poor / wrong among the held-out blocks' body voxels (the judge's class mix)."""
         self.val_judge = hashlib.sha256(self.val_batch.final_labels.numpy().tobytes()
                                         + inside.tobytes()).hexdigest()[:12]
         """Fingerprint of the held-out blocks' truth and body: numbers compare only under the same one."""
-        """Share of correct / poor / wrong among the held-out blocks' body voxels (the judge's class mix)."""
         if cfg.val_centre_sampling != "uniform":  # stage 1 is always judged on uniform blocks with class weights
             val_sampler = BlockSampler(val_pool, self.config, np.random.default_rng(cfg.seed + 100_001), cfg.block_input)
         self.val_regnet = {s: val_sampler.regnet_batch(cfg.val_patches, s) for s in self.config.scales}
@@ -497,7 +497,6 @@ class Trainer:
             "trainer_config": self.cfg.to_dict(),
             "seconds_per_stage": state["seconds"],
             "epochs_done": epochs_done,
-
             "device": str(self.device) if self.world == 1 else f"{self.world} x {self.device.type} (DDP)",
             "torch": torch.__version__,
         }
@@ -523,7 +522,7 @@ class Trainer:
 
 def parse_args(argv: list[str] | None) -> tuple[TrainConfig, bool, tuple[str, str] | None]:
     """The run's configuration, whether only to export (``--export``) and the change to make to the checkpoint
-    instead of training: ``("drop", stage)`` (``--drop-stage``), ``("rewind", model path)`` (``--rewind-to``)."""
+    instead of training: ``("drop", stage)`` (``--drop-stage``), ``("rewind", model path or "best")`` (``--rewind-to``)."""
     parser = argparse.ArgumentParser(prog="regmis-train", description=__doc__.split("\n\n")[0])
     parser.add_argument("--config", help="TOML file with TrainConfig fields")
     parser.add_argument("--smoke", action="store_true", help="tiny run of every stage (CI; < 3 min on 2 CPU cores)")
