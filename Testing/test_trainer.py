@@ -466,6 +466,8 @@ def test_selection_keeps_the_best_and_starts_anew_when_the_judge_or_metric_chang
     trainer.cfg.select_by = "val_mean_f1"
     assert trainer._select("misalignment", row(6, 0.0, val_mean_f1=0.2), model, better)["since"] == 6  # other metric
     assert trainer._select("regnet1", {"epoch": 1}, model, None) is None  # stage 1 is not selected
+
+
 def test_rewind_sets_stage_2_back_to_an_earlier_export_and_training_goes_on(smoke_runs, tmp_path, capsys):
     import shutil
 

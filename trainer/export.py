@@ -96,6 +96,7 @@ def plot_curves(history_path: Path, png_path: Path) -> Path:
     import matplotlib.pyplot as plt
 
     rows = read_history(history_path)
+    rewinds = [e for e in read_events(history_path) if e["event"] == "rewind"]
     fig, axes = plt.subplots(1, 3, figsize=(15, 4))
     for stage in dict.fromkeys(r["attempt"] for r in rows):
         rs = [r for r in rows if r["attempt"] == stage]
@@ -117,8 +118,8 @@ def plot_curves(history_path: Path, png_path: Path) -> Path:
                     axes[2].axvline(row["epoch"] - 0.5, color="grey", lw=0.8, ls=":")
                     axes[2].text(row["epoch"] - 0.5, 1, f" {row['val_blocks']} blocks", rotation=90, fontsize=7,
                                  color="grey", va="bottom")
-            for event in read_events(history_path):  # the weights went back to an earlier model here
-                if event["event"] == "rewind" and event["stage"] == stage:
+            for event in rewinds:  # the weights went back to an earlier model here
+                if event["stage"] == stage:
                     axes[2].axvline(event["epoch"] + 0.5, color="black", lw=0.8, ls="--")
                     axes[2].text(event["epoch"] + 0.5, 1, f" set back to {rewind_label(event)}", rotation=90, fontsize=7,
                                  va="bottom")
