@@ -4,7 +4,9 @@ Pairs: the validation slab of every real scan in ../shared/data (the lowest-z 25
 ``trainer.train.split_holdout`` keeps out of training) deformed by each DVF kind, plus phantoms of
 seeds far from training, with seeds disjoint from training (7_000_000+). Truth: the class of |DVF|
 at every voxel inside the body (HU > -950). Each shipped model predicts the whole pair through the
-public ``predict``; scores are voxel-wise. Writes JSON + Markdown to --out.
+public ``predict``; scores are voxel-wise. A model is not scored on a pair whose slices its card's
+``training.images`` lists (the canonical run holds out POPI phase 00 whole and trains on every slice of
+these crops): its row then counts only the pairs held out for it. Writes JSON + Markdown to --out.
 
     python benchmarks/evaluate_synthetic.py --out benchmarks/results
 """
@@ -14,6 +16,7 @@ from __future__ import annotations
 import argparse
 import json
 import platform
+import re
 import sys
 import time
 from pathlib import Path
@@ -47,6 +50,26 @@ def held_out_images(max_slices: int, only: list[str]) -> list[TrainingImage]:
     if "phantom" in only:
         images += phantom_images(1, (160.0, 128.0, 64.0), SEED, DEFAULT_CONFIG)
     return images
+
+
+def slices_of(name: str) -> tuple[str, int, float]:
+    """(scan, first, stop) of an image name such as ``chest.nii.gz[z0:62]`` (``crop_z``'s names, nested
+    crops composed); a whole scan is (scan, 0, inf)."""
+    scan = re.sub(r"(\[z\d+:\d+\])+$", "", name)
+    first, stop = 0, float("inf")
+    for start, end in re.findall(r"\[z(\d+):(\d+)\]", name[len(scan):]):
+        first, stop = first + int(start), min(stop, first + int(end))
+    return scan, first, stop
+
+
+def trained_on(card: dict, image_name: str) -> bool:
+    """Whether a model card's training images hold any slice of ``image_name`` (same scan, overlapping z)."""
+    scan, first, stop = slices_of(image_name)
+    for entry in card.get("training", {}).get("images", []):
+        other, other_first, other_stop = slices_of(entry)
+        if other == scan and other_first < stop and first < other_stop:
+            return True
+    return False
 
 
 def to_image(array: np.ndarray) -> sitk.Image:
@@ -85,6 +108,9 @@ def main(argv: list[str] | None = None) -> int:
             case = {"image": image.name, "kind": kind, "seed": seed, "voxels": int(body.sum()),
                     "truth_fractions": (np.bincount(truth, minlength=3) / max(len(truth), 1)).round(4).tolist()}
             for model, name in zip(models, names):
+                if trained_on(model.card, image.name):
+                    case[name] = None
+                    continue
                 start = time.perf_counter()
                 labels = sitk.GetArrayFromImage(predict(fixed_img, moving_img, model, device=args.device,
                                                         body_only=False).labelmap)  # scored on its own body (HU > -950)
@@ -99,32 +125,38 @@ def main(argv: list[str] | None = None) -> int:
                "machine": f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}",
                "cases": cases, "models": {}}
     for model, name in zip(models, names):
+        if not per_model[name]["true"]:
+            print(f"{name}: trained on every pair's image; not scored", file=sys.stderr)
+            continue
         report = evaluate_classes(np.concatenate(per_model[name]["true"]), np.concatenate(per_model[name]["pred"]))
-        results["models"][name] = {"decoder": model.decoder, "seconds": round(seconds[name], 1), **report.to_dict()}
+        results["models"][name] = {"decoder": model.decoder, "pairs": len(per_model[name]["true"]),
+                                   "seconds": round(seconds[name], 1), **report.to_dict()}
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "synthetic_heldout.json").write_text(json.dumps(results, indent=2) + "\n", encoding="utf-8")
     lines = ["# Held-out synthetic pairs, voxel-wise (inside the body)", "",
              f"Command: `{results['command']}`  ", f"Machine: {results['machine']}", "",
-             "| model | decoder | accuracy | F1c | F1p | F1w | mean F1 | kappa | cw | N | seconds |",
-             "|---|---|---|---|---|---|---|---|---|---|---|"]
+             "| model | decoder | pairs | accuracy | F1c | F1p | F1w | mean F1 | kappa | cw | N | seconds |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for name, r in results["models"].items():
         f1 = ["n/a" if v is None else f"{100 * v:.1f}" for v in r["f1"]]
-        lines.append(f"| {name} | {r['decoder']} | {100 * r['accuracy']:.1f} | {' | '.join(f1)} | "
+        lines.append(f"| {name} | {r['decoder']} | {r['pairs']} | {100 * r['accuracy']:.1f} | {' | '.join(f1)} | "
                      f"{100 * r['mean_f1']:.1f} | {r['kappa']:.3f} | {r['cw']} | {r['n']} | {r['seconds']} |")
-    lines += ["", "Per case (mean F1):", "", "| image | DVF | truth c/p/w | " + " | ".join(results["models"]) + " |",
-              "|---|---|---|" + "---|" * len(results["models"])]
+    lines += ["", "Per case (mean F1; \"trained on\": the model's card lists slices of that image, so it is not scored there):",
+              "", "| image | DVF | truth c/p/w | " + " | ".join(names) + " |", "|---|---|---|" + "---|" * len(names)]
     for c in cases:
         lines.append(f"| {c['image']} | {c['kind']} | {'/'.join(f'{100 * v:.0f}' for v in c['truth_fractions'])} | "
-                     + " | ".join(f"{100 * c[n]:.1f}" for n in results["models"]) + " |")
+                     + " | ".join("trained on" if c[n] is None else f"{100 * c[n]:.1f}" for n in names) + " |")
     (out / "synthetic_heldout.md").write_text("\n".join(lines) + "\n", encoding="utf-8")
     if args.update_cards:
         for model, name in zip(models, names):
+            if name not in results["models"]:
+                continue
             card_path = model.path.with_suffix(".json")
             card = json.loads(card_path.read_text(encoding="utf-8"))  # the .pt and its sha256 are untouched
             summary = {k: v for k, v in results["models"][name].items() if k != "confusion"}
             card["metrics"]["heldout_synthetic"] = {**summary, "command": results["command"],
-                                                    "pairs": len(cases), "unit": "voxels inside the body"}
+                                                    "unit": "voxels inside the body"}
             card_path.write_text(json.dumps(card, indent=2) + "\n", encoding="utf-8")
     print("\n".join(lines))
     return 0
