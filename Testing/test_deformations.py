@@ -7,7 +7,8 @@ import pytest
 import torch
 
 from RegistrationMisalignmentLib.spatial import compose, warp
-from RegistrationMisalignmentLib.synthetic.deform import add_noise, deform_pair, jacobian_determinant, sponge
+from RegistrationMisalignmentLib.synthetic.deform import (REGISTERED_MOTION, add_noise, deform_pair, invert_dvf,
+                                                          jacobian_determinant, sponge)
 from RegistrationMisalignmentLib.synthetic.dvf import KINDS, DVFSettings, random_dvf
 
 SHAPE = (40, 40, 40)
@@ -202,6 +203,49 @@ def test_compose_adds_translations_and_samples_the_second_field_at_the_moved_poi
     # u1 is read at x + 2: 0.5 * (x + 2), inside the image (the last two columns replicate the edge).
     expected = 0.5 * (torch.arange(16, dtype=torch.float32) + 2).clamp(max=15)
     assert torch.allclose(total[1, 3, 4], expected, atol=1e-5)
+
+
+def _chest_like(shape=(48, 48, 48)) -> tuple[torch.Tensor, dict]:
+    """A smooth HU pattern with body and lung masks: what the registered pairs' breathing motion needs."""
+    x, y, z = _positions(shape, SPACING)
+    image = 300.0 * torch.sin(x / 13.0) * torch.cos(y / 11.0) + 150.0 * torch.sin(z / 17.0) - 400.0
+    lungs = torch.zeros(shape, dtype=torch.bool)
+    lungs[8:, 10:38, 10:38] = True
+    return image, {"body_mask": torch.ones(shape, dtype=torch.bool), "lung_mask": lungs}
+
+
+INTERIOR = (slice(14, 34),) * 3  # 28 mm from every edge: beyond REGISTERED_MOTION's 25 mm
+
+
+def test_inverted_breathing_motion_undoes_it():
+    image, masks = _chest_like()
+    motion = random_dvf("respiratory", image.shape, SPACING, torch.Generator().manual_seed(2), REGISTERED_MOTION,
+                        **masks)
+    assert motion.abs().amax().item() > 10.0  # a large motion, as registrations undo
+    inverse = invert_dvf(motion, SPACING)
+    assert compose(inverse, motion, SPACING)[(slice(None),) + INTERIOR].abs().amax().item() < 0.05
+    assert compose(-motion, motion, SPACING)[(slice(None),) + INTERIOR].abs().amax().item() > 0.5  # not the naive -u
+
+
+@pytest.mark.parametrize("kind", ["identity", "single"])
+def test_registered_pair_shows_only_its_residual(kind):
+    """A large motion undone by the registration leaves the image warped by the residual DVF alone."""
+    image, masks = _chest_like()
+    clean = DVFSettings(noise_sigma_hu=0.0, sponge_clamp=(1.0, 1.0))
+    plain, residual = deform_pair(image, kind, SPACING, torch.Generator().manual_seed(4), clean, **masks)
+    moved, truth = deform_pair(image, kind, SPACING, torch.Generator().manual_seed(4), clean, registered=True, **masks)
+    assert torch.equal(truth, residual)  # the truth is the residual, drawn as without the motion
+    error = (moved - plain)[INTERIOR].abs()
+    assert error.mean().item() < 1.5 and error.amax().item() < 6.0  # two interpolations of a 450 HU pattern
+    motion = random_dvf("respiratory", image.shape, SPACING, torch.Generator().manual_seed(4), REGISTERED_MOTION,
+                        **masks)
+    assert (warp(image, motion, SPACING) - plain)[INTERIOR].abs().mean().item() > 20.0  # what was undone
+
+
+def test_registered_pair_keeps_the_motions_density_change_and_noise():
+    image, masks = _chest_like()
+    moved, _ = deform_pair(image, "identity", SPACING, torch.Generator().manual_seed(4), registered=True, **masks)
+    assert (moved - image)[INTERIOR].std().item() > 2.0  # sponge and interpolated noise, not the bare image
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")

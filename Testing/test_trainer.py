@@ -30,6 +30,20 @@ def pool():
     return build_pool(images, 4, 11, DEFAULT_CONFIG, DVFSettings(), kinds=("single", "mixed", "respiratory"))
 
 
+def test_registered_share_makes_that_share_of_pairs_as_a_registration_leaves_them(pool):
+    images = phantom_images(1, (96.0, 96.0, 80.0), 3, DEFAULT_CONFIG)
+    kinds = ("single", "mixed", "respiratory")
+    registered = build_pool(images, 4, 11, DEFAULT_CONFIG, DVFSettings(), kinds=kinds, registered_share=1.0)
+    assert all("/registered/" in p.name for p in registered)
+    assert not any("/registered/" in p.name for p in pool)  # the default share is 0: the paper's pairs
+    for plain, moved in zip(pool, registered):  # the same images, kinds, seeds and truths; other moving images
+        assert moved.name == plain.name.replace(plain.name.split("/")[1], plain.name.split("/")[1] + "/registered")
+        assert torch.equal(moved.dvf, plain.dvf)
+        assert not torch.equal(moved.pyramid[1], plain.pyramid[1])
+    with pytest.raises(ValueError, match="registered_share"):
+        TrainConfig(registered_share=1.5)
+
+
 def test_class_weights_give_the_60_20_20_balance_over_the_body(pool):
     sampler = BlockSampler(pool, DEFAULT_CONFIG, np.random.default_rng(0))
     mass = np.zeros(3)

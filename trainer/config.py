@@ -98,6 +98,11 @@ class TrainConfig:
     """Share of the training loss (``"uniform"`` centres) or of the block centres (``"class"``) given to correct /
     poor / wrong: the paper's 60/20/20. Validation blocks keep 60/20/20 whatever this is, so that the judge
     stays the same."""
+    registered_share: float = 0.0
+    """Share of the training pairs whose moving image is made as a registration leaves it: a large breathing
+    motion undone but for the pair's DVF (``deform_pair(..., registered=True)``), so that density change, noise
+    and two interpolations are seen where the truth is small. The paper: 0 (its pairs are only ever deformed by
+    their truth). Validation pairs never are, so that the judge stays the same."""
     val_pairs: int = 4
     val_patches: int = 24
     val_centre_sampling: str = "uniform"
@@ -131,6 +136,8 @@ class TrainConfig:
             raise ValueError(f"misalignment_init {self.misalignment_init!r}: give one of {', '.join(MISALIGNMENT_INITS)}")
         if not 0.0 <= self.ema_decay < 1.0:
             raise ValueError(f"ema_decay {self.ema_decay}: give 0 (no average) or a decay in (0, 1), e.g. 0.95")
+        if not 0.0 <= self.registered_share <= 1.0:
+            raise ValueError(f"registered_share {self.registered_share!r}: give a share of the pairs from 0 to 1")
         if len(self.class_balance) != 3 or min(self.class_balance) <= 0 or abs(sum(self.class_balance) - 1) > 1e-6:
             raise ValueError(f"class_balance {self.class_balance!r}: give three positive shares of correct / poor / wrong "
                              "that add up to 1, e.g. [0.6, 0.2, 0.2]")

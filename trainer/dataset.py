@@ -50,15 +50,15 @@ class DeformedPair:
 
 
 def make_pair(image: TrainingImage, kind: str, seed: int, config: MisalignmentConfig, settings: DVFSettings,
-              device: str | torch.device = "cpu") -> DeformedPair:
+              device: str | torch.device = "cpu", registered: bool = False) -> DeformedPair:
     generator = torch.Generator(device=device).manual_seed(seed)
     fixed = torch.from_numpy(image.hu).to(device)
-    moving, dvf = deform_pair(fixed, kind, (config.spacing_mm,) * 3, generator, settings)
+    moving, dvf = deform_pair(fixed, kind, (config.spacing_mm,) * 3, generator, settings, registered=registered)
     pyramid = build_pyramid(image.hu, moving.cpu().numpy(), config, device)
     magnitude = dvf.square().sum(0).sqrt().cpu().numpy()  # |u|; vector_norm is several times slower here
     body = image.body
     centres = np.argwhere(body[::CENTRE_STRIDE, ::CENTRE_STRIDE, ::CENTRE_STRIDE]) * CENTRE_STRIDE
-    return DeformedPair(f"{image.name}/{kind}/{seed}", pyramid, dvf.cpu(), magnitude, body, centres)
+    return DeformedPair(f"{image.name}/{kind}{'/registered' if registered else ''}/{seed}", pyramid, dvf.cpu(), magnitude, body, centres)
 
 
 def class_shares(classes: np.ndarray) -> np.ndarray:
@@ -231,17 +231,19 @@ def weighted_huber(prediction: torch.Tensor, target: torch.Tensor, weights: torc
 
 def build_pool(images: list[TrainingImage], count: int, seed: int, config: MisalignmentConfig,
                settings: DVFSettings, device: str | torch.device = "cpu",
-               kinds: tuple[str, ...] = KINDS) -> list[DeformedPair]:
+               kinds: tuple[str, ...] = KINDS, registered_share: float = 0.0) -> list[DeformedPair]:
     """``count`` deformed pairs, reproducible from ``seed``.
 
     Images are drawn in proportion to their body volume, so every millimetre of body is equally likely
-    to be trained on whatever the size of its scan; kinds cycle through ``kinds``.
+    to be trained on whatever the size of its scan; kinds cycle through ``kinds``. Each pair is made as a
+    registration leaves it (``deform_pair(..., registered=True)``) with probability ``registered_share``.
     """
     rng = np.random.default_rng(seed)
+    registered = np.random.default_rng([seed, 1]).random(count) < registered_share  # its own stream: the same pairs
     volume = np.array([float(i.body.sum()) for i in images]) + 1.0
     pairs = []
     for i in range(count):
         image = images[int(rng.choice(len(images), p=volume / volume.sum()))]
         kind = kinds[i % len(kinds)] if count >= len(kinds) else kinds[int(rng.integers(len(kinds)))]
-        pairs.append(make_pair(image, kind, int(rng.integers(2**31)), config, settings, device))
+        pairs.append(make_pair(image, kind, int(rng.integers(2**31)), config, settings, device, bool(registered[i])))
     return pairs

@@ -32,7 +32,7 @@ from RegistrationMisalignmentLib.networks.model import MisalignmentNet
 from RegistrationMisalignmentLib.networks.regnet import RegNet
 from trainer import checkpoint
 from trainer.config import TrainConfig
-from RegistrationMisalignmentLib.synthetic.dvf import DVFSettings
+from RegistrationMisalignmentLib.synthetic.dvf import KINDS, DVFSettings
 from RegistrationMisalignmentLib.synthetic.images import TrainingImage, phantom_images, scan_stem
 from RegistrationMisalignmentLib.weights import load_model
 from trainer.data import load_images
@@ -200,7 +200,8 @@ class Trainer:
         seed = [self.cfg.seed, stage_index, epoch, self.rank]
         pool_seed = int(np.random.default_rng(seed).integers(2**31))
         device = self.device if self.cfg.pool_on_device else "cpu"
-        pool = build_pool(self.train_images, self.cfg.pool_pairs, pool_seed, self.config, self.settings, device)
+        pool = build_pool(self.train_images, self.cfg.pool_pairs, pool_seed, self.config, self.settings, device,
+                          registered_share=self.cfg.registered_share)
         return BlockSampler(pool, self.config, np.random.default_rng(seed), self.cfg.block_input,
                             tuple(self.cfg.class_balance), centres=self.cfg.centre_sampling)
 
@@ -491,7 +492,8 @@ class Trainer:
         training = {
             "images": [i.name for i in self.train_images],
             "validation_images": [i.name for i in self.val_images],
-            "dvf_kinds": ["single", "mixed", "respiratory", "identity"],
+            "dvf_kinds": list(KINDS),
+            "registered_share": self.cfg.registered_share,
             "dvf_settings": self.settings.__dict__,
             "class_balance": list(self.cfg.class_balance),
             "trainer_config": self.cfg.to_dict(),
