@@ -482,6 +482,18 @@ def test_selection_keeps_the_best_and_starts_anew_when_the_judge_or_metric_chang
     assert trainer._select("regnet1", {"epoch": 1}, model, None) is None  # stage 1 is not selected
 
 
+def test_a_resumed_run_takes_up_registered_pairs_and_counts_them(smoke_runs, tmp_path):
+    import shutil
+
+    straight, _ = smoke_runs
+    out = tmp_path / "registered"
+    shutil.copytree(straight, out)
+    assert main(["--smoke", "--out", str(out), "--epochs", "3", "--resume", "--set", "registered_share=1"]) == 0
+    rows = [r for r in read_history(out / "history.jsonl") if r["stage"] == "misalignment"]
+    assert "registered_pairs" not in rows[-2] and rows[-1]["registered_pairs"] == TrainConfig.smoke().pool_pairs
+    assert json.loads((out / "smoke_lstm_631.json").read_text())["training"]["registered_share"] == 1.0
+
+
 def test_rewind_sets_stage_2_back_to_an_earlier_export_and_training_goes_on(smoke_runs, tmp_path, capsys):
     import shutil
 

@@ -271,6 +271,8 @@ class Trainer:
                    "seconds": seconds, "cpu_seconds": time.process_time() - cpu, "pool_seconds": pool_seconds,
                    "device": self.device.type, "world": self.world, "amp": self.amp, "samples": samples,
                    "patches_per_s": samples / seconds, "labelled_voxels_per_s": samples * side**3 / seconds}
+            if self.cfg.registered_share:
+                row["registered_pairs"] = sum("/registered/" in pair.name for pair in sampler.pairs)
             row.update(self.validate(stage, model if average is None else average.module))
             if average is not None:  # the last step's own weights beside their average
                 row.update({k.replace("val_", "val_live_", 1): v for k, v in self.validate(stage, model).items()
