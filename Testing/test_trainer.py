@@ -42,6 +42,19 @@ def test_registered_share_makes_that_share_of_pairs_as_a_registration_leaves_the
         assert not torch.equal(moved.pyramid[1], plain.pyramid[1])
     with pytest.raises(ValueError, match="registered_share"):
         TrainConfig(registered_share=1.5)
+    with pytest.raises(ValueError, match="val_registered_share"):
+        TrainConfig(val_registered_share=-0.1)
+
+
+def test_a_judge_of_registered_pairs_has_its_own_fingerprint(tmp_path):
+    plain = Trainer(TrainConfig.smoke(out=str(tmp_path / "plain")))
+    registered = Trainer(TrainConfig.smoke(out=str(tmp_path / "registered"), val_registered_share=1.0))
+    assert (plain.val_registered, registered.val_registered) == (0, TrainConfig.smoke().val_pairs)
+    assert torch.equal(plain.val_batch.final_labels, registered.val_batch.final_labels)  # the same truth and blocks
+    assert not torch.equal(plain.val_batch.inputs[1], registered.val_batch.inputs[1])    # other moving images
+    assert plain.val_judge != registered.val_judge  # so the selection starts a new count
+    row = registered.validate("misalignment", MisalignmentNet("lstm", DEFAULT_CONFIG).eval())
+    assert row["val_blocks"].endswith("1 of 1 pairs registered") and row["val_judge"] == registered.val_judge
 
 
 def test_class_weights_give_the_60_20_20_balance_over_the_body(pool):

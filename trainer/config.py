@@ -102,7 +102,10 @@ class TrainConfig:
     """Share of the training pairs whose moving image is made as a registration leaves it: a large breathing
     motion undone but for the pair's DVF (``deform_pair(..., registered=True)``), so that density change, noise
     and two interpolations are seen where the truth is small. The paper: 0 (its pairs are only ever deformed by
-    their truth). Validation pairs never are, so that the judge stays the same."""
+    their truth). Validation pairs follow ``val_registered_share``, so that the judge stays the same."""
+    val_registered_share: float = 0.0
+    """The same for the held-out pairs: a judge that also sees registered large motions, where density change and
+    interpolation mean no misalignment (its fingerprint ``val_judge`` changes with it)."""
     val_pairs: int = 4
     val_patches: int = 24
     val_centre_sampling: str = "uniform"
@@ -136,8 +139,9 @@ class TrainConfig:
             raise ValueError(f"misalignment_init {self.misalignment_init!r}: give one of {', '.join(MISALIGNMENT_INITS)}")
         if not 0.0 <= self.ema_decay < 1.0:
             raise ValueError(f"ema_decay {self.ema_decay}: give 0 (no average) or a decay in (0, 1), e.g. 0.95")
-        if not 0.0 <= self.registered_share <= 1.0:
-            raise ValueError(f"registered_share {self.registered_share!r}: give a share of the pairs from 0 to 1")
+        for name in ("registered_share", "val_registered_share"):
+            if not 0.0 <= getattr(self, name) <= 1.0:
+                raise ValueError(f"{name} {getattr(self, name)!r}: give a share of the pairs from 0 to 1")
         if len(self.class_balance) != 3 or min(self.class_balance) <= 0 or abs(sum(self.class_balance) - 1) > 1e-6:
             raise ValueError(f"class_balance {self.class_balance!r}: give three positive shares of correct / poor / wrong "
                              "that add up to 1, e.g. [0.6, 0.2, 0.2]")

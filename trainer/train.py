@@ -126,16 +126,20 @@ class Trainer:
         self.writer = self._tensorboard()
         self.train_images, self.val_images = self._images()
         self.amp = cfg.amp and (self.device.type == "cuda" or cpu_has_native_bf16())
-        val_pool = build_pool(self.val_images, cfg.val_pairs, cfg.seed + 100_000, self.config, self.settings)
+        val_pool = build_pool(self.val_images, cfg.val_pairs, cfg.seed + 100_000, self.config, self.settings,
+                              registered_share=cfg.val_registered_share)
+        self.val_registered = sum("/registered/" in pair.name for pair in val_pool)
         val_sampler = BlockSampler(val_pool, self.config, np.random.default_rng(cfg.seed + 100_000), cfg.block_input,
                                    centres=cfg.val_centre_sampling)
         self.val_batch = val_sampler.batch(cfg.val_patches, stratified=True)
         inside = self.val_batch.weights.numpy() > 0
         self.val_truth_share = class_shares(self.val_batch.final_labels.numpy()[inside]).tolist()
         """Share of correct / poor / wrong among the held-out blocks' body voxels (the judge's class mix)."""
+        registered = f"registered {self.val_registered}/{len(val_pool)}".encode() if self.val_registered else b""
         self.val_judge = hashlib.sha256(self.val_batch.final_labels.numpy().tobytes()
-                                        + inside.tobytes()).hexdigest()[:12]
-        """Fingerprint of the held-out blocks' truth and body: numbers compare only under the same one."""
+                                        + inside.tobytes() + registered).hexdigest()[:12]
+        """Fingerprint of the held-out blocks' truth and body (and of how many of their pairs are registered, the
+        truth being the same): numbers compare only under the same one."""
         if cfg.val_centre_sampling != "uniform":  # stage 1 is always judged on uniform blocks with class weights
             val_sampler = BlockSampler(val_pool, self.config, np.random.default_rng(cfg.seed + 100_001), cfg.block_input)
         self.val_regnet = {s: val_sampler.regnet_batch(cfg.val_patches, s) for s in self.config.scales}
@@ -378,7 +382,9 @@ class Trainer:
             row = {"val_mean_f1": report.mean_f1, "val_kappa": report.kappa, "val_accuracy": report.accuracy,
                    "val_cw": report.cw, "val_f1": list(report.f1), "val_n": report.n,
                    "val_blocks": f"{len(self.val_batch.final_labels)} x {self.cfg.val_centre_sampling}"
-                                 + (", stratified" if self.cfg.val_centre_sampling == "class" else ""),
+                                 + (", stratified" if self.cfg.val_centre_sampling == "class" else "")
+                                 + (f", {self.val_registered} of {self.cfg.val_pairs} pairs registered"
+                                    if self.val_registered else ""),
                    "val_truth_share": self.val_truth_share, "val_judge": self.val_judge}
             return row | self._shipped_reference()
         scale = int(stage.removeprefix("regnet"))
