@@ -8,7 +8,7 @@ import torch
 
 from RegistrationMisalignmentLib.spatial import compose, warp
 from RegistrationMisalignmentLib.synthetic.deform import (REGISTERED_MOTION, add_noise, deform_pair, invert_dvf,
-                                                          jacobian_determinant, sponge)
+                                                          jacobian_determinant, registered_pair, sponge)
 from RegistrationMisalignmentLib.synthetic.dvf import KINDS, DVFSettings, random_dvf
 
 SHAPE = (40, 40, 40)
@@ -233,10 +233,13 @@ def test_registered_pair_shows_only_its_residual(kind):
     image, masks = _chest_like()
     clean = DVFSettings(noise_sigma_hu=0.0, sponge_clamp=(1.0, 1.0))
     plain, residual = deform_pair(image, kind, SPACING, torch.Generator().manual_seed(4), clean, **masks)
-    moved, truth = deform_pair(image, kind, SPACING, torch.Generator().manual_seed(4), clean, registered=True, **masks)
+    moved, truth, seen = registered_pair(image, kind, SPACING, torch.Generator().manual_seed(4), clean, **masks)
     assert torch.equal(truth, residual)  # the truth is the residual, drawn as without the motion
     error = (moved - plain)[INTERIOR].abs()
     assert error.mean().item() < 1.5 and error.amax().item() < 6.0  # two interpolations of a 450 HU pattern
+    assert seen[INTERIOR].all() and not seen.all()  # at the faces the motion read outside the image
+    assert torch.quantile((moved - plain)[seen].abs(), 0.99).item() < 6.0  # where it is seen, it is I(x + u)
+    assert (moved[~seen] < -900).float().mean().item() > 0.5  # elsewhere mostly made-up air
     motion = random_dvf("respiratory", image.shape, SPACING, torch.Generator().manual_seed(4), REGISTERED_MOTION,
                         **masks)
     assert (warp(image, motion, SPACING) - plain)[INTERIOR].abs().mean().item() > 20.0  # what was undone
@@ -244,7 +247,7 @@ def test_registered_pair_shows_only_its_residual(kind):
 
 def test_registered_pair_keeps_the_motions_density_change_and_noise():
     image, masks = _chest_like()
-    moved, _ = deform_pair(image, "identity", SPACING, torch.Generator().manual_seed(4), registered=True, **masks)
+    moved, _, _ = registered_pair(image, "identity", SPACING, torch.Generator().manual_seed(4), **masks)
     assert (moved - image)[INTERIOR].std().item() > 2.0  # sponge and interpolated noise, not the bare image
 
 

@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from RegistrationMisalignmentLib.config import MisalignmentConfig
 from RegistrationMisalignmentLib.networks.regnet import ENCODER_CONTEXT, HEAD_CONTEXT
 from RegistrationMisalignmentLib.preprocess import background_value, build_pyramid, extract_block, scale_blocks
-from RegistrationMisalignmentLib.synthetic.deform import deform_pair
+from RegistrationMisalignmentLib.synthetic.deform import deform_pair, registered_pair
 from RegistrationMisalignmentLib.synthetic.dvf import KINDS, DVFSettings
 from RegistrationMisalignmentLib.synthetic.images import TrainingImage
 from trainer.config import CENTRE_SAMPLING
@@ -53,10 +53,15 @@ def make_pair(image: TrainingImage, kind: str, seed: int, config: MisalignmentCo
               device: str | torch.device = "cpu", registered: bool = False) -> DeformedPair:
     generator = torch.Generator(device=device).manual_seed(seed)
     fixed = torch.from_numpy(image.hu).to(device)
-    moving, dvf = deform_pair(fixed, kind, (config.spacing_mm,) * 3, generator, settings, registered=registered)
+    spacing = (config.spacing_mm,) * 3
+    body = image.body
+    if registered:  # voxels the registered image does not show (made-up air at the faces) are not supervised
+        moving, dvf, seen = registered_pair(fixed, kind, spacing, generator, settings)
+        body = body & seen.cpu().numpy()
+    else:
+        moving, dvf = deform_pair(fixed, kind, spacing, generator, settings)
     pyramid = build_pyramid(image.hu, moving.cpu().numpy(), config, device)
     magnitude = dvf.square().sum(0).sqrt().cpu().numpy()  # |u|; vector_norm is several times slower here
-    body = image.body
     centres = np.argwhere(body[::CENTRE_STRIDE, ::CENTRE_STRIDE, ::CENTRE_STRIDE]) * CENTRE_STRIDE
     return DeformedPair(f"{image.name}/{kind}{'/registered' if registered else ''}/{seed}", pyramid, dvf.cpu(), magnitude, body, centres)
 

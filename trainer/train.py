@@ -138,8 +138,8 @@ class Trainer:
         registered = f"registered {self.val_registered}/{len(val_pool)}".encode() if self.val_registered else b""
         self.val_judge = hashlib.sha256(self.val_batch.final_labels.numpy().tobytes()
                                         + inside.tobytes() + registered).hexdigest()[:12]
-        """Fingerprint of the held-out blocks' truth and body (and of how many of their pairs are registered, the
-        truth being the same): numbers compare only under the same one."""
+        """Fingerprint of the held-out blocks' truth and body, and of how many of their pairs are registered (their
+        moving images differ where truth and body may not): numbers compare only under the same one."""
         if cfg.val_centre_sampling != "uniform":  # stage 1 is always judged on uniform blocks with class weights
             val_sampler = BlockSampler(val_pool, self.config, np.random.default_rng(cfg.seed + 100_001), cfg.block_input)
         self.val_regnet = {s: val_sampler.regnet_batch(cfg.val_patches, s) for s in self.config.scales}

@@ -1,5 +1,5 @@
-"""A synthetic moving image from a CT and a random DVF: warp, sponge model, noise (``deform_pair``);
-optionally as a registration leaves it: a large breathing motion undone but for that DVF.
+"""A synthetic moving image from a CT and a random DVF: warp, sponge model, noise (``deform_pair``), or
+as a registration leaves it: a large breathing motion undone but for that DVF (``registered_pair``).
 
 The sponge/noise augmentation follows Sokooti et al. (2019, 2021) and their TensorFlow code
 (github.com/hsokooti/RegNet: functions/artificial_generation/intensity_augmentation.py).
@@ -45,7 +45,7 @@ def add_noise(image: torch.Tensor, sigma_hu: float, generator: torch.Generator) 
 
 REGISTERED_MOTION = replace(DVFSettings(), max_displacement_mm=25.0, respiratory_expansion_mm=(3.0, 10.0),
                             diaphragm_shift_mm=(10.0, 25.0))
-"""The motion a registration undoes (``deform_pair(..., registered=True)``): breathing up to 25 mm per axis, the
+"""The motion a registration undoes (``registered_pair``): breathing up to 25 mm per axis, the
 cranio-caudal shift at the lung base 10-25 mm (DIR-Lab's largest cases move landmarks about 15-25 mm)."""
 
 
@@ -76,10 +76,27 @@ def _chest_masks(image_hu: torch.Tensor, threshold_hu: float = -400.0) -> tuple[
     return body, body & ~tissue
 
 
+def _fill_masks(image: torch.Tensor, body_mask: torch.Tensor | None,
+                lung_mask: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """The given masks, each missing one estimated from the image (``_chest_masks``)."""
+    if body_mask is not None and lung_mask is not None:
+        return body_mask, lung_mask
+    body_guess, lung_guess = _chest_masks(image)
+    return (body_guess if body_mask is None else body_mask), (lung_guess if lung_mask is None else lung_mask)
+
+
+def _acquire(image: torch.Tensor, dvf: torch.Tensor, spacing: Spacing, settings: DVFSettings,
+             generator: torch.Generator) -> torch.Tensor:
+    """The image deformed by ``dvf`` as a scanner would see it: warped, sponge model, noise."""
+    tissue_ratio = 1.0 / jacobian_determinant(dvf, spacing).clamp(min=1e-3)
+    deformed = sponge(warp(image, dvf, spacing), tissue_ratio, settings.sponge_clamp)
+    return add_noise(deformed, settings.noise_sigma_hu, generator)
+
+
 def deform_pair(image_hu: torch.Tensor, kind: str, spacing: Spacing, generator: torch.Generator,
                 settings: DVFSettings = DVFSettings(), initial_dvf: torch.Tensor | None = None,
-                body_mask: torch.Tensor | None = None, lung_mask: torch.Tensor | None = None,
-                registered: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+                body_mask: torch.Tensor | None = None,
+                lung_mask: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """A synthetic moving image and its DVF (the label field) for a (D, H, W) HU image.
 
     The image is warped with a random DVF of ``kind``, then the sponge model and noise are
@@ -90,28 +107,35 @@ def deform_pair(image_hu: torch.Tensor, kind: str, spacing: Spacing, generator: 
     The warp's Jacobian det(I + grad u) is the volume ratio original / deformed (it maps fixed
     grid to original tissue), so the sponge model gets its reciprocal: tissue stretched in the
     deformed image turns darker. (The authors divide by det(I + grad u) itself.)
-
-    ``registered``: the moving image as a registration leaves it, the returned DVF u still its truth. A
-    breathing motion m (``REGISTERED_MOTION``) makes the acquired image M(y) = sponge(I(y + m(y))) + noise,
-    and the registration T(x) = x + u(x) + m^-1(x + u(x)) maps it back but for u: D(x) = M(T(x)) =
-    I(x + u(x)) with m's density change, noise and two interpolations, as after a real registration of a
-    large motion, which the paper's pairs never show (its "identity" pairs are never moved at all).
     """
     image = image_hu.float()
-    if kind == "respiratory" and (body_mask is None or lung_mask is None):
-        body_guess, lung_guess = _chest_masks(image)
-        body_mask = body_guess if body_mask is None else body_mask
-        lung_mask = lung_guess if lung_mask is None else lung_mask
-    if registered and (body_mask is None or lung_mask is None):
-        body_mask, lung_mask = _chest_masks(image)
+    if kind == "respiratory":
+        body_mask, lung_mask = _fill_masks(image, body_mask, lung_mask)
     dvf = random_dvf(kind, tuple(image.shape), spacing, generator, settings, image.device, body_mask, lung_mask)
     if initial_dvf is not None:
         dvf = compose(initial_dvf.to(image.device, torch.float32), dvf, spacing)
-    motion = (random_dvf("respiratory", tuple(image.shape), spacing, generator, REGISTERED_MOTION, image.device,
-                         body_mask, lung_mask) if registered else dvf)
-    acquired = warp(image, motion, spacing)
-    tissue_ratio = 1.0 / jacobian_determinant(motion, spacing).clamp(min=1e-3)
-    acquired = add_noise(sponge(acquired, tissue_ratio, settings.sponge_clamp), settings.noise_sigma_hu, generator)
-    if not registered:
-        return acquired, dvf
-    return warp(acquired, compose(dvf, invert_dvf(motion, spacing), spacing), spacing), dvf
+    return _acquire(image, dvf, spacing, settings, generator), dvf
+
+
+def registered_pair(image_hu: torch.Tensor, kind: str, spacing: Spacing, generator: torch.Generator,
+                    settings: DVFSettings = DVFSettings(), body_mask: torch.Tensor | None = None,
+                    lung_mask: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """A moving image as a registration leaves it, its DVF u (the truth, drawn as ``deform_pair`` draws it) and
+    where the image is seen: (D, H, W) HU, (3, D, H, W) mm, (D, H, W) bool.
+
+    A breathing motion m (``REGISTERED_MOTION``) makes the acquired image M(y) = sponge(I(y + m(y))) + noise,
+    and the registration T(x) = x + u(x) + m^-1(x + u(x)) maps it back but for u: D(x) = M(T(x)) =
+    I(x + u(x)) with m's density change, noise and two interpolations, as after a real registration of a
+    large motion, which the paper's pairs never show (its "identity" pairs are never moved at all). Where
+    either sampling leaves the image (up to 25 mm at its faces) D shows made-up air, not I(x + u(x)): ``seen``
+    is False there, and such voxels must not be supervised.
+    """
+    image = image_hu.float()
+    body_mask, lung_mask = _fill_masks(image, body_mask, lung_mask)
+    shape = tuple(image.shape)
+    dvf = random_dvf(kind, shape, spacing, generator, settings, image.device, body_mask, lung_mask)
+    motion = random_dvf("respiratory", shape, spacing, generator, REGISTERED_MOTION, image.device, body_mask, lung_mask)
+    acquired = _acquire(image, motion, spacing, settings, generator)
+    registration = compose(dvf, invert_dvf(motion, spacing), spacing)
+    inside = warp(warp(torch.ones_like(image), motion, spacing, fill=0.0), registration, spacing, fill=0.0)
+    return warp(acquired, registration, spacing), dvf, inside > 0.999
