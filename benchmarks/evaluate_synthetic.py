@@ -135,6 +135,7 @@ def main(argv: list[str] | None = None) -> int:
     out.mkdir(parents=True, exist_ok=True)
     (out / "synthetic_heldout.json").write_text(json.dumps(results, indent=2) + "\n", encoding="utf-8")
     lines = ["# Held-out synthetic pairs, voxel-wise (inside the body)", "",
+             "Each row counts only the pairs held out for its model (`pairs`): rows with other counts cover other pairs.", "",
              f"Command: `{results['command']}`  ", f"Machine: {results['machine']}", "",
              "| model | decoder | pairs | accuracy | F1c | F1p | F1w | mean F1 | kappa | cw | N | seconds |",
              "|---|---|---|---|---|---|---|---|---|---|---|---|"]
@@ -150,10 +151,12 @@ def main(argv: list[str] | None = None) -> int:
     (out / "synthetic_heldout.md").write_text("\n".join(lines) + "\n", encoding="utf-8")
     if args.update_cards:
         for model, name in zip(models, names):
-            if name not in results["models"]:
-                continue
             card_path = model.path.with_suffix(".json")
             card = json.loads(card_path.read_text(encoding="utf-8"))  # the .pt and its sha256 are untouched
+            if name not in results["models"]:  # trained on every pair: an earlier score would mislead
+                if card["metrics"].pop("heldout_synthetic", None) is not None:
+                    card_path.write_text(json.dumps(card, indent=2) + "\n", encoding="utf-8")
+                continue
             summary = {k: v for k, v in results["models"][name].items() if k != "confusion"}
             card["metrics"]["heldout_synthetic"] = {**summary, "command": results["command"],
                                                     "unit": "voxels inside the body"}
