@@ -505,7 +505,7 @@ def test_a_resumed_run_takes_up_registered_pairs_and_counts_them(smoke_runs, tmp
     assert main(["--smoke", "--out", str(out), "--epochs", "3", "--resume", "--set", "registered_share=1"]) == 0
     rows = [r for r in read_history(out / "history.jsonl") if r["stage"] == "misalignment"]
     assert "registered_pairs" not in rows[-2] and rows[-1]["registered_pairs"] == TrainConfig.smoke().pool_pairs
-    assert json.loads((out / "smoke_lstm_631.json").read_text())["training"]["registered_share"] == 1.0
+    assert json.loads((out / "smoke_lstm_631.json").read_text(encoding="utf-8"))["training"]["registered_share"] == 1.0
 
 
 def test_rewind_sets_stage_2_back_to_an_earlier_export_and_training_goes_on(smoke_runs, tmp_path, capsys):
