@@ -34,7 +34,7 @@ def test_registered_share_makes_that_share_of_pairs_as_a_registration_leaves_the
     images = phantom_images(1, (96.0, 96.0, 80.0), 3, DEFAULT_CONFIG)
     kinds = ("single", "mixed", "respiratory")
     registered = build_pool(images, 4, 11, DEFAULT_CONFIG, DVFSettings(), kinds=kinds, registered_share=1.0)
-    assert all("/registered/" in p.name for p in registered)
+    assert all("/registered/" in p.name and p.registered for p in registered)
     assert not any("/registered/" in p.name for p in pool)  # the default share is 0: the paper's pairs
     for plain, moved in zip(pool, registered):  # the same images, kinds, seeds and truths; other moving images
         assert moved.name == plain.name.replace(plain.name.split("/")[1], plain.name.split("/")[1] + "/registered")

@@ -30,7 +30,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from benchmarks.publish import publish  # noqa: E402
 from RegistrationMisalignmentLib.benchmark.cases import CHEST_SEED, chest_case, load_chest_scan  # noqa: E402
 from RegistrationMisalignmentLib.synthetic.breathing import BreathingSettings, breathe, sample_at  # noqa: E402
-from RegistrationMisalignmentLib.synthetic.deform import jacobian_determinant  # noqa: E402
+from RegistrationMisalignmentLib.synthetic.deform import jacobian_determinant, sponge  # noqa: E402
 from RegistrationMisalignmentLib.inference import predict  # noqa: E402
 from RegistrationMisalignmentLib.spatial import compose  # noqa: E402
 from RegistrationMisalignmentLib.weights import load_model  # noqa: E402
@@ -54,24 +54,24 @@ def inverse_transform(case) -> tuple[sitk.DisplacementFieldTransform, np.ndarray
     return sitk.DisplacementFieldTransform(inverse), residual
 
 
-def one_cue(scan, case, transform, cue: str) -> sitk.Image:
-    """The registered moving image with one cue alone (see the module doc), on the fixed grid."""
+def one_cue(scan, case, field, transform, cue: str) -> sitk.Image:
+    """The registered moving image with one cue alone (see the module doc), on the fixed grid; ``field`` is the
+    case's ``BreathingField``."""
     spacing = scan.fixed.GetSpacing()
-    _, field = breathe(sitk.GetArrayViewFromImage(scan.fixed), scan.box, CHEST_SEED, whole=(scan.hu, scan.anatomy.lung))
     if cue == "interpolation":
         moved = sample_at(torch.from_numpy(np.ascontiguousarray(scan.hu, dtype=np.float32)), scan.box.offset,
                           field.dvf, spacing).numpy()
         image = sitk.GetImageFromArray(moved.astype(np.float32))
         image.CopyInformation(case.fixed)
         return sitk.Resample(image, case.fixed, transform, sitk.sitkLinear, -1000.0)
-    clamp = BreathingSettings().sponge_clamp  # breathe's sponge: (HU + 1000) / clamp(1 / det) - 1000 in the lungs
+    clamp = BreathingSettings().sponge_clamp  # breathe's sponge model, in the lungs only
     divisor = (1.0 / jacobian_determinant(field.inside, spacing).clamp(min=1e-3)).clamp(*clamp)
     divisor = torch.where(field.lung_side, divisor, torch.ones_like(divisor)).numpy().astype(np.float32)
     divisor_image = sitk.GetImageFromArray(divisor)
     divisor_image.CopyInformation(case.fixed)
     at_registered = sitk.GetArrayFromImage(sitk.Resample(divisor_image, case.fixed, transform, sitk.sitkLinear, 1.0))
-    fixed = sitk.GetArrayFromImage(case.fixed).astype(np.float32)
-    image = sitk.GetImageFromArray((fixed + 1000.0) / at_registered - 1000.0)
+    fixed = torch.from_numpy(sitk.GetArrayFromImage(case.fixed).astype(np.float32))
+    image = sitk.GetImageFromArray(sponge(fixed, torch.from_numpy(at_registered), clamp).numpy())
     image.CopyInformation(case.fixed)
     return image
 
@@ -89,8 +89,10 @@ def main(argv: list[str] | None = None) -> int:
         raise SystemExit("the held-out scan is not axis-aligned: the DVF's components would need rotating")
     transform, residual = inverse_transform(case)
     images = {"registered": sitk.Resample(case.moving, case.fixed, transform, sitk.sitkLinear, -1000.0)}
-    if args.cues:
-        images |= {cue: one_cue(scan, case, transform, cue) for cue in ("interpolation", "density")}
+    if args.cues:  # the case's field again (chest_case keeps only its DVF), drawn from the same seed
+        _, field = breathe(sitk.GetArrayViewFromImage(scan.fixed), scan.box, CHEST_SEED,
+                           whole=(scan.hu, scan.anatomy.lung))
+        images |= {cue: one_cue(scan, case, field, transform, cue) for cue in ("interpolation", "density")}
     lung = scan.box.lung & (residual < MAX_RESIDUAL_MM)
     bands = [(a, min(a + BAND_SLICES, lung.shape[0])) for a in range(0, lung.shape[0], BAND_SLICES)]
     bands = [(a, b) for a, b in bands if lung[a:b].any()]

@@ -12,7 +12,8 @@ Size: all six scans of ../shared/data take 71 MiB (LIDC 13.6 each, POPI 19.0, th
 and a call to a lent GPU carries at most 64 MiB *with* the tracked working tree (60.5 MiB of it since
 stage 2 keeps the weights' average and its best weights: the canonical checkpoint alone is 37.7 MiB, its
 three finished RegNet files 17 of them). So a GPU stretch takes a subset (``--scans``), and large tracked
-files the run does not need (old study CSVs, the shipped models) are moved aside for the call. xz compression saves only ~20 % (CT noise fills the low bits), so it is not used.
+files the run does not need (old study CSVs, the shipped models) are moved aside for the call. xz
+compression saves only ~20 % (CT noise fills the low bits), so it is not used.
 """
 
 from __future__ import annotations

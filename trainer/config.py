@@ -101,9 +101,8 @@ class TrainConfig:
     registered_share: float = 0.0
     """Share of the training pairs whose moving image is made as a registration leaves it: a large breathing
     motion undone but for the pair's DVF (``synthetic.deform.registered_pair``; voxels it does not show are not
-    supervised), so that density change, noise
-    and two interpolations are seen where the truth is small. The paper: 0 (its pairs are only ever deformed by
-    their truth). Validation pairs follow ``val_registered_share``, so that the judge stays the same."""
+    supervised), so that density change, noise and two interpolations are seen where the truth is small. The
+    paper: 0 (its pairs are only ever deformed by their truth). Validation pairs follow ``val_registered_share``, so that the judge stays the same."""
     val_registered_share: float = 0.0
     """The same for the held-out pairs: a judge that also sees registered large motions, where density change and
     interpolation mean no misalignment (its fingerprint ``val_judge`` changes with it)."""

@@ -47,6 +47,8 @@ class DeformedPair:
     """(D, H, W) bool: voxels that are supervised (air outside the body carries no misalignment)."""
     centres: np.ndarray
     """(N, 3) body voxels on the ``CENTRE_STRIDE`` sub-grid: where blocks are centred."""
+    registered: bool = False
+    """Made as a registration leaves it (``synthetic.deform.registered_pair``)."""
 
 
 def make_pair(image: TrainingImage, kind: str, seed: int, config: MisalignmentConfig, settings: DVFSettings,
@@ -63,7 +65,8 @@ def make_pair(image: TrainingImage, kind: str, seed: int, config: MisalignmentCo
     pyramid = build_pyramid(image.hu, moving.cpu().numpy(), config, device)
     magnitude = dvf.square().sum(0).sqrt().cpu().numpy()  # |u|; vector_norm is several times slower here
     centres = np.argwhere(body[::CENTRE_STRIDE, ::CENTRE_STRIDE, ::CENTRE_STRIDE]) * CENTRE_STRIDE
-    return DeformedPair(f"{image.name}/{kind}{'/registered' if registered else ''}/{seed}", pyramid, dvf.cpu(), magnitude, body, centres)
+    name = f"{image.name}/{kind}{'/registered' if registered else ''}/{seed}"
+    return DeformedPair(name, pyramid, dvf.cpu(), magnitude, body, centres, registered)
 
 
 def class_shares(classes: np.ndarray) -> np.ndarray:
@@ -241,7 +244,7 @@ def build_pool(images: list[TrainingImage], count: int, seed: int, config: Misal
 
     Images are drawn in proportion to their body volume, so every millimetre of body is equally likely
     to be trained on whatever the size of its scan; kinds cycle through ``kinds``. Each pair is made as a
-    registration leaves it (``deform_pair(..., registered=True)``) with probability ``registered_share``.
+    registration leaves it (``registered_pair``) with probability ``registered_share``.
     """
     rng = np.random.default_rng(seed)
     registered = np.random.default_rng([seed, 1]).random(count) < registered_share  # its own stream: the same pairs

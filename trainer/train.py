@@ -128,7 +128,7 @@ class Trainer:
         self.amp = cfg.amp and (self.device.type == "cuda" or cpu_has_native_bf16())
         val_pool = build_pool(self.val_images, cfg.val_pairs, cfg.seed + 100_000, self.config, self.settings,
                               registered_share=cfg.val_registered_share)
-        self.val_registered = sum("/registered/" in pair.name for pair in val_pool)
+        self.val_registered = sum(pair.registered for pair in val_pool)
         val_sampler = BlockSampler(val_pool, self.config, np.random.default_rng(cfg.seed + 100_000), cfg.block_input,
                                    centres=cfg.val_centre_sampling)
         self.val_batch = val_sampler.batch(cfg.val_patches, stratified=True)
@@ -276,7 +276,7 @@ class Trainer:
                    "device": self.device.type, "world": self.world, "amp": self.amp, "samples": samples,
                    "patches_per_s": samples / seconds, "labelled_voxels_per_s": samples * side**3 / seconds}
             if self.cfg.registered_share:
-                row["registered_pairs"] = sum("/registered/" in pair.name for pair in sampler.pairs)
+                row["registered_pairs"] = sum(pair.registered for pair in sampler.pairs)
             row.update(self.validate(stage, model if average is None else average.module))
             if average is not None:  # the last step's own weights beside their average
                 row.update({k.replace("val_", "val_live_", 1): v for k, v in self.validate(stage, model).items()
