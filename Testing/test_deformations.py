@@ -245,6 +245,25 @@ def test_registered_pair_shows_only_its_residual(kind):
     assert (warp(image, motion, SPACING) - plain)[INTERIOR].abs().mean().item() > 20.0  # what was undone
 
 
+def test_a_registration_that_leaves_part_of_the_motion_shows_it_in_the_truth_and_the_image():
+    """With ``motion_left`` the truth gains that share of the breathing motion, and the image still is I(x + u)."""
+    image, masks = _chest_like()
+    clean = DVFSettings(noise_sigma_hu=0.0, sponge_clamp=(1.0, 1.0))
+    _, perfect, _ = registered_pair(image, "single", SPACING, torch.Generator().manual_seed(4), clean, **masks)
+    moved, truth, seen = registered_pair(image, "single", SPACING, torch.Generator().manual_seed(4), clean, **masks,
+                                         motion_left=0.5)
+    generator = torch.Generator().manual_seed(4)  # the same draws: the pair's DVF, then the breathing motion
+    random_dvf("single", image.shape, SPACING, generator, clean, **masks)
+    motion = random_dvf("respiratory", image.shape, SPACING, generator, REGISTERED_MOTION, **masks)
+    assert torch.allclose(truth - perfect, 0.5 * motion, atol=1e-5)
+    assert motion[(slice(None),) + INTERIOR].abs().amax().item() > 5.0  # a large motion, even 28 mm from the faces
+    expected = warp(image, truth, SPACING)
+    assert (moved - expected)[INTERIOR].abs().mean().item() < 1.5  # the image shows exactly that truth
+    assert torch.quantile((moved - expected)[seen].abs(), 0.99).item() < 6.0
+    with pytest.raises(ValueError, match="motion_left"):
+        registered_pair(image, "single", SPACING, torch.Generator().manual_seed(4), clean, **masks, motion_left=1.5)
+
+
 def test_registered_pair_keeps_the_motions_density_change_and_noise():
     image, masks = _chest_like()
     moved, _, _ = registered_pair(image, "identity", SPACING, torch.Generator().manual_seed(4), **masks)

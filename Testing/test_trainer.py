@@ -46,6 +46,19 @@ def test_registered_share_makes_that_share_of_pairs_as_a_registration_leaves_the
         TrainConfig(registered_share=1.5)
     with pytest.raises(ValueError, match="val_registered_share"):
         TrainConfig(val_registered_share=-0.1)
+    with pytest.raises(ValueError, match="registered_motion_left"):
+        TrainConfig(registered_motion_left=2.0)
+
+
+def test_registered_pairs_may_keep_part_of_their_breathing_motion_in_the_truth():
+    images = phantom_images(1, (96.0, 96.0, 80.0), 3, DEFAULT_CONFIG)
+    kinds = ("single", "mixed", "respiratory")
+    perfect = build_pool(images, 3, 11, DEFAULT_CONFIG, DVFSettings(), kinds=kinds, registered_share=1.0)
+    partial = build_pool(images, 3, 11, DEFAULT_CONFIG, DVFSettings(), kinds=kinds, registered_share=1.0,
+                         motion_left=1.0)
+    assert [p.name for p in partial] == [p.name for p in perfect]
+    grown = [float(np.abs(a.magnitude - b.magnitude).max()) for a, b in zip(partial, perfect)]
+    assert max(grown) > 1.0  # the motion left is part of the truth
 
 
 def test_a_judge_of_registered_pairs_has_its_own_fingerprint(tmp_path):

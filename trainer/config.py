@@ -103,6 +103,11 @@ class TrainConfig:
     motion undone but for the pair's DVF (``synthetic.deform.registered_pair``; voxels it does not show are not
     supervised), so that density change, noise and two interpolations are seen where the truth is small. The
     paper: 0 (its pairs are only ever deformed by their truth). Validation pairs follow ``val_registered_share``, so that the judge stays the same."""
+    registered_motion_left: float = 0.0
+    """The largest share of a registered pair's breathing motion that its registration leaves (drawn per pair from
+    0 to this; training and held-out pairs alike): after an affine or a loose B-spline registration the residual
+    follows the breathing, largest at the lung base, and comes with its density change. 0: every registration
+    undoes the motion but for the pair's DVF, so that density change never means misalignment."""
     val_registered_share: float = 0.0
     """The same for the held-out pairs: a judge that also sees registered large motions, where density change and
     interpolation mean no misalignment (its fingerprint ``val_judge`` changes with it)."""
@@ -139,9 +144,9 @@ class TrainConfig:
             raise ValueError(f"misalignment_init {self.misalignment_init!r}: give one of {', '.join(MISALIGNMENT_INITS)}")
         if not 0.0 <= self.ema_decay < 1.0:
             raise ValueError(f"ema_decay {self.ema_decay}: give 0 (no average) or a decay in (0, 1), e.g. 0.95")
-        for name in ("registered_share", "val_registered_share"):
+        for name in ("registered_share", "val_registered_share", "registered_motion_left"):
             if not 0.0 <= getattr(self, name) <= 1.0:
-                raise ValueError(f"{name} {getattr(self, name)!r}: give a share of the pairs from 0 to 1")
+                raise ValueError(f"{name} {getattr(self, name)!r}: give a share from 0 to 1")
         if len(self.class_balance) != 3 or min(self.class_balance) <= 0 or abs(sum(self.class_balance) - 1) > 1e-6:
             raise ValueError(f"class_balance {self.class_balance!r}: give three positive shares of correct / poor / wrong "
                              "that add up to 1, e.g. [0.6, 0.2, 0.2]")

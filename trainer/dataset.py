@@ -52,13 +52,16 @@ class DeformedPair:
 
 
 def make_pair(image: TrainingImage, kind: str, seed: int, config: MisalignmentConfig, settings: DVFSettings,
-              device: str | torch.device = "cpu", registered: bool = False) -> DeformedPair:
+              device: str | torch.device = "cpu", registered: bool = False, motion_left: float = 0.0) -> DeformedPair:
+    """One pair from ``seed``; a ``registered`` one leaves a share of its breathing motion drawn uniformly from 0 to
+    ``motion_left`` (``registered_pair``)."""
     generator = torch.Generator(device=device).manual_seed(seed)
     fixed = torch.from_numpy(image.hu).to(device)
     spacing = (config.spacing_mm,) * 3
     body = image.body
     if registered:  # voxels the registered image does not show (made-up air at the faces) are not supervised
-        moving, dvf, seen = registered_pair(fixed, kind, spacing, generator, settings)
+        left = motion_left * torch.rand((), generator=generator, device=device).item() if motion_left else 0.0
+        moving, dvf, seen = registered_pair(fixed, kind, spacing, generator, settings, motion_left=left)
         body = body & seen.cpu().numpy()
     else:
         moving, dvf = deform_pair(fixed, kind, spacing, generator, settings)
@@ -239,12 +242,14 @@ def weighted_huber(prediction: torch.Tensor, target: torch.Tensor, weights: torc
 
 def build_pool(images: list[TrainingImage], count: int, seed: int, config: MisalignmentConfig,
                settings: DVFSettings, device: str | torch.device = "cpu",
-               kinds: tuple[str, ...] = KINDS, registered_share: float = 0.0) -> list[DeformedPair]:
+               kinds: tuple[str, ...] = KINDS, registered_share: float = 0.0,
+               motion_left: float = 0.0) -> list[DeformedPair]:
     """``count`` deformed pairs, reproducible from ``seed``.
 
     Images are drawn in proportion to their body volume, so every millimetre of body is equally likely
     to be trained on whatever the size of its scan; kinds cycle through ``kinds``. Each pair is made as a
-    registration leaves it (``registered_pair``) with probability ``registered_share``.
+    registration leaves it (``registered_pair``) with probability ``registered_share``, up to ``motion_left`` of
+    its breathing motion left (``make_pair``).
     """
     rng = np.random.default_rng(seed)
     registered = np.random.default_rng([seed, 1]).random(count) < registered_share  # its own stream: the same pairs
@@ -253,5 +258,6 @@ def build_pool(images: list[TrainingImage], count: int, seed: int, config: Misal
     for i in range(count):
         image = images[int(rng.choice(len(images), p=volume / volume.sum()))]
         kind = kinds[i % len(kinds)] if count >= len(kinds) else kinds[int(rng.integers(len(kinds)))]
-        pairs.append(make_pair(image, kind, int(rng.integers(2**31)), config, settings, device, bool(registered[i])))
+        pairs.append(make_pair(image, kind, int(rng.integers(2**31)), config, settings, device, bool(registered[i]),
+                               motion_left))
     return pairs

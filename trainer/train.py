@@ -127,7 +127,7 @@ class Trainer:
         self.train_images, self.val_images = self._images()
         self.amp = cfg.amp and (self.device.type == "cuda" or cpu_has_native_bf16())
         val_pool = build_pool(self.val_images, cfg.val_pairs, cfg.seed + 100_000, self.config, self.settings,
-                              registered_share=cfg.val_registered_share)
+                              registered_share=cfg.val_registered_share, motion_left=cfg.registered_motion_left)
         self.val_registered = sum(pair.registered for pair in val_pool)
         val_sampler = BlockSampler(val_pool, self.config, np.random.default_rng(cfg.seed + 100_000), cfg.block_input,
                                    centres=cfg.val_centre_sampling)
@@ -205,7 +205,7 @@ class Trainer:
         pool_seed = int(np.random.default_rng(seed).integers(2**31))
         device = self.device if self.cfg.pool_on_device else "cpu"
         pool = build_pool(self.train_images, self.cfg.pool_pairs, pool_seed, self.config, self.settings, device,
-                          registered_share=self.cfg.registered_share)
+                          registered_share=self.cfg.registered_share, motion_left=self.cfg.registered_motion_left)
         return BlockSampler(pool, self.config, np.random.default_rng(seed), self.cfg.block_input,
                             tuple(self.cfg.class_balance), centres=self.cfg.centre_sampling)
 
@@ -502,6 +502,7 @@ class Trainer:
             "validation_images": [i.name for i in self.val_images],
             "dvf_kinds": list(KINDS),
             "registered_share": self.cfg.registered_share,
+            "registered_motion_left": self.cfg.registered_motion_left,
             "dvf_settings": self.settings.__dict__,
             "class_balance": list(self.cfg.class_balance),
             "trainer_config": self.cfg.to_dict(),

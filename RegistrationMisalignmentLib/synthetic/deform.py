@@ -119,9 +119,10 @@ def deform_pair(image_hu: torch.Tensor, kind: str, spacing: Spacing, generator: 
 
 def registered_pair(image_hu: torch.Tensor, kind: str, spacing: Spacing, generator: torch.Generator,
                     settings: DVFSettings = DVFSettings(), body_mask: torch.Tensor | None = None,
-                    lung_mask: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """A moving image as a registration leaves it, its DVF u (the truth, drawn as ``deform_pair`` draws it) and
-    where the image is seen: (D, H, W) HU, (3, D, H, W) mm, (D, H, W) bool.
+                    lung_mask: torch.Tensor | None = None,
+                    motion_left: float = 0.0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """A moving image as a registration leaves it, its DVF u (the truth) and where the image is seen:
+    (D, H, W) HU, (3, D, H, W) mm, (D, H, W) bool.
 
     A breathing motion m (``REGISTERED_MOTION``) makes the acquired image M(y) = sponge(I(y + m(y))) + noise,
     and the registration T(x) = x + u(x) + m^-1(x + u(x)) maps it back but for u: D(x) = M(T(x)) =
@@ -129,12 +130,20 @@ def registered_pair(image_hu: torch.Tensor, kind: str, spacing: Spacing, generat
     large motion, which the paper's pairs never show (its "identity" pairs are never moved at all). Where
     either sampling leaves the image (up to 25 mm at its faces) D shows made-up air, not I(x + u(x)): ``seen``
     is False there, and such voxels must not be supervised.
+
+    u is a DVF of ``kind`` drawn as ``deform_pair`` draws it, plus ``motion_left`` (0 to 1) times m: the part
+    of the breathing a registration failed to undo (an affine one leaves most of it at the lung base), where
+    the misalignment and the density change come together. With 0 the registration is perfect but for u.
     """
+    if not 0.0 <= motion_left <= 1.0:
+        raise ValueError(f"motion_left {motion_left!r}: give the share of the breathing motion left, 0 to 1")
     image = image_hu.float()
     body_mask, lung_mask = _fill_masks(image, body_mask, lung_mask)
     shape = tuple(image.shape)
     dvf = random_dvf(kind, shape, spacing, generator, settings, image.device, body_mask, lung_mask)
     motion = random_dvf("respiratory", shape, spacing, generator, REGISTERED_MOTION, image.device, body_mask, lung_mask)
+    if motion_left:
+        dvf = dvf + motion_left * motion
     acquired = _acquire(image, motion, spacing, settings, generator)
     registration = compose(dvf, invert_dvf(motion, spacing), spacing)
     inside = warp(warp(torch.ones_like(image), motion, spacing, fill=0.0), registration, spacing, fill=0.0)
