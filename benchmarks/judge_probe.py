@@ -7,9 +7,11 @@ registration leaves them?
 Why: the canonical run selects its export by validation kappa on held-out POPI blocks, but the epoch it
 validated best (126, kappa 0.658 against the shipped epoch 115's 0.633) scored worse on the protocol (kappa
 0.385 against 0.415), calling more correct landmarks poor. Every pair of the protocol is registered: a large
-breathing motion undone by elastix. This scores each model on the trainer's held-out blocks built with
-``val_registered_share`` 0 (the run's judge) and 1 (every held-out pair registered; the same truth and
-blocks), and puts the protocol's numbers beside them, found by the model's sha256 in the
+breathing motion undone by elastix. This scores each model on the trainer's held-out blocks built three ways
+(``JUDGES``): the paper's synthetic pairs (the run's judge until epoch 150), every held-out pair registered
+(``val_registered_share`` 1: the same truth and blocks), and the held-out scan moved by another breathing field
+than the protocol's and registered back by elastix with all five of its settings (``val_registrations``), and
+puts the protocol's numbers beside them, found by the model's sha256 in the
 ``benchmarks/results/protocol_chest_ct*/report.json`` studies. About 1 minute per model and judge.
 """
 
@@ -28,6 +30,7 @@ from scipy.stats import spearmanr
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.publish import publish  # noqa: E402
+from RegistrationMisalignmentLib.benchmark.elastix import SETTINGS  # noqa: E402
 from RegistrationMisalignmentLib.weights import load_model  # noqa: E402
 from trainer.config import TrainConfig  # noqa: E402
 from trainer.train import Trainer  # noqa: E402
@@ -46,33 +49,44 @@ def protocol_scores(sha256: str) -> tuple[str, dict] | None:
     return None
 
 
+JUDGES = {
+    "plain": {},
+    "registered": {"val_registered_share": 1.0},
+    "elastix": {"val_registrations": SETTINGS},
+}
+"""The judges compared, as overrides of the run's configuration."""
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--models", nargs="+", type=Path, required=True, help="model files (.pt, card beside)")
     parser.add_argument("--config", default="trainer/configs/canonical.toml")
+    parser.add_argument("--judges", nargs="+", choices=list(JUDGES), default=list(JUDGES))
     parser.add_argument("--out", type=Path)
     args = parser.parse_args(argv)
     started = time.perf_counter()
     models = [load_model(path, device="cpu") for path in args.models]
-    shares = (0.0, 1.0)
-    scores: dict[float, list] = {}
+    scores: dict[str, list] = {}
     judges = {}
-    for share in shares:
-        trainer = Trainer(TrainConfig.from_toml(args.config, val_registered_share=share))
-        judges[share] = f"{trainer.val_judge} ({trainer.val_registered} of {trainer.cfg.val_pairs} pairs registered)"
+    for name in args.judges:
+        trainer = Trainer(TrainConfig.from_toml(args.config, **JUDGES[name]))
+        judges[name] = (f"{trainer.val_judge} ({trainer.val_registered} of {trainer.cfg.val_pairs} pairs registered)"
+                        if name != "elastix" else f"{trainer.val_judge} (elastix {', '.join(SETTINGS)})")
         with torch.no_grad():
-            scores[share] = [trainer._class_report(model.module.probabilities) for model in models]
+            scores[name] = [trainer._class_report(model.module.probabilities) for model in models]
         del trainer
         gc.collect()
     protocol = [protocol_scores(model.card["sha256"]) for model in models]
     lines = [f"# Which judge foretells the protocol? `python benchmarks/judge_probe.py "
              f"{' '.join(argv if argv is not None else sys.argv[1:])}`", "",
-             "Held-out blocks of the canonical run (12 stratified class blocks of POPI phase 00): plain, judge "
-             f"{judges[0.0]}; registered, judge {judges[1.0]}. Protocol: all five settings, 1,500 landmarks.", "",
-             "| model | plain: kappa / mean F1 % / cw voxels | registered: kappa / mean F1 % / cw voxels | "
-             "protocol: kappa / mean F1 % / cw | protocol study |", "|---|---|---|---|---|"]
+             "Held-out blocks of the canonical run (12 stratified class blocks of POPI phase 00), judges: "
+             + "; ".join(f"{name}, judge {judges[name]}" for name in args.judges)
+             + ". Protocol: all five settings, 1,500 landmarks.", "",
+             "| model | " + " | ".join(f"{name}: kappa / mean F1 % / cw voxels" for name in args.judges)
+             + " | protocol: kappa / mean F1 % / cw | protocol study |",
+             "|---|" + "---|" * len(args.judges) + "---|---|"]
     for i, model in enumerate(models):
-        cells = [f"{scores[s][i].kappa:.3f} / {100 * scores[s][i].mean_f1:.1f} / {scores[s][i].cw:,}" for s in shares]
+        cells = [f"{scores[n][i].kappa:.3f} / {100 * scores[n][i].mean_f1:.1f} / {scores[n][i].cw:,}" for n in args.judges]
         found = protocol[i]
         measured = (f"{found[1]['kappa']:.3f} / {100 * found[1]['mean_f1']:.1f} / {found[1]['cw']} | `{found[0]}`"
                     if found else "– | not measured")
@@ -81,10 +95,12 @@ def main(argv: list[str] | None = None) -> int:
     known = [i for i, found in enumerate(protocol) if found]
     if len(known) >= 3:
         lines.append("")
-        for share, name in zip(shares, ("plain", "registered")):
-            rho = spearmanr([scores[share][i].kappa for i in known], [protocol[i][1]["kappa"] for i in known])[0]
-            lines.append(f"- {name} judge: Spearman rank correlation of kappa with the protocol's kappa over the "
-                         f"{len(known)} measured models: {rho:.2f}")
+        for name in args.judges:
+            for metric in ("kappa", "mean_f1"):
+                rho = spearmanr([getattr(scores[name][i], metric) for i in known],
+                                [protocol[i][1][metric] for i in known])[0]
+                lines.append(f"- {name} judge: Spearman rank correlation of {metric} with the protocol's {metric} "
+                             f"over the {len(known)} measured models: {rho:.2f}")
     lines += ["", f"Wall time {time.perf_counter() - started:.0f} s (beside the canonical run)."]
     publish(lines, args.out)
     return 0

@@ -7,6 +7,8 @@ import tomllib
 from dataclasses import dataclass
 from pathlib import Path
 
+from RegistrationMisalignmentLib.benchmark.elastix import SETTINGS as ELASTIX_SETTINGS
+
 DEFAULT_SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 REGNET_INITS = ("fresh", "coarser")
 MISALIGNMENT_INITS = ("encoders", "shipped")
@@ -111,6 +113,11 @@ class TrainConfig:
     val_registered_share: float = 0.0
     """The same for the held-out pairs: a judge that also sees registered large motions, where density change and
     interpolation mean no misalignment (its fingerprint ``val_judge`` changes with it)."""
+    val_registrations: tuple[str, ...] = ()
+    """Stage 2's judge: the held-out chest CT moved by a breathing field and registered back by elastix with these
+    of the protocol's settings (``benchmark.elastix.SETTINGS``), scored in the lungs against the dense residual
+    (``trainer.registration_judge``). Empty: the synthetic held-out pairs (the paper's). Needs itk-elastix and a
+    real held-out CT (``holdout``)."""
     val_pairs: int = 4
     val_patches: int = 24
     val_centre_sampling: str = "uniform"
@@ -157,6 +164,9 @@ class TrainConfig:
         for name in ("centre_sampling", "val_centre_sampling"):
             if getattr(self, name) not in CENTRE_SAMPLING:
                 raise ValueError(f"{name} {getattr(self, name)!r}: give one of {', '.join(CENTRE_SAMPLING)}")
+        unknown = [s for s in self.val_registrations if s not in ELASTIX_SETTINGS]
+        if unknown:
+            raise ValueError(f"val_registrations {unknown}: give elastix settings among {', '.join(ELASTIX_SETTINGS)}")
         if self.block_input < 101 or (self.block_input - 101) % 4:
             raise ValueError(f"block_input {self.block_input}: give 101 + 4k voxels (101, 105, ..., 141, ...)")
 

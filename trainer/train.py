@@ -36,10 +36,11 @@ from RegistrationMisalignmentLib.synthetic.dvf import KINDS, DVFSettings
 from RegistrationMisalignmentLib.synthetic.images import TrainingImage, phantom_images, scan_stem
 from RegistrationMisalignmentLib.weights import load_model
 from trainer.data import load_images
-from trainer.dataset import BlockSampler, build_pool, class_shares, weighted_cross_entropy, weighted_huber
+from trainer.dataset import BlockSampler, DeformedPair, build_pool, class_shares, weighted_cross_entropy, weighted_huber
 from trainer.export import export_misalignment, export_regnet_t
 from trainer.history import HISTORY_FILE, read_events, read_history, record_event
 from trainer.ledger import write_ledger
+from trainer.registration_judge import registration_pairs
 
 LIVE_KEYS = ("val_mean_f1", "val_kappa", "val_f1", "val_endpoint_error_mm")
 """Validation numbers also recorded for the last step's weights when the run keeps their average."""
@@ -129,17 +130,21 @@ class Trainer:
         val_pool = build_pool(self.val_images, cfg.val_pairs, cfg.seed + 100_000, self.config, self.settings,
                               registered_share=cfg.val_registered_share, motion_left=cfg.registered_motion_left)
         self.val_registered = sum(pair.registered for pair in val_pool)
-        val_sampler = BlockSampler(val_pool, self.config, np.random.default_rng(cfg.seed + 100_000), cfg.block_input,
+        judged = self._registration_pool() if cfg.val_registrations else val_pool
+        val_sampler = BlockSampler(judged, self.config, np.random.default_rng(cfg.seed + 100_000), cfg.block_input,
                                    centres=cfg.val_centre_sampling)
         self.val_batch = val_sampler.batch(cfg.val_patches, stratified=True)
         inside = self.val_batch.weights.numpy() > 0
         self.val_truth_share = class_shares(self.val_batch.final_labels.numpy()[inside]).tolist()
         """Share of correct / poor / wrong among the held-out blocks' body voxels (the judge's class mix)."""
         registered = f"registered {self.val_registered}/{len(val_pool)}".encode() if self.val_registered else b""
+        if cfg.val_registrations:
+            registered = f"elastix {','.join(cfg.val_registrations)}".encode()
         self.val_judge = hashlib.sha256(self.val_batch.final_labels.numpy().tobytes()
                                         + inside.tobytes() + registered).hexdigest()[:12]
-        """Fingerprint of the held-out blocks' truth and body, and of how many of their pairs are registered (their
-        moving images differ where truth and body may not): numbers compare only under the same one."""
+        """Fingerprint of the held-out blocks' truth and body, and of how their moving images were made (registered
+        pairs, elastix settings: the images differ where truth and body may not): numbers compare only under the
+        same one."""
         if cfg.val_centre_sampling != "uniform":  # stage 1 is always judged on uniform blocks with class weights
             val_sampler = BlockSampler(val_pool, self.config, np.random.default_rng(cfg.seed + 100_001), cfg.block_input)
         self.val_regnet = {s: val_sampler.regnet_batch(cfg.val_patches, s) for s in self.config.scales}
@@ -168,6 +173,21 @@ class Trainer:
         if not train:
             raise InputError("no training images: give --data FOLDER (real CT) and/or --phantoms N")
         return train, val
+
+    def _registration_pool(self) -> list[DeformedPair]:
+        """Stage 2's held-out pairs as elastix leaves them (``val_registrations``; ``registration_pairs``)."""
+        held = {scan_stem(name) for name in self.cfg.holdout}
+        real = [image for image in self.val_images if scan_stem(image.name) in held]
+        if not real:
+            raise InputError("val_registrations needs a real held-out chest CT: name it in holdout (e.g. "
+                             "holdout = [\"popi_00_chest_ct.nii.gz\"]) and give its folder in data")
+        started = time.perf_counter()
+        pairs = [pair for image in real
+                 for pair in registration_pairs(image, self.cfg.val_registrations, self.config,
+                                                threads=self.cfg.num_threads or None)]
+        self.log(f"registration judge: {len(pairs)} held-out pairs registered by elastix "
+                 f"({', '.join(self.cfg.val_registrations)}) in {time.perf_counter() - started:.0f} s")
+        return pairs
 
     def log(self, message: str) -> None:
         if self.main:
