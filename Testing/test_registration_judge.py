@@ -1,5 +1,5 @@
 """The registration judge (``trainer.registration_judge``): held-out pairs as elastix leaves them, the truth
-their dense residual."""
+their dense residual, the same as the protocol's truth at its landmarks."""
 
 from __future__ import annotations
 
@@ -7,56 +7,64 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 
+from RegistrationMisalignmentLib.benchmark.cases import SyntheticTruth, chest_ct_cases
 from RegistrationMisalignmentLib.config import DEFAULT_CONFIG
-from RegistrationMisalignmentLib.spatial import warp
+from RegistrationMisalignmentLib.errors import InputError
 from RegistrationMisalignmentLib.synthetic.images import TrainingImage
 from RegistrationMisalignmentLib.synthetic.phantom import make_chest_phantom
 from trainer.config import TrainConfig
-from trainer.registration_judge import registration_pairs
+from trainer.registration_judge import register_breathing, registration_pairs
 
 pytest.importorskip("itk")
+SETTINGS = ("affine", "bspline100")
 
 
 @pytest.fixture(scope="module")
-def pairs():
-    hu = sitk.GetArrayFromImage(make_chest_phantom((112.0, 96.0, 96.0), 1.0, seed=7_600_001))
-    return hu, registration_pairs(TrainingImage("phantom", hu), ("affine", "bspline100"), DEFAULT_CONFIG,
-                                  threads=1, tiny=True)
+def image():
+    return TrainingImage("phantom", sitk.GetArrayFromImage(make_chest_phantom((112.0, 96.0, 96.0), 1.0, seed=7_600_001)))
 
 
-def test_one_registered_pair_per_setting_supervised_in_the_lungs(pairs):
-    _, found = pairs
-    assert [p.name.split("/")[-1] for p in found] == ["affine", "bspline100"]
-    for pair in found:
+def test_the_residual_is_the_protocols_truth_at_every_lung_point(image):
+    """r(x) = t(x) + u(x + t(x)) on the grid equals the protocol's ``SyntheticTruth`` residual, which maps the
+    points with elastix's own transform: the order of composition and the axes are the protocol's."""
+    case = register_breathing(image, SETTINGS, threads=1, tiny=True)
+    truth = SyntheticTruth(case.field.dvf.numpy(), case.fixed)
+    voxels = np.argwhere(case.lung)[np.random.default_rng(3).choice(int(case.lung.sum()), 40, replace=False)]
+    points = voxels[:, ::-1].astype(np.float64)  # (x, y, z) mm: origin 0, 1 mm, identity direction
+    for setting in SETTINGS:
+        residual = case.residual(setting).numpy()
+        on_grid = np.linalg.norm(residual[:, voxels[:, 0], voxels[:, 1], voxels[:, 2]], axis=0)
+        expected = truth.residual_mm(points, case.registrations[setting].map_points)
+        assert expected.mean() > 1.0  # the tiny registrations leave a residual worth checking
+        assert np.abs(on_grid - expected).max() < 0.05
+
+
+def test_one_registered_pair_per_setting_supervised_in_the_lungs(image):
+    pairs = registration_pairs(image, SETTINGS, DEFAULT_CONFIG, threads=1, tiny=True)
+    assert [p.name.split("/")[-1] for p in pairs] == list(SETTINGS)
+    for pair in pairs:
         assert pair.registered and pair.dvf.shape[1:] == pair.body.shape == pair.pyramid[1].shape[1:]
         assert 0 < pair.body.mean() < 0.6  # the lungs of the box, not the whole body
         assert np.allclose(pair.magnitude, pair.dvf.square().sum(0).sqrt().numpy())
-    assert not np.array_equal(found[0].magnitude, found[1].magnitude)  # each setting leaves its own residual
+        assert not np.array_equal(pair.pyramid[1][0].numpy(), pair.pyramid[1][1].numpy())
 
 
-def test_the_residual_is_what_the_registered_image_shows(pairs):
-    """D(x) = I(x + r(x)): the fixed image warped by the residual explains the registered image, which the
-    fixed image alone (r = 0) or the residual's reverse does not."""
-    _, found = pairs
-    for pair in found:
-        fixed, deformed = (pair.pyramid[1][c] for c in (0, 1))
-        lung = torch_mask(pair.body)
-        background = float(fixed.min())  # the normalised image's air
-        moved = warp(fixed, pair.dvf, (1.0, 1.0, 1.0), fill=background)
-        reverse = warp(fixed, -pair.dvf, (1.0, 1.0, 1.0), fill=background)
-        error, unmoved, reversed_ = ((deformed - image)[lung].abs().mean().item() for image in (moved, fixed, reverse))
-        assert pair.magnitude[pair.body].mean() > 1.0  # the tiny registrations leave a residual worth showing
-        assert error < 0.7 * unmoved and error < 0.7 * reversed_
-
-
-def torch_mask(mask: np.ndarray):
-    import torch
-
-    inner = np.zeros_like(mask)
-    inner[8:-8, 8:-8, 8:-8] = True  # away from the box's faces, where the warps read beyond it
-    return torch.from_numpy(mask & inner)
-
-
-def test_the_judge_takes_only_the_protocols_settings():
+def test_the_judge_takes_only_the_protocols_settings_and_seeds():
     with pytest.raises(ValueError, match="val_registrations"):
         TrainConfig(val_registrations=("bspline42",))
+    with pytest.raises(InputError, match="at most 1000"):
+        chest_ct_cases(1001, 10, tiny=True)
+
+
+def test_a_run_judged_on_registrations_builds_its_judge_when_stage_2_first_asks(image, tmp_path):
+    from trainer.train import Trainer
+
+    data = tmp_path / "data"
+    data.mkdir()
+    scan = sitk.GetImageFromArray(image.hu)
+    sitk.WriteImage(scan, str(data / "held_out_chest.nii.gz"))
+    common = dict(data=str(data), holdout=("held_out_chest.nii.gz",), out=str(tmp_path / "run"))
+    judged = Trainer(TrainConfig.smoke(**common, val_registrations=("affine",)))
+    assert judged._judge is None  # stage 1 and an export never pay for the registrations
+    assert judged.judge.blocks.endswith(", elastix affine") and judged.val_batch is judged.judge.batch
+    assert judged.val_judge != Trainer(TrainConfig.smoke(**common)).val_judge  # a new count for the selection

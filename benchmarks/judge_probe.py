@@ -8,10 +8,11 @@ Why: the canonical run selects its export by validation kappa on held-out POPI b
 validated best (126, kappa 0.658 against the shipped epoch 115's 0.633) scored worse on the protocol (kappa
 0.385 against 0.415), calling more correct landmarks poor. Every pair of the protocol is registered: a large
 breathing motion undone by elastix. This scores each model on the trainer's held-out blocks built three ways
-(``JUDGES``): the paper's synthetic pairs (the run's judge until epoch 150), every held-out pair registered
-(``val_registered_share`` 1: the same truth and blocks), and the held-out scan moved by another breathing field
-than the protocol's and registered back by elastix with all five of its settings (``val_registrations``), and
-puts the protocol's numbers beside them, found by the model's sha256 in the
+(``JUDGES``): the paper's synthetic pairs (the run's judge until epoch 152), every held-out pair registered
+(``val_registered_share`` 1: the same truth, other moving images, and with ``registered_motion_left`` part of
+the motion left in the truth), and the held-out scan moved by another breathing field than the protocol's and
+registered back by elastix with all five of its settings (``val_registrations``, the run's judge from epoch
+153), and puts the protocol's numbers beside them, found by the model's sha256 in the
 ``benchmarks/results/protocol_chest_ct*/report.json`` studies. About 1 minute per model and judge.
 """
 
@@ -50,11 +51,11 @@ def protocol_scores(sha256: str) -> tuple[str, dict] | None:
 
 
 JUDGES = {
-    "plain": {},
-    "registered": {"val_registered_share": 1.0},
-    "elastix": {"val_registrations": SETTINGS},
+    "plain": {"val_registered_share": 0.0, "val_registrations": ()},
+    "registered": {"val_registered_share": 1.0, "val_registrations": ()},
+    "elastix": {"val_registered_share": 0.0, "val_registrations": SETTINGS},
 }
-"""The judges compared, as overrides of the run's configuration."""
+"""The judges compared, as overrides of the run's configuration (whatever judge it runs on now)."""
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -70,8 +71,7 @@ def main(argv: list[str] | None = None) -> int:
     judges = {}
     for name in args.judges:
         trainer = Trainer(TrainConfig.from_toml(args.config, **JUDGES[name]))
-        judges[name] = (f"{trainer.val_judge} ({trainer.val_registered} of {trainer.cfg.val_pairs} pairs registered)"
-                        if name != "elastix" else f"{trainer.val_judge} (elastix {', '.join(SETTINGS)})")
+        judges[name] = f"{trainer.val_judge} ({trainer.judge.blocks})"
         with torch.no_grad():
             scores[name] = [trainer._class_report(model.module.probabilities) for model in models]
         del trainer

@@ -107,7 +107,7 @@ class TrainConfig:
     paper: 0 (its pairs are only ever deformed by their truth). Validation pairs follow ``val_registered_share``, so that the judge stays the same."""
     registered_motion_left: float = 0.0
     """The largest share of a registered pair's breathing motion that its registration leaves (drawn per pair from
-    0 to this; training and held-out pairs alike): after an affine or a loose B-spline registration the residual
+    0 to this; training pairs, and held-out ones with ``val_registered_share``): after an affine or a loose B-spline registration the residual
     follows the breathing, largest at the lung base, and comes with its density change. 0: every registration
     undoes the motion but for the pair's DVF, so that density change never means misalignment."""
     val_registered_share: float = 0.0

@@ -60,7 +60,7 @@ def make_pair(image: TrainingImage, kind: str, seed: int, config: MisalignmentCo
     spacing = (config.spacing_mm,) * 3
     body = image.body
     if registered:  # voxels the registered image does not show (made-up air at the faces) are not supervised
-        left = motion_left * torch.rand((), generator=generator, device=device).item() if motion_left else 0.0
+        left = motion_left * float(np.random.default_rng([seed, 2]).random())  # its own stream: the same DVF and motion
         moving, dvf, seen = registered_pair(fixed, kind, spacing, generator, settings, motion_left=left)
         body = body & seen.cpu().numpy()
     else:

@@ -17,22 +17,23 @@ r = t(x) + u(x + t(x)) (``spatial.compose(t, u)``), on the fixed grid.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import numpy as np
 import SimpleITK as sitk
 import torch
 
-from RegistrationMisalignmentLib.benchmark.cases import CHEST_MARGIN_MM, CHEST_SEED
-from RegistrationMisalignmentLib.benchmark.elastix import ElastixRunner
+from RegistrationMisalignmentLib.benchmark.cases import CHEST_MARGIN_MM, CHEST_SEED, MAX_CHEST_CASES
+from RegistrationMisalignmentLib.benchmark.elastix import ElastixRunner, Registration
 from RegistrationMisalignmentLib.config import MisalignmentConfig
 from RegistrationMisalignmentLib.preprocess import build_pyramid
 from RegistrationMisalignmentLib.spatial import compose
-from RegistrationMisalignmentLib.synthetic.breathing import breathe, chest_anatomy
+from RegistrationMisalignmentLib.synthetic.breathing import BreathingField, breathe, chest_anatomy
 from RegistrationMisalignmentLib.synthetic.images import TrainingImage
 from trainer.dataset import CENTRE_STRIDE, DeformedPair
 
-JUDGE_SEED = CHEST_SEED + 1_000
-"""Breathing fields of the registration judge: seeds from here (the protocol's cases use CHEST_SEED + i, i < 1000)."""
+JUDGE_SEED = CHEST_SEED + MAX_CHEST_CASES
+"""The registration judge's breathing field: after the protocol's (CHEST_SEED + i, i < MAX_CHEST_CASES)."""
 
 
 def _image(hu: np.ndarray) -> sitk.Image:
@@ -41,28 +42,35 @@ def _image(hu: np.ndarray) -> sitk.Image:
     return sitk.GetImageFromArray(np.ascontiguousarray(hu, dtype=np.float32))
 
 
-def _displacement(registration, moving: sitk.Image) -> torch.Tensor:
-    """t(x) = T(x) - x of an elastix registration on the fixed grid: (3, D, H, W) mm, components (x, y, z)."""
-    import itk
+@dataclass
+class BreathingRegistrations:
+    """A chest CT's lungs' box moved by a breathing field and registered back, per elastix setting."""
 
-    moving_itk = itk.image_from_array(sitk.GetArrayFromImage(moving))
-    field = itk.array_from_image(itk.transformix_deformation_field(moving_itk, registration.parameters))
-    return torch.from_numpy(np.ascontiguousarray(np.moveaxis(field, -1, 0), dtype=np.float32))
+    fixed: sitk.Image
+    """The box (HU, 1 mm, origin 0, identity direction): array axes (D, H, W) = (z, y, x)."""
+    moving: sitk.Image
+    """The box moved by ``field``: M(y) = I(y + u(y)) with the sponge model and noise (``breathe``)."""
+    field: BreathingField
+    lung: np.ndarray
+    """(D, H, W) bool: the box's lungs."""
+    registrations: dict[str, Registration]
+
+    def residual(self, setting: str) -> torch.Tensor:
+        """r(x) = t(x) + u(x + t(x)) of ``setting``'s registration T(x) = x + t(x): (3, D, H, W) mm."""
+        t = torch.from_numpy(self.registrations[setting].displacement(self.moving))
+        return compose(t, self.field.dvf.float(), (1.0, 1.0, 1.0))
 
 
-def registration_pairs(image: TrainingImage, settings: Sequence[str], config: MisalignmentConfig,
-                       seed: int = JUDGE_SEED, threads: int | None = None, tiny: bool = False) -> list[DeformedPair]:
-    """One pair per elastix setting (``benchmark.elastix.SETTINGS``) of ``image`` (a chest CT on the 1 mm grid)
-    moved by breathing field ``seed``: fixed = the image's lungs' box (+ ``CHEST_MARGIN_MM``), moving = the
-    registered image, DVF = the residual r (3, D, H, W) mm, supervised voxels = the lungs. ``tiny``: elastix with
-    the protocol's --tiny changes (tests).
+def register_breathing(image: TrainingImage, settings: Sequence[str], seed: int = JUDGE_SEED,
+                       threads: int | None = None, tiny: bool = False) -> BreathingRegistrations:
+    """``image`` (a chest CT on the 1 mm grid) cut to its lungs' box (+ ``CHEST_MARGIN_MM``), moved by breathing
+    field ``seed`` (read beyond the box) and registered back by elastix with ``settings``
+    (``benchmark.elastix.SETTINGS``); ``tiny``: with the protocol's --tiny changes (tests).
 
-    Raises ``ValueError`` off the 1 mm grid, ``InputError`` for a setting without a parameter file in
-    ``benchmarks/elastix`` or without itk-elastix (``ElastixRunner``).
+    Raises ``InputError`` for a setting without a parameter file in ``benchmarks/elastix`` or without
+    itk-elastix (``ElastixRunner``).
     """
-    spacing = (config.spacing_mm,) * 3
-    if spacing != (1.0, 1.0, 1.0):
-        raise ValueError(f"the registration judge works on the 1 mm grid, not {config.spacing_mm} mm")
+    spacing = (1.0, 1.0, 1.0)
     anatomy = chest_anatomy(image.hu, spacing)
     start, stop = anatomy.lung_box(CHEST_MARGIN_MM)
     box = anatomy.crop(start, stop)
@@ -70,16 +78,30 @@ def registration_pairs(image: TrainingImage, settings: Sequence[str], config: Mi
     moved, field = breathe(fixed_hu, box, seed, whole=(image.hu, anatomy.lung))
     fixed, moving = _image(fixed_hu), _image(moved)
     registrations = ElastixRunner(tiny=tiny, threads=threads).run_settings(fixed, moving, settings)
-    lung = np.asarray(box.lung, dtype=bool)
-    centres = np.argwhere(lung[::CENTRE_STRIDE, ::CENTRE_STRIDE, ::CENTRE_STRIDE]) * CENTRE_STRIDE
+    return BreathingRegistrations(fixed, moving, field, np.asarray(box.lung, dtype=bool), registrations)
+
+
+def registration_pairs(image: TrainingImage, settings: Sequence[str], config: MisalignmentConfig,
+                       seed: int = JUDGE_SEED, threads: int | None = None, tiny: bool = False) -> list[DeformedPair]:
+    """One pair per elastix setting of ``register_breathing``: fixed = the box, moving = the registered image,
+    DVF = the residual (3, D, H, W) mm, supervised voxels = the lungs (every lung voxel; the protocol scores
+    landmarks in them).
+
+    Raises ``ValueError`` off the 1 mm grid, and what ``register_breathing`` raises.
+    """
+    if config.spacing_mm != 1.0:
+        raise ValueError(f"the registration judge works on the 1 mm grid, not {config.spacing_mm} mm")
+    case = register_breathing(image, settings, seed, threads, tiny)
+    fixed_hu = sitk.GetArrayFromImage(case.fixed)
+    centres = np.argwhere(case.lung[::CENTRE_STRIDE, ::CENTRE_STRIDE, ::CENTRE_STRIDE]) * CENTRE_STRIDE
     pairs = []
     for setting in settings:
-        registration = registrations[setting]
-        residual = compose(_displacement(registration, moving), field.dvf.float(), spacing)
-        deformed = sitk.GetArrayFromImage(registration.deformed)
+        residual = case.residual(setting)
+        deformed = sitk.GetArrayFromImage(case.registrations[setting].deformed)
         pairs.append(DeformedPair(f"{image.name}/breathing{seed}/{setting}", build_pyramid(fixed_hu, deformed, config),
-                                  residual, residual.square().sum(0).sqrt().numpy(), lung, centres, registered=True))
+                                  residual, residual.square().sum(0).sqrt().numpy(), case.lung, centres,
+                                  registered=True))
     return pairs
 
 
-__all__ = ["JUDGE_SEED", "registration_pairs"]
+__all__ = ["JUDGE_SEED", "BreathingRegistrations", "register_breathing", "registration_pairs"]

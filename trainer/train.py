@@ -16,6 +16,7 @@ import math
 import os
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -64,6 +65,19 @@ def freeze_batch_norm(model: torch.nn.Module) -> None:
     for module in model.modules():
         if isinstance(module, torch.nn.modules.batchnorm._BatchNorm):
             module.eval()
+
+
+@dataclass
+class HeldOutJudge:
+    """Stage 2's held-out blocks and what the history says of them."""
+
+    batch: object
+    """The blocks (``BlockSampler.batch``): inputs per scale, labels, weights."""
+    truth_share: list[float]
+    fingerprint: str
+    """``val_judge``: sha256 of the blocks' truth and body and of how their moving images were made."""
+    blocks: str
+    """``val_blocks``: how many, how placed, how made."""
 
 
 def split_by_name(images: list[TrainingImage], names: tuple[str, ...]) -> tuple[list[TrainingImage], list[TrainingImage]]:
@@ -130,24 +144,19 @@ class Trainer:
         val_pool = build_pool(self.val_images, cfg.val_pairs, cfg.seed + 100_000, self.config, self.settings,
                               registered_share=cfg.val_registered_share, motion_left=cfg.registered_motion_left)
         self.val_registered = sum(pair.registered for pair in val_pool)
-        judged = self._registration_pool() if cfg.val_registrations else val_pool
-        val_sampler = BlockSampler(judged, self.config, np.random.default_rng(cfg.seed + 100_000), cfg.block_input,
-                                   centres=cfg.val_centre_sampling)
-        self.val_batch = val_sampler.batch(cfg.val_patches, stratified=True)
-        inside = self.val_batch.weights.numpy() > 0
-        self.val_truth_share = class_shares(self.val_batch.final_labels.numpy()[inside]).tolist()
-        """Share of correct / poor / wrong among the held-out blocks' body voxels (the judge's class mix)."""
-        registered = f"registered {self.val_registered}/{len(val_pool)}".encode() if self.val_registered else b""
-        if cfg.val_registrations:
-            registered = f"elastix {','.join(cfg.val_registrations)}".encode()
-        self.val_judge = hashlib.sha256(self.val_batch.final_labels.numpy().tobytes()
-                                        + inside.tobytes() + registered).hexdigest()[:12]
-        """Fingerprint of the held-out blocks' truth and body, and of how their moving images were made (registered
-        pairs, elastix settings: the images differ where truth and body may not): numbers compare only under the
-        same one."""
-        if cfg.val_centre_sampling != "uniform":  # stage 1 is always judged on uniform blocks with class weights
-            val_sampler = BlockSampler(val_pool, self.config, np.random.default_rng(cfg.seed + 100_001), cfg.block_input)
-        self.val_regnet = {s: val_sampler.regnet_batch(cfg.val_patches, s) for s in self.config.scales}
+        self._judge: HeldOutJudge | None = None
+        """Stage 2's held-out blocks; the registration judge's are built when first asked for (``judge``)."""
+        regnet_sampler = BlockSampler(val_pool, self.config, np.random.default_rng(cfg.seed + 100_001), cfg.block_input)
+        if not cfg.val_registrations:
+            val_sampler = BlockSampler(val_pool, self.config, np.random.default_rng(cfg.seed + 100_000),
+                                       cfg.block_input, centres=cfg.val_centre_sampling)
+            made, tag = ((f", {self.val_registered} of {cfg.val_pairs} pairs registered",
+                          f"registered {self.val_registered}/{len(val_pool)}") if self.val_registered else ("", ""))
+            self._judge = self._held_out_judge(val_sampler, made, tag)
+            if cfg.val_centre_sampling == "uniform":  # the same sampler goes on to stage 1's blocks
+                regnet_sampler = val_sampler
+        self.val_regnet = {s: regnet_sampler.regnet_batch(cfg.val_patches, s) for s in self.config.scales}
+        """Stage 1's held-out blocks: the synthetic pairs, uniform blocks with class weights."""
 
     # ---- set-up --------------------------------------------------------------------------
     def _tensorboard(self):
@@ -173,6 +182,46 @@ class Trainer:
         if not train:
             raise InputError("no training images: give --data FOLDER (real CT) and/or --phantoms N")
         return train, val
+
+    def _held_out_judge(self, sampler: BlockSampler, made: str, tag: str) -> HeldOutJudge:
+        """Stage 2's ``val_patches`` held-out blocks drawn by ``sampler``; ``made`` says in ``val_blocks`` how their
+        moving images were made, ``tag`` the same in the fingerprint (the images differ where truth and body may
+        not; its words are those of the run's earlier judges, so that their fingerprints stay)."""
+        cfg = self.cfg
+        batch = sampler.batch(cfg.val_patches, stratified=True)
+        inside = batch.weights.numpy() > 0
+        fingerprint = hashlib.sha256(batch.final_labels.numpy().tobytes() + inside.tobytes()
+                                     + tag.encode()).hexdigest()[:12]
+        blocks = (f"{len(batch.final_labels)} x {cfg.val_centre_sampling}"
+                  + (", stratified" if cfg.val_centre_sampling == "class" else "") + made)
+        return HeldOutJudge(batch, class_shares(batch.final_labels.numpy()[inside]).tolist(), fingerprint, blocks)
+
+    @property
+    def judge(self) -> HeldOutJudge:
+        """Stage 2's held-out blocks: of the synthetic pairs, or (``val_registrations``) of the held-out scan
+        registered by elastix, built on first use (about 4 minutes: not for stage 1 or an export)."""
+        if self._judge is None:
+            sampler = BlockSampler(self._registration_pool(), self.config,
+                                   np.random.default_rng(self.cfg.seed + 100_000), self.cfg.block_input,
+                                   centres=self.cfg.val_centre_sampling)
+            settings = ",".join(self.cfg.val_registrations)
+            self._judge = self._held_out_judge(sampler, f", elastix {settings}", f"elastix {settings}")
+        return self._judge
+
+    @property
+    def val_batch(self):
+        return self.judge.batch
+
+    @property
+    def val_truth_share(self) -> list[float]:
+        """Share of correct / poor / wrong among the held-out blocks' body voxels (the judge's class mix)."""
+        return self.judge.truth_share
+
+    @property
+    def val_judge(self) -> str:
+        """Fingerprint of the held-out blocks' truth and body and of how their moving images were made: numbers
+        compare only under the same one."""
+        return self.judge.fingerprint
 
     def _registration_pool(self) -> list[DeformedPair]:
         """Stage 2's held-out pairs as elastix leaves them (``val_registrations``; ``registration_pairs``)."""
@@ -401,11 +450,8 @@ class Trainer:
             report = self._class_report(model.probabilities)
             row = {"val_mean_f1": report.mean_f1, "val_kappa": report.kappa, "val_accuracy": report.accuracy,
                    "val_cw": report.cw, "val_f1": list(report.f1), "val_n": report.n,
-                   "val_blocks": f"{len(self.val_batch.final_labels)} x {self.cfg.val_centre_sampling}"
-                                 + (", stratified" if self.cfg.val_centre_sampling == "class" else "")
-                                 + (f", {self.val_registered} of {self.cfg.val_pairs} pairs registered"
-                                    if self.val_registered else ""),
-                   "val_truth_share": self.val_truth_share, "val_judge": self.val_judge}
+                   "val_blocks": self.judge.blocks, "val_truth_share": self.val_truth_share,
+                   "val_judge": self.val_judge}
             return row | self._shipped_reference()
         scale = int(stage.removeprefix("regnet"))
         x, y, weights = self.val_regnet[scale]

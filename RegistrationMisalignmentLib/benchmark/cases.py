@@ -21,7 +21,8 @@ lungs (``benchmark.landmark_detection``: Förstner points, spread over both lung
 Seeds are disjoint from training, which used seeds below 100 000 for phantoms and validation and
 random pool seeds for its deformations: case i of a phantom study draws its phantom from 7 000 000 + i,
 its DVF from 7 010 000 + i and its landmarks from 7 020 000 + i; case i of the chest-CT study its
-breathing field from 7 030 000 + i (its landmark detector breaks ties with 7 020 000).
+breathing field from 7 030 000 + i, i < 1000 (its landmark detector breaks ties with 7 020 000). The
+trainer's registration judge breathes the same scan with 7 031 000 (``trainer.registration_judge``).
 """
 
 from __future__ import annotations
@@ -50,6 +51,8 @@ PHANTOM_SIZE_MM = (160.0, 128.0, 128.0)
 """The phantom size training used (``TrainConfig.phantom_size_mm``)."""
 CHEST_SEED = STUDY_SEED + 30_000
 """Case i of the chest-CT study moves the held-out scan by the breathing field of seed CHEST_SEED + i."""
+MAX_CHEST_CASES = 1_000
+"""Breathing seeds CHEST_SEED + i for i < this are the chest-CT study's cases."""
 CHEST_MARGIN_MM = 15.0
 """The chest-CT case box: the lungs' bounding box grown by this (and cut at the scan's edges)."""
 TINY_SIZE_MM = (32.0, 32.0, 32.0)
@@ -245,6 +248,9 @@ def chest_ct_cases(count: int, landmarks: int, tiny: bool) -> Iterator[Case]:
     placed when the first case is asked for, and shared by every case (one fixed image, as the
     breathing fields differ).
     """
+    if count > MAX_CHEST_CASES:
+        raise InputError(f"--cases {count}: the chest-CT study has at most {MAX_CHEST_CASES} breathing fields (the "
+                         "seeds after them are the training run's registration judge)")
     if not SHARED_CHEST.exists():
         raise InputError(f"the held-out chest CT {SHARED_CHEST} is missing; use --phantom, or --dirlab / --pairs "
                          "with your own data")
@@ -259,4 +265,4 @@ def chest_ct_cases(count: int, landmarks: int, tiny: bool) -> Iterator[Case]:
 
 __all__ = ["Case", "Truth", "LandmarkTruth", "SyntheticTruth", "sample_lung_landmarks", "synthetic_case",
            "phantom_cases", "chest_ct_cases", "load_chest_scan", "chest_case", "ChestScan", "STUDY_SEED", "DVF_SEED",
-           "LANDMARK_SEED", "CHEST_SEED", "SHARED_CHEST", "TINY_SIZE_MM", "PHANTOM_SIZE_MM"]
+           "LANDMARK_SEED", "CHEST_SEED", "MAX_CHEST_CASES", "SHARED_CHEST", "TINY_SIZE_MM", "PHANTOM_SIZE_MM"]

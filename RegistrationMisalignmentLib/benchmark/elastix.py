@@ -12,6 +12,7 @@ which maps fixed physical points (LPS mm) to moving physical points, elastix's c
 
 from __future__ import annotations
 
+import tempfile
 import time
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -60,6 +61,20 @@ class Registration:
     parameters: Any
     """The elastix transform parameter object, to start a later stage from this one."""
     seconds: float
+
+    def displacement(self, moving: sitk.Image) -> np.ndarray:
+        """t(x) = T(x) - x on the fixed grid (transformix's deformation field, initial transforms included):
+        (3, D, H, W) float32 mm, LPS components (x, y, z), for a fixed image with the identity direction.
+
+        ``moving`` is the registered moving image (transformix reads its type). Transformix writes the field
+        to a file too: into a temporary folder here, not the working directory.
+        """
+        import itk
+
+        with tempfile.TemporaryDirectory(prefix="regmis_transformix_") as folder:
+            field = itk.transformix_deformation_field(_to_itk(moving), self.parameters,
+                                                      output_directory=folder, log_to_console=False)
+            return np.ascontiguousarray(np.moveaxis(itk.array_from_image(field), -1, 0), dtype=np.float32)
 
     def map_points(self, points_lps: np.ndarray) -> np.ndarray:
         """T(x) for (N, 3) fixed points in LPS mm."""
