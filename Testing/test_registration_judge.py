@@ -6,6 +6,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import SimpleITK as sitk
+import torch
 
 from RegistrationMisalignmentLib.benchmark.cases import SyntheticTruth, chest_ct_cases
 from RegistrationMisalignmentLib.config import DEFAULT_CONFIG
@@ -56,7 +57,8 @@ def test_the_judge_takes_only_the_protocols_settings_and_seeds():
         chest_ct_cases(1001, 10, tiny=True)
 
 
-def test_a_run_judged_on_registrations_builds_its_judge_when_stage_2_first_asks(image, tmp_path):
+def test_a_run_judged_on_registrations_builds_its_judge_when_stage_2_first_asks(image, tmp_path, monkeypatch):
+    import trainer.train
     from trainer.train import Trainer
 
     data = tmp_path / "data"
@@ -68,3 +70,11 @@ def test_a_run_judged_on_registrations_builds_its_judge_when_stage_2_first_asks(
     assert judged._judge is None  # stage 1 and an export never pay for the registrations
     assert judged.judge.blocks.endswith(", elastix affine") and judged.val_batch is judged.judge.batch
     assert judged.val_judge != Trainer(TrainConfig.smoke(**common)).val_judge  # a new count for the selection
+
+    def register_again(*args, **kwargs):
+        raise AssertionError("a restart registers the held-out scan again")
+
+    monkeypatch.setattr(trainer.train, "registration_pairs", register_again)
+    restarted = Trainer(TrainConfig.smoke(**common, val_registrations=("affine",)))
+    assert restarted.val_judge == judged.val_judge  # the very same blocks, read back
+    assert torch.equal(restarted.val_batch.inputs[1], judged.val_batch.inputs[1])

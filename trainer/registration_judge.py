@@ -34,6 +34,9 @@ from trainer.dataset import CENTRE_STRIDE, DeformedPair
 
 JUDGE_SEED = CHEST_SEED + MAX_CHEST_CASES
 """The registration judge's breathing field: after the protocol's (CHEST_SEED + i, i < MAX_CHEST_CASES)."""
+JUDGE_VERSION = 1
+"""Raise it when a change here changes the judge's pairs: the trainer keeps their blocks under a key that
+includes it (``Trainer._judge_cache``)."""
 
 
 def _image(hu: np.ndarray) -> sitk.Image:
@@ -104,4 +107,4 @@ def registration_pairs(image: TrainingImage, settings: Sequence[str], config: Mi
     return pairs
 
 
-__all__ = ["JUDGE_SEED", "BreathingRegistrations", "register_breathing", "registration_pairs"]
+__all__ = ["JUDGE_SEED", "JUDGE_VERSION", "BreathingRegistrations", "register_breathing", "registration_pairs"]

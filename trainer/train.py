@@ -25,6 +25,7 @@ import torch.distributed as dist
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 from tqdm import tqdm
 
+from RegistrationMisalignmentLib.benchmark.elastix import ELASTIX_DIR, setting_files
 from RegistrationMisalignmentLib.config import MisalignmentConfig
 from RegistrationMisalignmentLib.errors import InputError
 from RegistrationMisalignmentLib.inference import cpu_has_native_bf16, resolve_device
@@ -41,7 +42,7 @@ from trainer.dataset import BlockSampler, DeformedPair, build_pool, class_shares
 from trainer.export import export_misalignment, export_regnet_t
 from trainer.history import HISTORY_FILE, read_events, read_history, record_event
 from trainer.ledger import write_ledger
-from trainer.registration_judge import registration_pairs
+from trainer.registration_judge import JUDGE_SEED, JUDGE_VERSION, registration_pairs
 
 LIVE_KEYS = ("val_mean_f1", "val_kappa", "val_f1", "val_endpoint_error_mm")
 """Validation numbers also recorded for the last step's weights when the run keeps their average."""
@@ -201,12 +202,36 @@ class Trainer:
         """Stage 2's held-out blocks: of the synthetic pairs, or (``val_registrations``) of the held-out scan
         registered by elastix, built on first use (about 4 minutes: not for stage 1 or an export)."""
         if self._judge is None:
-            sampler = BlockSampler(self._registration_pool(), self.config,
-                                   np.random.default_rng(self.cfg.seed + 100_000), self.cfg.block_input,
-                                   centres=self.cfg.val_centre_sampling)
-            settings = ",".join(self.cfg.val_registrations)
-            self._judge = self._held_out_judge(sampler, f", elastix {settings}", f"elastix {settings}")
+            cached = self._judge_cache()
+            if cached.exists():
+                self._judge = torch.load(cached, weights_only=False)
+                self.log(f"registration judge {self._judge.fingerprint}: its blocks read from {cached}")
+            else:
+                sampler = BlockSampler(self._registration_pool(), self.config,
+                                       np.random.default_rng(self.cfg.seed + 100_000), self.cfg.block_input,
+                                       centres=self.cfg.val_centre_sampling)
+                settings = ",".join(self.cfg.val_registrations)
+                self._judge = self._held_out_judge(sampler, f", elastix {settings}", f"elastix {settings}")
+                if self.main:
+                    cached.parent.mkdir(parents=True, exist_ok=True)
+                    torch.save(self._judge, cached)
         return self._judge
+
+    def _judge_cache(self) -> Path:
+        """Where the registration judge's blocks are kept (OUT/judge/, about 0.4 GB, not committed): a restart
+        reads them instead of registering again (4 minutes), and always judges on the very same blocks. The name
+        hashes everything they are made from: the held-out scans, the elastix files, the seeds and the sizes."""
+        key = hashlib.sha256(json.dumps([JUDGE_VERSION, JUDGE_SEED, self.cfg.seed, self.cfg.val_patches,
+                                         self.cfg.block_input, self.cfg.val_centre_sampling,
+                                         list(self.cfg.val_registrations), sorted(self.cfg.holdout)]).encode())
+        held = {scan_stem(name) for name in self.cfg.holdout}
+        for image in self.val_images:
+            if scan_stem(image.name) in held:
+                key.update(image.name.encode() + np.ascontiguousarray(image.hu).tobytes())
+        for setting in self.cfg.val_registrations:
+            for name in setting_files(setting):
+                key.update((ELASTIX_DIR / name).read_bytes())
+        return self.out / "judge" / f"{key.hexdigest()[:16]}.pt"
 
     @property
     def val_batch(self):
