@@ -218,7 +218,7 @@ class Trainer:
         return self._judge
 
     def _judge_cache(self) -> Path:
-        """Where the registration judge's blocks are kept (OUT/judge/, about 0.4 GB, not committed): a restart
+        """Where the registration judge's blocks are kept (OUT/judge/, 0.6 GB per 12 blocks, not committed): a restart
         reads them instead of registering again (4 minutes), and always judges on the very same blocks. The name
         hashes everything they are made from: the held-out scans, the elastix files, the seeds and the sizes."""
         key = hashlib.sha256(json.dumps([JUDGE_VERSION, JUDGE_SEED, self.cfg.seed, self.cfg.val_patches,
