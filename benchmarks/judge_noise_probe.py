@@ -53,14 +53,10 @@ def main(argv: list[str] | None = None) -> int:
         sampler = BlockSampler(pool, trainer.config, np.random.default_rng(seed), trainer.cfg.block_input,
                                centres=trainer.cfg.val_centre_sampling)
         trainer._judge = trainer._held_out_judge(sampler, "", f"draw {seed}")
-        inside = trainer.val_batch.weights.numpy().ravel() > 0
-        labels = trainer.val_batch.final_labels.numpy().ravel()[inside]
         kappas = []
         for i, model in enumerate(models):
-            with torch.no_grad(), trainer._autocast():
-                probs = torch.cat([model.module.probabilities(*(trainer.val_batch.inputs[s][b : b + 1] for s in (1, 2, 4)))
-                                   for b in range(len(trainer.val_batch.final_labels))]).float()
-            guess = probs.argmax(1).numpy().ravel()[inside]
+            with torch.no_grad():
+                labels, guess = trainer._held_out_classes(model.module.probabilities)
             truth[i].append(labels)
             predicted[i].append(guess)
             kappas.append(evaluate_classes(labels, guess).kappa)

@@ -104,12 +104,14 @@ class TrainConfig:
     """Share of the training pairs whose moving image is made as a registration leaves it: a large breathing
     motion undone but for the pair's DVF (``synthetic.deform.registered_pair``; voxels it does not show are not
     supervised), so that density change, noise and two interpolations are seen where the truth is small. The
-    paper: 0 (its pairs are only ever deformed by their truth). Validation pairs follow ``val_registered_share``, so that the judge stays the same."""
+    paper: 0 (its pairs are only ever deformed by their truth). Validation pairs follow ``val_registered_share``,
+    so that the judge stays the same."""
     registered_motion_left: float = 0.0
     """The largest share of a registered pair's breathing motion that its registration leaves (drawn per pair from
-    0 to this; training pairs, and held-out ones with ``val_registered_share``): after an affine or a loose B-spline registration the residual
-    follows the breathing, largest at the lung base, and comes with its density change. 0: every registration
-    undoes the motion but for the pair's DVF, so that density change never means misalignment."""
+    0 to this; training pairs, and held-out ones with ``val_registered_share``): after an affine or a loose
+    B-spline registration the residual follows the breathing, largest at the lung base, and comes with its
+    density change. 0: every registration undoes the motion but for the pair's DVF, so that density change
+    never means misalignment."""
     val_registered_share: float = 0.0
     """The same for the held-out pairs: a judge that also sees registered large motions, where density change and
     interpolation mean no misalignment (its fingerprint ``val_judge`` changes with it)."""

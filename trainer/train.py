@@ -147,7 +147,7 @@ class Trainer:
         self.val_registered = sum(pair.registered for pair in val_pool)
         self._judge: HeldOutJudge | None = None
         """Stage 2's held-out blocks; the registration judge's are built when first asked for (``judge``)."""
-        regnet_sampler = BlockSampler(val_pool, self.config, np.random.default_rng(cfg.seed + 100_001), cfg.block_input)
+        regnet_sampler = None
         if not cfg.val_registrations:
             val_sampler = BlockSampler(val_pool, self.config, np.random.default_rng(cfg.seed + 100_000),
                                        cfg.block_input, centres=cfg.val_centre_sampling)
@@ -156,6 +156,9 @@ class Trainer:
             self._judge = self._held_out_judge(val_sampler, made, tag)
             if cfg.val_centre_sampling == "uniform":  # the same sampler goes on to stage 1's blocks
                 regnet_sampler = val_sampler
+        if regnet_sampler is None:
+            regnet_sampler = BlockSampler(val_pool, self.config, np.random.default_rng(cfg.seed + 100_001),
+                                          cfg.block_input)
         self.val_regnet = {s: regnet_sampler.regnet_batch(cfg.val_patches, s) for s in self.config.scales}
         """Stage 1's held-out blocks: the synthetic pairs, uniform blocks with class weights."""
 
@@ -224,10 +227,8 @@ class Trainer:
         key = hashlib.sha256(json.dumps([JUDGE_VERSION, JUDGE_SEED, self.cfg.seed, self.cfg.val_patches,
                                          self.cfg.block_input, self.cfg.val_centre_sampling,
                                          list(self.cfg.val_registrations), sorted(self.cfg.holdout)]).encode())
-        held = {scan_stem(name) for name in self.cfg.holdout}
-        for image in self.val_images:
-            if scan_stem(image.name) in held:
-                key.update(image.name.encode() + np.ascontiguousarray(image.hu).tobytes())
+        for image in self._held_out_scans():
+            key.update(image.name.encode() + np.ascontiguousarray(image.hu).tobytes())
         for setting in self.cfg.val_registrations:
             for name in setting_files(setting):
                 key.update((ELASTIX_DIR / name).read_bytes())
@@ -248,10 +249,14 @@ class Trainer:
         compare only under the same one."""
         return self.judge.fingerprint
 
+    def _held_out_scans(self) -> list[TrainingImage]:
+        """The real scans named in ``holdout`` (not the held-out phantoms)."""
+        held = {scan_stem(name) for name in self.cfg.holdout}
+        return [image for image in self.val_images if scan_stem(image.name) in held]
+
     def _registration_pool(self) -> list[DeformedPair]:
         """Stage 2's held-out pairs as elastix leaves them (``val_registrations``; ``registration_pairs``)."""
-        held = {scan_stem(name) for name in self.cfg.holdout}
-        real = [image for image in self.val_images if scan_stem(image.name) in held]
+        real = self._held_out_scans()
         if not real:
             raise InputError("val_registrations needs a real held-out chest CT: name it in holdout (e.g. "
                              "holdout = [\"popi_00_chest_ct.nii.gz\"]) and give its folder in data")
@@ -490,13 +495,18 @@ class Trainer:
                 "val_weighted_endpoint_error_mm": float((error * w).sum()),
                 "val_weighted_target_magnitude_mm": float((magnitude * w).sum())}
 
-    def _class_report(self, probabilities) -> ClassificationReport:
-        """``probabilities(x1, x2, x4)`` (B, 3, ...) argmax against the held-out blocks' truth, every body voxel once."""
+    def _held_out_classes(self, probabilities) -> tuple[np.ndarray, np.ndarray]:
+        """(truth, predicted) class indices of the held-out blocks' body voxels, each once: ``probabilities(x1, x2,
+        x4)`` (B, 3, ...) argmax."""
         with self._autocast():
             probs = torch.cat([probabilities(*(self.val_batch.inputs[s][i : i + 1].to(self.device) for s in (1, 2, 4)))
                                for i in range(len(self.val_batch.final_labels))]).float().cpu()
         inside = self.val_batch.weights.numpy().ravel() > 0
-        return evaluate_classes(self.val_batch.final_labels.numpy().ravel()[inside], probs.argmax(1).numpy().ravel()[inside])
+        return self.val_batch.final_labels.numpy().ravel()[inside], probs.argmax(1).numpy().ravel()[inside]
+
+    def _class_report(self, probabilities) -> ClassificationReport:
+        """``probabilities(x1, x2, x4)`` (B, 3, ...) argmax against the held-out blocks' truth, every body voxel once."""
+        return evaluate_classes(*self._held_out_classes(probabilities))
 
     def _shipped_reference(self) -> dict:
         """The shipped default model on the same held-out blocks, measured once per process: stage 2's
