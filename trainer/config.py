@@ -120,6 +120,15 @@ class TrainConfig:
     of the protocol's settings (``benchmark.elastix.SETTINGS``), scored in the lungs against the dense residual
     (``trainer.registration_judge``). Empty: the synthetic held-out pairs (the paper's). Needs itk-elastix and a
     real held-out CT (``holdout``)."""
+    bank_registrations: tuple[str, ...] = ()
+    """The registration bank (``trainer.registration_bank``): every training chest CT moved by ``bank_cases`` breathing
+    fields of its own (exhale and inhale in turn) and registered back by elastix with these settings
+    (``benchmark.elastix.SETTINGS``), the truth the dense residual: pairs as a real registration leaves them.
+    Built once (4-6 minutes per case on 2 cores) and kept in OUT/bank/ (not committed)."""
+    bank_cases: int = 0
+    """Breathing cases per training chest CT in the registration bank."""
+    bank_pairs: int = 0
+    """Pairs drawn from the registration bank into every epoch's pool, beside its ``pool_pairs`` synthetic ones."""
     val_pairs: int = 4
     val_patches: int = 24
     val_centre_sampling: str = "uniform"
@@ -166,9 +175,15 @@ class TrainConfig:
         for name in ("centre_sampling", "val_centre_sampling"):
             if getattr(self, name) not in CENTRE_SAMPLING:
                 raise ValueError(f"{name} {getattr(self, name)!r}: give one of {', '.join(CENTRE_SAMPLING)}")
-        unknown = [s for s in self.val_registrations if s not in ELASTIX_SETTINGS]
-        if unknown:
-            raise ValueError(f"val_registrations {unknown}: give elastix settings among {', '.join(ELASTIX_SETTINGS)}")
+        for name in ("val_registrations", "bank_registrations"):
+            unknown = [s for s in getattr(self, name) if s not in ELASTIX_SETTINGS]
+            if unknown:
+                raise ValueError(f"{name} {unknown}: give elastix settings among {', '.join(ELASTIX_SETTINGS)}")
+        if self.bank_pairs < 0 or self.bank_cases < 0:
+            raise ValueError(f"bank_pairs {self.bank_pairs}, bank_cases {self.bank_cases}: give counts of 0 or more")
+        if self.bank_pairs and not (self.bank_cases and self.bank_registrations):
+            raise ValueError(f"bank_pairs {self.bank_pairs} needs a registration bank: give bank_cases (e.g. 2) and "
+                             "bank_registrations (e.g. [\"affine\", \"bspline500\"]), or set bank_pairs = 0")
         if self.block_input < 101 or (self.block_input - 101) % 4:
             raise ValueError(f"block_input {self.block_input}: give 101 + 4k voxels (101, 105, ..., 141, ...)")
 

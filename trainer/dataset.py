@@ -48,7 +48,9 @@ class DeformedPair:
     centres: np.ndarray
     """(N, 3) body voxels on the ``CENTRE_STRIDE`` sub-grid: where blocks are centred."""
     registered: bool = False
-    """Made as a registration leaves it (``synthetic.deform.registered_pair``)."""
+    """Made as a registration leaves it (``synthetic.deform.registered_pair``, or by elastix)."""
+    registration: str = ""
+    """The elastix setting that registered it (``trainer.registration_bank``, the registration judge); "": synthetic."""
 
 
 def make_pair(image: TrainingImage, kind: str, seed: int, config: MisalignmentConfig, settings: DVFSettings,

@@ -56,19 +56,23 @@ class BreathingRegistrations:
     field: BreathingField
     lung: np.ndarray
     """(D, H, W) bool: the box's lungs."""
+    body: np.ndarray
+    """(D, H, W) bool: the box's body."""
     registrations: dict[str, Registration]
 
-    def residual(self, setting: str) -> torch.Tensor:
-        """r(x) = t(x) + u(x + t(x)) of ``setting``'s registration T(x) = x + t(x): (3, D, H, W) mm."""
-        t = torch.from_numpy(self.registrations[setting].displacement(self.moving))
-        return compose(t, self.field.dvf.float(), (1.0, 1.0, 1.0))
+    def residual(self, setting: str, displacement: np.ndarray | None = None) -> torch.Tensor:
+        """r(x) = t(x) + u(x + t(x)) of ``setting``'s registration T(x) = x + t(x): (3, D, H, W) mm; ``displacement``:
+        its t when already computed (``Registration.displacement``, a transformix run)."""
+        t = self.registrations[setting].displacement(self.moving) if displacement is None else displacement
+        return compose(torch.from_numpy(t), self.field.dvf.float(), (1.0, 1.0, 1.0))
 
 
 def register_breathing(image: TrainingImage, settings: Sequence[str], seed: int = JUDGE_SEED,
-                       threads: int | None = None, tiny: bool = False) -> BreathingRegistrations:
+                       threads: int | None = None, tiny: bool = False, phase: int = 1) -> BreathingRegistrations:
     """``image`` (a chest CT on the 1 mm grid) cut to its lungs' box (+ ``CHEST_MARGIN_MM``), moved by breathing
-    field ``seed`` (read beyond the box) and registered back by elastix with ``settings``
-    (``benchmark.elastix.SETTINGS``); ``tiny``: with the protocol's --tiny changes (tests).
+    field ``seed`` (read beyond the box; ``phase`` 1: the moved image at exhale, as the protocol's, -1: at
+    inhale) and registered back by elastix with ``settings`` (``benchmark.elastix.SETTINGS``); ``tiny``: with
+    the protocol's --tiny changes (tests).
 
     Raises ``InputError`` for a setting without a parameter file in ``benchmarks/elastix`` or without
     itk-elastix (``ElastixRunner``).
@@ -78,10 +82,11 @@ def register_breathing(image: TrainingImage, settings: Sequence[str], seed: int 
     start, stop = anatomy.lung_box(CHEST_MARGIN_MM)
     box = anatomy.crop(start, stop)
     fixed_hu = np.ascontiguousarray(image.hu[tuple(slice(a, b) for a, b in zip(start, stop))], dtype=np.float32)
-    moved, field = breathe(fixed_hu, box, seed, whole=(image.hu, anatomy.lung))
+    moved, field = breathe(fixed_hu, box, seed, phase=phase, whole=(image.hu, anatomy.lung))
     fixed, moving = _image(fixed_hu), _image(moved)
     registrations = ElastixRunner(tiny=tiny, threads=threads).run_settings(fixed, moving, settings)
-    return BreathingRegistrations(fixed, moving, field, np.asarray(box.lung, dtype=bool), registrations)
+    return BreathingRegistrations(fixed, moving, field, np.asarray(box.lung, dtype=bool), np.asarray(box.body, dtype=bool),
+                                  registrations)
 
 
 def registration_pairs(image: TrainingImage, settings: Sequence[str], config: MisalignmentConfig,
@@ -103,7 +108,7 @@ def registration_pairs(image: TrainingImage, settings: Sequence[str], config: Mi
         deformed = sitk.GetArrayFromImage(case.registrations[setting].deformed)
         pairs.append(DeformedPair(f"{image.name}/breathing{seed}/{setting}", build_pyramid(fixed_hu, deformed, config),
                                   residual, residual.square().sum(0).sqrt().numpy(), case.lung, centres,
-                                  registered=True))
+                                  registered=True, registration=setting))
     return pairs
 
 

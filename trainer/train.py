@@ -42,6 +42,7 @@ from trainer.dataset import BlockSampler, DeformedPair, build_pool, class_shares
 from trainer.export import export_misalignment, export_regnet_t
 from trainer.history import HISTORY_FILE, read_events, read_history, record_event
 from trainer.ledger import write_ledger
+from trainer.registration_bank import RegistrationBank
 from trainer.registration_judge import JUDGE_SEED, JUDGE_VERSION, registration_pairs
 
 LIVE_KEYS = ("val_mean_f1", "val_kappa", "val_f1", "val_endpoint_error_mm")
@@ -145,6 +146,7 @@ class Trainer:
         val_pool = build_pool(self.val_images, cfg.val_pairs, cfg.seed + 100_000, self.config, self.settings,
                               registered_share=cfg.val_registered_share, motion_left=cfg.registered_motion_left)
         self.val_registered = sum(pair.registered for pair in val_pool)
+        self._bank: RegistrationBank | None = None
         self._judge: HeldOutJudge | None = None
         """Stage 2's held-out blocks; the registration judge's are built when first asked for (``judge``)."""
         regnet_sampler = None
@@ -173,6 +175,7 @@ class Trainer:
         return SummaryWriter(str(self.out / "tensorboard"))
 
     def _images(self) -> tuple[list[TrainingImage], list[TrainingImage]]:
+        """Training and validation images: the real scans (``train_scans``: the training ones) and phantoms."""
         cfg = self.cfg
         train: list[TrainingImage] = []
         val: list[TrainingImage] = []
@@ -180,6 +183,7 @@ class Trainer:
             images = load_images(cfg.data, self.config)
             train, val = (split_by_name(images, cfg.holdout) if cfg.holdout
                           else split_holdout(images, cfg.holdout_fraction))
+        self.train_scans = list(train)
         if cfg.phantoms:
             train += phantom_images(cfg.phantoms, cfg.phantom_size_mm, cfg.seed, self.config)
             val += phantom_images(max(1, cfg.phantoms // 4), cfg.phantom_size_mm, cfg.seed + 50_000, self.config)
@@ -268,6 +272,15 @@ class Trainer:
                  f"({', '.join(self.cfg.val_registrations)}) in {time.perf_counter() - started:.0f} s")
         return pairs
 
+    @property
+    def bank(self) -> RegistrationBank:
+        """The registration bank of the real training chest CTs (``bank_registrations``; phantoms are variety, not
+        real anatomy), built when first drawn from."""
+        if self._bank is None:
+            self._bank = RegistrationBank(self.train_scans, self.cfg.bank_registrations, self.cfg.bank_cases,
+                                          self.out / "bank", self.config, self.cfg.num_threads or None, self.log)
+        return self._bank
+
     def log(self, message: str) -> None:
         if self.main:
             tqdm.write(message)
@@ -305,6 +318,8 @@ class Trainer:
         device = self.device if self.cfg.pool_on_device else "cpu"
         pool = build_pool(self.train_images, self.cfg.pool_pairs, pool_seed, self.config, self.settings, device,
                           registered_share=self.cfg.registered_share, motion_left=self.cfg.registered_motion_left)
+        if self.cfg.bank_pairs:
+            pool += self.bank.draw(self.cfg.bank_pairs, np.random.default_rng([*seed, 3]))
         return BlockSampler(pool, self.config, np.random.default_rng(seed), self.cfg.block_input,
                             tuple(self.cfg.class_balance), centres=self.cfg.centre_sampling)
 
@@ -375,7 +390,9 @@ class Trainer:
                    "device": self.device.type, "world": self.world, "amp": self.amp, "samples": samples,
                    "patches_per_s": samples / seconds, "labelled_voxels_per_s": samples * side**3 / seconds}
             if self.cfg.registered_share:
-                row["registered_pairs"] = sum(pair.registered for pair in sampler.pairs)
+                row["registered_pairs"] = sum(pair.registered and not pair.registration for pair in sampler.pairs)
+            if self.cfg.bank_pairs:
+                row["bank_pairs"] = [pair.name for pair in sampler.pairs if pair.registration]
             row.update(self.validate(stage, model if average is None else average.module))
             if average is not None:  # the last step's own weights beside their average
                 row.update({k.replace("val_", "val_live_", 1): v for k, v in self.validate(stage, model).items()

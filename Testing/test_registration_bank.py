@@ -1,0 +1,108 @@
+"""The registration bank (``trainer.registration_bank``): training pairs as elastix leaves them, of the training chest
+CTs only, registered once and read back."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+import torch
+
+import trainer.registration_bank
+from RegistrationMisalignmentLib.config import DEFAULT_CONFIG
+from RegistrationMisalignmentLib.errors import InputError
+from RegistrationMisalignmentLib.synthetic.images import TrainingImage
+from RegistrationMisalignmentLib.synthetic.phantom import make_chest_phantom
+from trainer.config import TrainConfig
+from trainer.registration_bank import RegistrationBank, is_chest, shown
+from trainer.registration_judge import register_breathing
+
+pytest.importorskip("itk")
+
+
+@pytest.fixture(scope="module")
+def chest():
+    return TrainingImage("chest", sitk.GetArrayFromImage(make_chest_phantom((112.0, 96.0, 96.0), 1.0, seed=7_600_001)))
+
+
+def solid(shape=(40, 48, 48)) -> TrainingImage:
+    """A body of soft tissue with a small air pocket: no chest."""
+    hu = np.full(shape, -1000.0, dtype=np.float32)
+    hu[4:-4, 6:-6, 6:-6] = 40.0
+    hu[18:22, 20:24, 20:24] = -900.0
+    return TrainingImage("abdomen", hu)
+
+
+def test_only_scans_whose_lungs_fill_a_tenth_of_the_body_are_chest_cts(chest):
+    assert is_chest(chest)
+    assert not is_chest(solid())
+    assert not is_chest(TrainingImage("water", np.full((20, 20, 20), 0.0, dtype=np.float32)))  # no air in the body
+    with pytest.raises(InputError, match="chest CT"):
+        RegistrationBank([solid()], ("affine",), 1, None, DEFAULT_CONFIG)
+
+
+def test_shown_is_where_the_mapped_voxel_falls_inside_the_moving_image():
+    displacement = np.zeros((3, 4, 5, 6), dtype=np.float32)
+    displacement[0] = 1.5   # x + 1.5 mm: the last two columns map beyond the image
+    displacement[2, 0] = -0.5  # the first slice maps below it
+    inside = shown(displacement)
+    assert inside[1:, :, :4].all() and not inside[:, :, 4:].any() and not inside[0].any()
+
+
+def test_a_bank_pair_is_the_judges_residual_supervised_where_the_registered_image_shows(chest, tmp_path):
+    bank = RegistrationBank([chest, solid()], ("affine",), 2, tmp_path, DEFAULT_CONFIG, threads=1)
+    assert [case.image.name for case in bank.cases] == ["chest", "chest"]  # no abdomen
+    assert [case.phase for case in bank.cases] == [1, -1] and bank.cases[0].seed != bank.cases[1].seed
+    pair = bank.draw(1, np.random.default_rng(0))[0]
+    case = next(c for c in bank.cases if str(c.seed) in pair.name)
+    made = register_breathing(chest, ("affine",), case.seed, threads=1, phase=case.phase)  # elastix is deterministic
+    displacement = made.registrations["affine"].displacement(made.moving)
+    assert pair.registered and pair.registration == "affine"
+    assert torch.allclose(pair.dvf, made.residual("affine", displacement), atol=0.02)  # float16 on disk
+    assert np.array_equal(pair.body, made.body & shown(displacement)) and pair.body.mean() > 0.3
+    assert np.allclose(pair.magnitude, pair.dvf.square().sum(0).sqrt().numpy())
+    assert pair.magnitude[pair.body].max() > 3.0  # the affine leaves misalignment to learn
+    assert not torch.equal(pair.pyramid[1][0], pair.pyramid[1][1])
+
+
+def test_the_bank_registers_each_case_once_and_a_larger_bank_only_the_new_ones(chest, tmp_path, monkeypatch):
+    RegistrationBank([chest], ("affine",), 1, tmp_path, DEFAULT_CONFIG, threads=1).build()
+    registered = []
+    real = trainer.registration_bank.register_breathing
+    monkeypatch.setattr(trainer.registration_bank, "register_breathing",
+                        lambda *a, **k: registered.append(a[2]) or real(*a, **k))
+    again = RegistrationBank([chest], ("affine",), 1, tmp_path, DEFAULT_CONFIG, threads=1)
+    first = again.draw(1, np.random.default_rng(0))[0]
+    assert registered == []  # read back
+    larger = RegistrationBank([chest], ("affine",), 2, tmp_path, DEFAULT_CONFIG, threads=1)
+    larger.build()
+    assert registered == [larger.cases[1].seed]
+    with pytest.raises(InputError, match="bank_pairs 3"):
+        larger.draw(3, np.random.default_rng(0))
+    assert first.name == RegistrationBank([chest], ("affine",), 1, tmp_path, DEFAULT_CONFIG).draw(
+        1, np.random.default_rng(0))[0].name
+
+
+def test_the_config_asks_for_a_whole_bank():
+    with pytest.raises(ValueError, match="bank_pairs 2 needs"):
+        TrainConfig(bank_pairs=2)
+    with pytest.raises(ValueError, match="bank_registrations"):
+        TrainConfig(bank_pairs=1, bank_cases=1, bank_registrations=("bspline7",))
+    TrainConfig(bank_pairs=1, bank_cases=1, bank_registrations=("affine",))
+
+
+def test_a_run_draws_bank_pairs_of_its_real_scans_beside_the_synthetic_ones(chest, tmp_path):
+    from trainer.train import Trainer
+
+    data = tmp_path / "data"
+    data.mkdir()
+    sitk.WriteImage(sitk.GetImageFromArray(chest.hu), str(data / "chest.nii.gz"))
+    cfg = TrainConfig.smoke(data=str(data), holdout_fraction=0.2, out=str(tmp_path / "run"), bank_pairs=1,
+                            bank_cases=1, bank_registrations=("affine",))
+    run = Trainer(cfg)
+    scan = run.train_scans[0].name
+    assert len(run.train_scans) == 1 and scan.startswith("chest.nii.gz[z")  # phantoms are not in the bank
+    pool = run._pool_sampler(3, 0).pairs
+    assert len(pool) == cfg.pool_pairs + 1
+    assert [pair.registration for pair in pool] == ["", "", "affine"]
+    assert pool[-1].name.startswith(f"{scan}/breathing")
