@@ -41,12 +41,14 @@ def test_only_scans_whose_lungs_fill_a_tenth_of_the_body_are_chest_cts(chest):
         RegistrationBank([solid()], ("affine",), 1, None, DEFAULT_CONFIG)
 
 
-def test_shown_is_where_the_mapped_voxel_falls_inside_the_moving_image():
+def test_shown_is_where_the_mapped_voxel_falls_inside_the_bounds():
     displacement = np.zeros((3, 4, 5, 6), dtype=np.float32)
     displacement[0] = 1.5   # x + 1.5 mm: the last two columns map beyond the image
     displacement[2, 0] = -0.5  # the first slice maps below it
-    inside = shown(displacement)
+    inside = shown(displacement, ((0, 0, 0), (3, 4, 5)))
     assert inside[1:, :, :4].all() and not inside[:, :, 4:].any() and not inside[0].any()
+    wider = shown(displacement, ((-1, 0, 0), (3, 4, 6)))  # a scan reaching one voxel below and beside the box
+    assert wider[:, :, :5].all() and not wider[:, :, 5].any()
 
 
 def test_a_bank_pair_is_the_judges_residual_supervised_where_the_registered_image_shows(chest, tmp_path):
@@ -59,7 +61,10 @@ def test_a_bank_pair_is_the_judges_residual_supervised_where_the_registered_imag
     displacement = made.registrations["affine"].displacement(made.moving)
     assert pair.registered and pair.registration == "affine"
     assert torch.allclose(pair.dvf, made.residual("affine", displacement), atol=0.02)  # float16 on disk
-    assert np.array_equal(pair.body, made.body & shown(displacement)) and pair.body.mean() > 0.3
+    in_box = shown(displacement, ((0, 0, 0), tuple(n - 1 for n in made.body.shape)))
+    in_scan = shown(made.residual("affine", displacement).numpy(), made.scan_box)
+    assert in_box.mean() < 1 and in_scan.mean() < 1  # the phantom's box is the whole scan: both bite at its faces
+    assert np.array_equal(pair.body, made.body & in_box & in_scan) and pair.body.mean() > 0.3
     assert np.allclose(pair.magnitude, pair.dvf.square().sum(0).sqrt().numpy())
     assert pair.magnitude[pair.body].max() > 3.0  # the affine leaves misalignment to learn
     assert not torch.equal(pair.pyramid[1][0], pair.pyramid[1][1])

@@ -40,8 +40,9 @@ from trainer.registration_judge import JUDGE_SEED, register_breathing
 
 BANK_SEED = JUDGE_SEED + 1
 """The bank's breathing seeds are drawn from this, the scan's name and the case number."""
-BANK_VERSION = 1
-"""Raise it when a change here changes the bank's pairs (it is part of every case's file name)."""
+BANK_VERSION = 2
+"""Raise it when a change here changes the bank's pairs (it is part of every case's file name). 2: not supervised
+where the registered image shows the scan's repeated border."""
 MIN_LUNG_SHARE = 0.1
 """Scans whose lungs fill less of the body than this are not chest CTs for the bank: the shared data's chest CTs
 hold 19-33 %, its abdomen (bowel gas) 1.5 %, its 40-slice DICOM series 1 %."""
@@ -118,11 +119,12 @@ class RegistrationBank:
             for setting in self.settings:
                 registration = made.registrations[setting]
                 displacement = registration.displacement(made.moving)
+                residual = made.residual(setting, displacement)
+                box = ((0, 0, 0), tuple(n - 1 for n in made.body.shape))
+                supervised = made.body & shown(displacement, box) & shown(residual.numpy(), made.scan_box)
                 deformed = np.rint(sitk.GetArrayFromImage(registration.deformed)).astype(np.int16)
-                entry = {"fixed": fixed, "deformed": torch.from_numpy(deformed),
-                         "residual": made.residual(setting, displacement).half(),
-                         "supervised": torch.from_numpy(made.body & shown(displacement)),
-                         "seed": case.seed, "phase": case.phase}
+                entry = {"fixed": fixed, "deformed": torch.from_numpy(deformed), "residual": residual.half(),
+                         "supervised": torch.from_numpy(supervised), "seed": case.seed, "phase": case.phase}
                 path = case.path(self.folder, setting)
                 part = path.with_name(f"{path.name}.{os.getpid()}.part")  # whole files only, whoever writes them
                 torch.save(entry, part)
@@ -132,7 +134,8 @@ class RegistrationBank:
 
     def pair(self, case: BankCase, setting: str) -> DeformedPair:
         """The pair of ``case`` registered with ``setting``: fixed = the lungs' box, moving = the registered image,
-        DVF = the residual (3, D, H, W) mm, supervised = the body where the registered image shows the moving one."""
+        DVF = the residual (3, D, H, W) mm, supervised = the body where the registered image shows real anatomy
+        (``shown``)."""
         entry = torch.load(case.path(self.folder, setting), weights_only=True)
         dvf = entry["residual"].float()
         body = entry["supervised"].numpy()
@@ -151,16 +154,17 @@ class RegistrationBank:
         return [self.pair(*entries[int(i)]) for i in rng.choice(len(entries), size=count, replace=False)]
 
 
-def shown(displacement: np.ndarray) -> np.ndarray:
-    """(D, H, W) bool: fixed voxels x whose x + t(x) (``displacement`` (3, D, H, W) mm on a 1 mm grid from 0,
-    components x, y, z along W, H, D) falls inside the moving image, where the registered image shows it (elsewhere
-    elastix fills its default value)."""
+def shown(displacement: np.ndarray, bounds: tuple[tuple[int, int, int], tuple[int, int, int]]) -> np.ndarray:
+    """(D, H, W) bool: voxels x whose x + d(x) (``displacement`` (3, D, H, W) mm on a 1 mm grid from 0, components
+    x, y, z along W, H, D) falls within ``bounds``, the (first, last) voxel (z, y, x) of an image. The registered
+    image shows the moving one where x + t(x) lies in it (elsewhere elastix fills its default value), and real
+    anatomy where x + r(x) lies in the whole scan (beyond it the moved image repeats the scan's border)."""
     inside = np.ones(displacement.shape[1:], dtype=bool)
     for component, axis in zip(range(3), (2, 1, 0)):
-        size = displacement.shape[1 + axis]
-        position = np.arange(size, dtype=np.float32).reshape([-1 if a == axis else 1 for a in range(3)])
+        position = np.arange(displacement.shape[1 + axis], dtype=np.float32).reshape(
+            [-1 if a == axis else 1 for a in range(3)])
         target = position + displacement[component]
-        inside &= (target >= 0) & (target <= size - 1)
+        inside &= (target >= bounds[0][axis]) & (target <= bounds[1][axis])
     return inside
 
 

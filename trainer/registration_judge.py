@@ -59,6 +59,9 @@ class BreathingRegistrations:
     body: np.ndarray
     """(D, H, W) bool: the box's body."""
     registrations: dict[str, Registration]
+    scan_box: tuple[tuple[int, int, int], tuple[int, int, int]] = ((0, 0, 0), (0, 0, 0))
+    """The whole scan's voxels (first, last) (z, y, x) in the box's index: where the moved image reads real
+    anatomy (beyond them ``breathe`` repeats the scan's border)."""
 
     def residual(self, setting: str, displacement: np.ndarray | None = None) -> torch.Tensor:
         """r(x) = t(x) + u(x + t(x)) of ``setting``'s registration T(x) = x + t(x): (3, D, H, W) mm; ``displacement``:
@@ -85,8 +88,9 @@ def register_breathing(image: TrainingImage, settings: Sequence[str], seed: int 
     moved, field = breathe(fixed_hu, box, seed, phase=phase, whole=(image.hu, anatomy.lung))
     fixed, moving = _image(fixed_hu), _image(moved)
     registrations = ElastixRunner(tiny=tiny, threads=threads).run_settings(fixed, moving, settings)
+    scan_box = (tuple(-a for a in start), tuple(n - 1 - a for n, a in zip(image.hu.shape, start)))
     return BreathingRegistrations(fixed, moving, field, np.asarray(box.lung, dtype=bool), np.asarray(box.body, dtype=bool),
-                                  registrations)
+                                  registrations, scan_box)
 
 
 def registration_pairs(image: TrainingImage, settings: Sequence[str], config: MisalignmentConfig,
