@@ -70,6 +70,14 @@ def test_a_bank_pair_is_the_judges_residual_supervised_where_the_registered_imag
     assert not torch.equal(pair.pyramid[1][0], pair.pyramid[1][1])
 
 
+def test_the_scans_bounds_are_counted_from_the_box(chest):
+    """20 slices of air below the scan move its lungs' box up by 20: the scan then begins 20 voxels further below
+    the box, and ends where it did above it."""
+    padded = TrainingImage("padded", np.concatenate([np.full((20, *chest.hu.shape[1:]), -1000.0, np.float32), chest.hu]))
+    plain, lifted = (register_breathing(image, ("affine",), threads=1).scan_box for image in (chest, padded))
+    assert lifted[0] == (plain[0][0] - 20, *plain[0][1:]) and lifted[1] == plain[1]
+
+
 def test_the_bank_registers_each_case_once_and_a_larger_bank_only_the_new_ones(chest, tmp_path, monkeypatch):
     RegistrationBank([chest], ("affine",), 1, tmp_path, DEFAULT_CONFIG, threads=1).build()
     registered = []

@@ -68,10 +68,11 @@ def copy_back(path: Path, out: Path) -> None:
 
 def train_command(python: str, data: str, device: str, batch_size: int, minutes: float) -> list[str]:
     """The canonical run resumed on ``device`` for ``minutes`` (the trainer stops after the epoch that
-    passes them); deformed pairs are made on the GPU."""
+    passes them); deformed pairs are made on the GPU. Without the registration bank: its files (GBs, not
+    carried) would be registered again inside the lease, so that stretch draws synthetic pairs only."""
     return [python, "-m", "trainer.train", "--config", str(CANONICAL), "--resume", "--data", data,
             "--device", device, "--batch-size", str(batch_size), "--set", f"pool_on_device={str(device != 'cpu').lower()}",
-            "--set", f"time_limit_minutes={minutes:.2f}"]
+            "--set", f"time_limit_minutes={minutes:.2f}", "--set", "bank_pairs=0"]
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -9,7 +9,7 @@ where elastix fails (sliding pleura, lung base, small vessels). The bank gives t
 training scans, made as the judge's are (``register_breathing``), never of the held-out scan.
 
 Each case (scan, breathing seed, phase) is registered once with every setting and kept on disk (``folder``, one
-file per setting: HU as int16, residual as float16, about 0.15 GB for a lung box of 19 M voxels), named by a
+file per setting: HU as int16, residual as float16, about 0.2 GB for a lung box of 19 M voxels), named by a
 hash of everything it is made from, so that a resumed run reads the same pairs and a larger ``cases`` only
 registers the new ones.
 """
@@ -36,7 +36,7 @@ from RegistrationMisalignmentLib.preprocess import build_pyramid
 from RegistrationMisalignmentLib.synthetic.breathing import chest_anatomy
 from RegistrationMisalignmentLib.synthetic.images import TrainingImage, scan_stem
 from trainer.dataset import CENTRE_STRIDE, DeformedPair
-from trainer.registration_judge import JUDGE_SEED, register_breathing
+from trainer.registration_judge import JUDGE_SEED, JUDGE_VERSION, register_breathing
 
 BANK_SEED = JUDGE_SEED + 1
 """The bank's breathing seeds are drawn from this, the scan's name and the case number."""
@@ -97,10 +97,11 @@ class RegistrationBank:
         files = b"".join((ELASTIX_DIR / name).read_bytes() for s in self.settings for name in setting_files(s))
         self.cases = []
         for image in chest:
-            scan = hashlib.sha256(np.ascontiguousarray(image.hu).tobytes()).hexdigest()
+            scan = hashlib.sha256(memoryview(np.ascontiguousarray(image.hu, dtype=np.float32)).cast("B")).hexdigest()
             for index in range(cases):
                 seed, phase = case_seed(image, index), 1 if index % 2 == 0 else -1
-                key = hashlib.sha256(json.dumps([BANK_VERSION, scan, seed, phase, self.settings]).encode() + files)
+                key = hashlib.sha256(json.dumps([BANK_VERSION, JUDGE_VERSION, scan, image.hu.shape, seed, phase,
+                                                 self.settings]).encode() + files)
                 self.cases.append(BankCase(image, seed, phase, f"{scan_stem(image.name)}_{key.hexdigest()[:12]}"))
 
     @property
@@ -132,7 +133,7 @@ class RegistrationBank:
             self.log(f"registration bank: case {number}/{len(missing)} ({case.image.name}, breathing {case.seed}, "
                      f"{'exhale' if case.phase > 0 else 'inhale'}) registered in {time.perf_counter() - started:.0f} s")
 
-    def pair(self, case: BankCase, setting: str) -> DeformedPair:
+    def pair(self, case: BankCase, setting: str, device: str | torch.device = "cpu") -> DeformedPair:
         """The pair of ``case`` registered with ``setting``: fixed = the lungs' box, moving = the registered image,
         DVF = the residual (3, D, H, W) mm, supervised = the body where the registered image shows real anatomy
         (``shown``)."""
@@ -140,18 +141,19 @@ class RegistrationBank:
         dvf = entry["residual"].float()
         body = entry["supervised"].numpy()
         centres = np.argwhere(body[::CENTRE_STRIDE, ::CENTRE_STRIDE, ::CENTRE_STRIDE]) * CENTRE_STRIDE
-        pyramid = build_pyramid(entry["fixed"].float().numpy(), entry["deformed"].float().numpy(), self.config)
+        pyramid = build_pyramid(entry["fixed"].float().numpy(), entry["deformed"].float().numpy(), self.config, device)
         return DeformedPair(f"{case.image.name}/breathing{case.seed}/{setting}", pyramid, dvf,
                             dvf.square().sum(0).sqrt().numpy(), body, centres, registered=True, registration=setting)
 
-    def draw(self, count: int, rng: np.random.Generator) -> list[DeformedPair]:
-        """``count`` different pairs of the bank, drawn uniformly; builds what is missing first."""
+    def draw(self, count: int, rng: np.random.Generator, device: str | torch.device = "cpu") -> list[DeformedPair]:
+        """``count`` different pairs of the bank, drawn uniformly, their pyramids on ``device`` (with the synthetic
+        pairs'); builds what is missing first."""
         self.build()
         entries = self.entries
         if count > len(entries):
             raise InputError(f"bank_pairs {count} exceeds the registration bank's {len(entries)} pairs: "
                              "give fewer or raise bank_cases")
-        return [self.pair(*entries[int(i)]) for i in rng.choice(len(entries), size=count, replace=False)]
+        return [self.pair(*entries[int(i)], device) for i in rng.choice(len(entries), size=count, replace=False)]
 
 
 def shown(displacement: np.ndarray, bounds: tuple[tuple[int, int, int], tuple[int, int, int]]) -> np.ndarray:
