@@ -124,7 +124,7 @@ class TrainConfig:
     """The registration bank (``trainer.registration_bank``): every training chest CT moved by ``bank_cases`` breathing
     fields of its own (exhale and inhale in turn) and registered back by elastix with these settings
     (``benchmark.elastix.SETTINGS``), the truth the dense residual: pairs as a real registration leaves them.
-    Built once (4-6 minutes per case on 2 cores) and kept in OUT/bank/ (not committed)."""
+    Built once (1.5-3.5 minutes per case on 2 cores) and kept in OUT/bank/ (not committed)."""
     bank_cases: int = 0
     """Breathing cases per training chest CT in the registration bank."""
     bank_pairs: int = 0
