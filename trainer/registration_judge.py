@@ -59,7 +59,7 @@ class BreathingRegistrations:
     body: np.ndarray
     """(D, H, W) bool: the box's body."""
     registrations: dict[str, Registration]
-    scan_box: tuple[tuple[int, int, int], tuple[int, int, int]] = ((0, 0, 0), (0, 0, 0))
+    scan_box: tuple[tuple[int, int, int], tuple[int, int, int]]
     """The whole scan's voxels (first, last) (z, y, x) in the box's index: where the moved image reads real
     anatomy (beyond them ``breathe`` repeats the scan's border)."""
 
