@@ -52,6 +52,14 @@ class DeformedPair:
     registration: str = ""
     """The elastix setting that registered it (``trainer.registration_bank``, the registration judge); "": synthetic."""
 
+    @classmethod
+    def of(cls, name: str, pyramid: dict[int, torch.Tensor], dvf: torch.Tensor, body: np.ndarray,
+           registered: bool = False, registration: str = "") -> "DeformedPair":
+        """The pair with what follows from its DVF (on any device; kept on the CPU) and body: |DVF| and the centres."""
+        magnitude = dvf.square().sum(0).sqrt().cpu().numpy()  # |u|; vector_norm is several times slower here
+        centres = np.argwhere(body[::CENTRE_STRIDE, ::CENTRE_STRIDE, ::CENTRE_STRIDE]) * CENTRE_STRIDE
+        return cls(name, pyramid, dvf.cpu(), magnitude, body, centres, registered, registration)
+
 
 def make_pair(image: TrainingImage, kind: str, seed: int, config: MisalignmentConfig, settings: DVFSettings,
               device: str | torch.device = "cpu", registered: bool = False, motion_left: float = 0.0) -> DeformedPair:
@@ -68,10 +76,8 @@ def make_pair(image: TrainingImage, kind: str, seed: int, config: MisalignmentCo
     else:
         moving, dvf = deform_pair(fixed, kind, spacing, generator, settings)
     pyramid = build_pyramid(image.hu, moving.cpu().numpy(), config, device)
-    magnitude = dvf.square().sum(0).sqrt().cpu().numpy()  # |u|; vector_norm is several times slower here
-    centres = np.argwhere(body[::CENTRE_STRIDE, ::CENTRE_STRIDE, ::CENTRE_STRIDE]) * CENTRE_STRIDE
     name = f"{image.name}/{kind}{'/registered' if registered else ''}/{seed}"
-    return DeformedPair(name, pyramid, dvf.cpu(), magnitude, body, centres, registered)
+    return DeformedPair.of(name, pyramid, dvf, body, registered)
 
 
 def class_shares(classes: np.ndarray) -> np.ndarray:

@@ -35,7 +35,7 @@ from RegistrationMisalignmentLib.errors import InputError
 from RegistrationMisalignmentLib.preprocess import build_pyramid
 from RegistrationMisalignmentLib.synthetic.breathing import chest_anatomy
 from RegistrationMisalignmentLib.synthetic.images import TrainingImage, scan_stem
-from trainer.dataset import CENTRE_STRIDE, DeformedPair
+from trainer.dataset import DeformedPair
 from trainer.registration_judge import JUDGE_SEED, JUDGE_VERSION, register_breathing
 
 BANK_SEED = JUDGE_SEED + 1
@@ -117,11 +117,11 @@ class RegistrationBank:
             started = time.perf_counter()
             made = register_breathing(case.image, self.settings, case.seed, self.threads, phase=case.phase)
             fixed = torch.from_numpy(np.rint(sitk.GetArrayFromImage(made.fixed)).astype(np.int16))
+            box = ((0, 0, 0), tuple(n - 1 for n in made.body.shape))
             for setting in self.settings:
                 registration = made.registrations[setting]
                 displacement = registration.displacement(made.moving)
                 residual = made.residual(setting, displacement)
-                box = ((0, 0, 0), tuple(n - 1 for n in made.body.shape))
                 supervised = made.body & shown(displacement, box) & shown(residual.numpy(), made.scan_box)
                 deformed = np.rint(sitk.GetArrayFromImage(registration.deformed)).astype(np.int16)
                 entry = {"fixed": fixed, "deformed": torch.from_numpy(deformed), "residual": residual.half(),
@@ -138,12 +138,9 @@ class RegistrationBank:
         DVF = the residual (3, D, H, W) mm, supervised = the body where the registered image shows real anatomy
         (``shown``)."""
         entry = torch.load(case.path(self.folder, setting), weights_only=True)
-        dvf = entry["residual"].float()
-        body = entry["supervised"].numpy()
-        centres = np.argwhere(body[::CENTRE_STRIDE, ::CENTRE_STRIDE, ::CENTRE_STRIDE]) * CENTRE_STRIDE
         pyramid = build_pyramid(entry["fixed"].float().numpy(), entry["deformed"].float().numpy(), self.config, device)
-        return DeformedPair(f"{case.image.name}/breathing{case.seed}/{setting}", pyramid, dvf,
-                            dvf.square().sum(0).sqrt().numpy(), body, centres, registered=True, registration=setting)
+        return DeformedPair.of(f"{case.image.name}/breathing{case.seed}/{setting}", pyramid, entry["residual"].float(),
+                               entry["supervised"].numpy(), registered=True, registration=setting)
 
     def draw(self, count: int, rng: np.random.Generator, device: str | torch.device = "cpu") -> list[DeformedPair]:
         """``count`` different pairs of the bank, drawn uniformly, their pyramids on ``device`` (with the synthetic

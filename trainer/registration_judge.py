@@ -30,7 +30,7 @@ from RegistrationMisalignmentLib.preprocess import build_pyramid
 from RegistrationMisalignmentLib.spatial import compose
 from RegistrationMisalignmentLib.synthetic.breathing import BreathingField, breathe, chest_anatomy
 from RegistrationMisalignmentLib.synthetic.images import TrainingImage
-from trainer.dataset import CENTRE_STRIDE, DeformedPair
+from trainer.dataset import DeformedPair
 
 JUDGE_SEED = CHEST_SEED + MAX_CHEST_CASES
 """The registration judge's breathing field: after the protocol's (CHEST_SEED + i, i < MAX_CHEST_CASES)."""
@@ -105,14 +105,11 @@ def registration_pairs(image: TrainingImage, settings: Sequence[str], config: Mi
         raise ValueError(f"the registration judge works on the 1 mm grid, not {config.spacing_mm} mm")
     case = register_breathing(image, settings, seed, threads, tiny)
     fixed_hu = sitk.GetArrayFromImage(case.fixed)
-    centres = np.argwhere(case.lung[::CENTRE_STRIDE, ::CENTRE_STRIDE, ::CENTRE_STRIDE]) * CENTRE_STRIDE
     pairs = []
     for setting in settings:
-        residual = case.residual(setting)
         deformed = sitk.GetArrayFromImage(case.registrations[setting].deformed)
-        pairs.append(DeformedPair(f"{image.name}/breathing{seed}/{setting}", build_pyramid(fixed_hu, deformed, config),
-                                  residual, residual.square().sum(0).sqrt().numpy(), case.lung, centres,
-                                  registered=True, registration=setting))
+        pairs.append(DeformedPair.of(f"{image.name}/breathing{seed}/{setting}", build_pyramid(fixed_hu, deformed, config),
+                                     case.residual(setting), case.lung, registered=True, registration=setting))
     return pairs
 
 
