@@ -14,7 +14,7 @@ from RegistrationMisalignmentLib.errors import InputError
 from RegistrationMisalignmentLib.synthetic.images import TrainingImage
 from RegistrationMisalignmentLib.synthetic.phantom import make_chest_phantom
 from trainer.config import TrainConfig
-from trainer.registration_bank import RegistrationBank, is_chest, shown
+from trainer.registration_bank import RegistrationBank, chest_lungs, shown
 from trainer.registration_judge import register_breathing
 
 pytest.importorskip("itk")
@@ -34,9 +34,9 @@ def solid(shape=(40, 48, 48)) -> TrainingImage:
 
 
 def test_only_scans_whose_lungs_fill_a_tenth_of_the_body_are_chest_cts(chest):
-    assert is_chest(chest)
-    assert not is_chest(solid())
-    assert not is_chest(TrainingImage("water", np.full((20, 20, 20), 0.0, dtype=np.float32)))  # no air in the body
+    assert chest_lungs(chest) is not None
+    assert chest_lungs(solid()) is None
+    assert chest_lungs(TrainingImage("water", np.full((20, 20, 20), 0.0, dtype=np.float32))) is None  # no air in the body
     with pytest.raises(InputError, match="chest CT"):
         RegistrationBank([solid()], ("affine",), 1, None, DEFAULT_CONFIG)
 
@@ -68,6 +68,13 @@ def test_a_bank_pair_is_the_judges_residual_supervised_where_the_registered_imag
     assert np.allclose(pair.magnitude, pair.dvf.square().sum(0).sqrt().numpy())
     assert pair.magnitude[pair.body].max() > 3.0  # the affine leaves misalignment to learn
     assert not torch.equal(pair.pyramid[1][0], pair.pyramid[1][1])
+    lungs = RegistrationBank([chest, solid()], ("affine",), 2, tmp_path, DEFAULT_CONFIG, threads=1, region="lungs")
+    in_lungs = lungs.draw(1, np.random.default_rng(0))[0]  # the same files, read back
+    assert in_lungs.name == pair.name and np.array_equal(lungs.lungs["chest"], made.lung)
+    assert np.array_equal(in_lungs.body, pair.body & made.lung) and 0 < in_lungs.body.sum() < pair.body.sum()
+    assert torch.equal(in_lungs.dvf, pair.dvf)
+    with pytest.raises(ValueError, match="bank region 'lung'"):
+        RegistrationBank([chest], ("affine",), 1, tmp_path, DEFAULT_CONFIG, region="lung")
 
 
 def test_the_scans_bounds_are_counted_from_the_box(chest):
@@ -101,7 +108,9 @@ def test_the_config_asks_for_a_whole_bank():
         TrainConfig(bank_pairs=2)
     with pytest.raises(ValueError, match="bank_registrations"):
         TrainConfig(bank_pairs=1, bank_cases=1, bank_registrations=("bspline7",))
-    TrainConfig(bank_pairs=1, bank_cases=1, bank_registrations=("affine",))
+    with pytest.raises(ValueError, match="bank_region 'lung'"):
+        TrainConfig(bank_region="lung")
+    TrainConfig(bank_pairs=1, bank_cases=1, bank_registrations=("affine",), bank_region="lungs")
 
 
 def test_a_run_draws_bank_pairs_of_its_real_scans_beside_the_synthetic_ones(chest, tmp_path):
@@ -111,7 +120,7 @@ def test_a_run_draws_bank_pairs_of_its_real_scans_beside_the_synthetic_ones(ches
     data.mkdir()
     sitk.WriteImage(sitk.GetImageFromArray(chest.hu), str(data / "chest.nii.gz"))
     cfg = TrainConfig.smoke(data=str(data), holdout_fraction=0.2, out=str(tmp_path / "run"), bank_pairs=1,
-                            bank_cases=1, bank_registrations=("affine",))
+                            bank_cases=1, bank_registrations=("affine",), bank_region="lungs")
     run = Trainer(cfg)
     scan = run.train_scans[0].name
     assert len(run.train_scans) == 1 and scan.startswith("chest.nii.gz[z")  # phantoms are not in the bank
@@ -119,3 +128,4 @@ def test_a_run_draws_bank_pairs_of_its_real_scans_beside_the_synthetic_ones(ches
     assert len(pool) == cfg.pool_pairs + 1
     assert [pair.registration for pair in pool] == ["", "", "affine"]
     assert pool[-1].name.startswith(f"{scan}/breathing")
+    assert pool[-1].body.any() and not (pool[-1].body & ~run.bank.lungs[scan]).any()  # bank_region reaches the bank

@@ -29,12 +29,14 @@ import numpy as np
 import SimpleITK as sitk
 import torch
 
+from RegistrationMisalignmentLib.benchmark.cases import CHEST_MARGIN_MM
 from RegistrationMisalignmentLib.benchmark.elastix import ELASTIX_DIR, setting_files
 from RegistrationMisalignmentLib.config import MisalignmentConfig
 from RegistrationMisalignmentLib.errors import InputError
 from RegistrationMisalignmentLib.preprocess import build_pyramid
 from RegistrationMisalignmentLib.synthetic.breathing import chest_anatomy
 from RegistrationMisalignmentLib.synthetic.images import TrainingImage, scan_stem
+from trainer.config import BANK_REGIONS
 from trainer.dataset import DeformedPair
 from trainer.registration_judge import JUDGE_SEED, JUDGE_VERSION, register_breathing
 
@@ -68,28 +70,38 @@ def case_seed(image: TrainingImage, index: int) -> int:
                .generate_state(1)[0])
 
 
-def is_chest(image: TrainingImage) -> bool:
-    """Whether ``image``'s lungs (``chest_anatomy``) fill at least ``MIN_LUNG_SHARE`` of its body."""
+def chest_lungs(image: TrainingImage) -> np.ndarray | None:
+    """(D, H, W) bool: ``image``'s lungs (``chest_anatomy``) on the box ``register_breathing`` cuts (the lungs'
+    box + ``CHEST_MARGIN_MM``), or None when they fill less than ``MIN_LUNG_SHARE`` of its body (not a chest CT)."""
     try:
         anatomy = chest_anatomy(image.hu)
     except ValueError:  # no air inside the body
-        return False
-    return float(anatomy.lung.sum()) >= MIN_LUNG_SHARE * float(anatomy.body.sum())
+        return None
+    if float(anatomy.lung.sum()) < MIN_LUNG_SHARE * float(anatomy.body.sum()):
+        return None
+    start, stop = anatomy.lung_box(CHEST_MARGIN_MM)
+    return np.ascontiguousarray(anatomy.lung[tuple(slice(a, b) for a, b in zip(start, stop))])
 
 
 class RegistrationBank:
-    """``cases`` breathing cases of every training chest CT, registered by elastix with ``settings``.
+    """``cases`` breathing cases of every training chest CT, registered by elastix with ``settings``, supervised
+    on ``region`` (``trainer.config.BANK_REGIONS``).
 
-    Raises ``InputError`` when no image is a chest CT, and what ``register_breathing`` raises (a setting without
-    a parameter file, no itk-elastix).
+    Raises ``ValueError`` for another region or grid, ``InputError`` when no image is a chest CT, and what
+    ``register_breathing`` raises (a setting without a parameter file, no itk-elastix).
     """
 
     def __init__(self, images: Sequence[TrainingImage], settings: Sequence[str], cases: int, folder: Path,
-                 config: MisalignmentConfig, threads: int | None = None, log: Callable[[str], None] = print):
+                 config: MisalignmentConfig, threads: int | None = None, log: Callable[[str], None] = print,
+                 region: str = "body"):
         if config.spacing_mm != 1.0:
             raise ValueError(f"the registration bank works on the 1 mm grid, not {config.spacing_mm} mm")
+        if region not in BANK_REGIONS:
+            raise ValueError(f"bank region {region!r}: give one of {', '.join(BANK_REGIONS)}")
         self.settings, self.folder, self.config, self.threads, self.log = tuple(settings), folder, config, threads, log
-        chest = [image for image in images if is_chest(image)]
+        self.region = region
+        self.lungs = {image.name: lungs for image in images if (lungs := chest_lungs(image)) is not None}
+        chest = [image for image in images if image.name in self.lungs]
         if not chest:
             raise InputError(f"the registration bank needs a chest CT among the training scans (lungs at least "
                              f"{MIN_LUNG_SHARE:.0%} of the body; none in {', '.join(i.name for i in images) or 'none'}): "
@@ -136,11 +148,14 @@ class RegistrationBank:
     def pair(self, case: BankCase, setting: str, device: str | torch.device = "cpu") -> DeformedPair:
         """The pair of ``case`` registered with ``setting``: fixed = the lungs' box, moving = the registered image,
         DVF = the residual (3, D, H, W) mm, supervised = the body where the registered image shows real anatomy
-        (``shown``)."""
+        (``shown``), and with region "lungs" only its lungs (where the judge and the protocol score)."""
         entry = torch.load(case.path(self.folder, setting), weights_only=True)
         pyramid = build_pyramid(entry["fixed"].float().numpy(), entry["deformed"].float().numpy(), self.config, device)
+        supervised = entry["supervised"].numpy()
+        if self.region == "lungs":
+            supervised = supervised & self.lungs[case.image.name]
         return DeformedPair.of(f"{case.image.name}/breathing{case.seed}/{setting}", pyramid, entry["residual"].float(),
-                               entry["supervised"].numpy(), registered=True, registration=setting)
+                               supervised, registered=True, registration=setting)
 
     def draw(self, count: int, rng: np.random.Generator, device: str | torch.device = "cpu") -> list[DeformedPair]:
         """``count`` different pairs of the bank, drawn uniformly, their pyramids on ``device`` (with the synthetic
@@ -167,5 +182,5 @@ def shown(displacement: np.ndarray, bounds: tuple[tuple[int, int, int], tuple[in
     return inside
 
 
-__all__ = ["BANK_SEED", "BANK_VERSION", "MIN_LUNG_SHARE", "BankCase", "RegistrationBank", "case_seed", "is_chest",
-           "shown"]
+__all__ = ["BANK_SEED", "BANK_VERSION", "MIN_LUNG_SHARE", "BankCase", "RegistrationBank", "case_seed",
+           "chest_lungs", "shown"]

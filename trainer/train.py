@@ -278,7 +278,8 @@ class Trainer:
         real anatomy), built when first drawn from."""
         if self._bank is None:
             self._bank = RegistrationBank(self.train_scans, self.cfg.bank_registrations, self.cfg.bank_cases,
-                                          self.out / "bank", self.config, self.cfg.num_threads or None, self.log)
+                                          self.out / "bank", self.config, self.cfg.num_threads or None, self.log,
+                                          self.cfg.bank_region)
         return self._bank
 
     def log(self, message: str) -> None:
