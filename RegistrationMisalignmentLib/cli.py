@@ -303,7 +303,7 @@ def build_parser() -> argparse.ArgumentParser:
     study.add_argument("--dirlab", metavar="FOLDER", help="DIR-Lab 4DCT / COPDgene files (.img + landmark .txt)")
     study.add_argument("--pairs", metavar="CSV",
                        help="table case,fixed,moving,fixed_landmarks,moving_landmarks (paths relative to it)")
-    p.add_argument("--cases", type=positive_int, help="synthetic: number of cases (phantom 10, chest CT 1); external: "
+    p.add_argument("--cases", type=positive_int, help="synthetic: number of cases (phantom 10, chest CT 2); external: "
                    "the first N")
     p.add_argument("--landmarks", type=positive_int, default=300, help="lung landmarks per synthetic case (default 300)")
     p.add_argument("--settings", default="affine,bspline20,bspline100,bspline500,bspline2000",

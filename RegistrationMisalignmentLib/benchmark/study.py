@@ -45,10 +45,12 @@ ELASTIX_T = "elastix-t"
 ALL_CORRECT = "all-correct"
 DEFAULT_SYNTHETIC_CASES = 10
 """Phantom study: as many cases as DIR-Lab 4DCT has (10 x 300 landmarks x 5 settings = 15 000 points)."""
-DEFAULT_CHEST_CASES = 1
-"""Chest-CT study: one breathing field of the whole held-out chest CT (300 landmarks x 5 settings = 1 500
-points), what 2 CPU cores do in about an hour and a half: each prediction covers the lungs' box (~23 M voxels
-at 1 mm, 3-5 min per model and setting). ``--cases N`` adds breathing fields (seeds 7 030 000 + i)."""
+DEFAULT_CHEST_CASES = 2
+"""Chest-CT study: two breathing fields of the whole held-out chest CT (seeds 7 030 000 + i; 300 landmarks x 5
+settings x 2 = 3 000 points). One case left candidates within its landmarks' noise of each other (a paired
+bootstrap's 95 % interval of kappa +-0.03, ``benchmarks/compare_protocols.py``). Each prediction covers the
+lungs' box (~23 M voxels at 1 mm, 2.5-4 min per model and setting on 2 CPU cores): about 25 min per case for
+one model beside elastix-t."""
 TRUTH_DEFINITION = {
     "synthetic": "Truth: the moving image is M(y) = I(y + u(y)) for a known DVF u and the fixed F = I; elastix "
                  "finds T (fixed -> moving points), the deformed moving image is D(x) = M(T(x)) = I(T(x) + u(T(x))), "
