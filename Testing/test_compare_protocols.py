@@ -5,23 +5,24 @@ import csv
 import numpy as np
 import pytest
 
-from benchmarks.compare_protocols import compare, read_classes, report
+from benchmarks.compare_protocols import compare, draw_weights, paired_scores, read_classes, report
 
 FIELDS = ["case", "setting", "method", "label", "x", "y", "z", "tre_mm", "true_class", "predicted_class"]
 NAMES = ("correct", "poor", "wrong")
 
 
-def study(folder, true, predicted, settings=("affine", "bspline20")):
-    """A landmarks.csv of one case: ``true`` / ``predicted`` class indices per landmark, the same in each setting."""
+def study(folder, true, predicted, settings=("affine", "bspline20"), cases=("c0",)):
+    """A landmarks.csv: ``true`` / ``predicted`` class indices per landmark, the same in each case and setting."""
     folder.mkdir()
     with open(folder / "landmarks.csv", "w", newline="", encoding="utf-8") as handle:
         writer = csv.DictWriter(handle, FIELDS)
         writer.writeheader()
-        for setting in reversed(settings):  # out of order: rows are matched by (case, setting, label)
-            for label, (t, p) in enumerate(zip(true, predicted), 1):
-                for method, guess in (("regmis_lstm_631", p), ("all-correct", 0)):
-                    writer.writerow(dict(case="c0", setting=setting, method=method, label=label, x=0, y=0, z=0,
-                                         tre_mm=1.0, true_class=NAMES[t], predicted_class=NAMES[guess]))
+        for case in cases:
+            for setting in reversed(settings):  # out of order: rows are matched by (case, setting, label)
+                for label, (t, p) in enumerate(zip(true, predicted), 1):
+                    for method, guess in (("regmis_lstm_631", p), ("all-correct", 0)):
+                        writer.writerow(dict(case=case, setting=setting, method=method, label=label, x=0, y=0, z=0,
+                                             tre_mm=1.0, true_class=NAMES[t], predicted_class=NAMES[guess]))
     return folder
 
 
@@ -59,3 +60,27 @@ def test_studies_of_other_landmarks_or_without_the_method_are_refused(tmp_path, 
         compare(base, other, 10, 0)
     with pytest.raises(ValueError, match="no row of 'regnet'"):
         read_classes(tmp_path / "a", "regnet")
+
+
+def test_a_landmark_is_drawn_with_its_rows_of_every_case_and_setting(tmp_path, truth):
+    classed = read_classes(study(tmp_path / "a", truth, truth, cases=("c0", "c1")), "regmis_lstm_631")
+    weights = draw_weights(classed.label, 100, np.random.default_rng(0))
+    assert (weights[0] == 1).all() and np.allclose(weights.sum(axis=1), len(classed.label))
+    for label in (1, 17, 60):  # 2 cases x 2 settings: one count for its four rows in every draw
+        rows = weights[:, classed.label == label]
+        assert rows.shape[1] == 4 and (rows == rows[:, :1]).all()
+    assert weights[1:, classed.label == 1].std() > 0
+
+
+def test_both_models_average_the_same_classes_and_fewer_cw_is_better(tmp_path):
+    true = np.zeros(10, dtype=int)  # no wrong landmark in the truth
+    base, cand = np.zeros(10, dtype=int), np.where(np.arange(10) == 0, 2, 0)  # the candidate calls one wrong
+    b, c = paired_scores(true, base, cand, np.ones((1, 10)))
+    assert b[0, 0] == pytest.approx(100 * (1 + 0) / 2)  # F1 correct 1, F1 wrong 0 (predicted by the other)
+    assert c[0, 0] == pytest.approx(100 * (2 * 9 / 19 + 0) / 2) and c[0, 2] == 1 and b[0, 2] == 0
+    worse = np.where(np.arange(60) % 5 == 0, 2, 0)  # correct landmarks called wrong: cw 12 per setting
+    study(tmp_path / "a", np.zeros(60, dtype=int), np.zeros(60, dtype=int))
+    study(tmp_path / "b", np.zeros(60, dtype=int), worse)
+    line = next(r for r in report(tmp_path / "a", tmp_path / "b", "regmis_lstm_631", 50, 0).splitlines()
+                if r.startswith("| all settings"))
+    assert "| 0 / 24 | 24 [" in line and line.endswith("] | 0 / 100 % |")

@@ -2,11 +2,13 @@
 
 Both studies must have classed the same landmarks (same cases, settings and truth: ``landmarks.csv`` of two
 ``regmis benchmark`` runs). The difference in mean F1, kappa and cw (candidate minus baseline) is measured on
-all settings together and per setting, with a paired bootstrap: landmarks are drawn with replacement within
-each case, a landmark carrying its rows of every setting (its truth and both models' classes), so that the two
-models are always scored on the same draw (Efron & Tibshirani, *An Introduction to the Bootstrap*, 1993,
-ch. 13: percentile intervals). The interval covers which landmarks were picked, not which scans or breathing
-fields: with one case it understates the protocol's noise.
+all settings together and per setting, with a paired bootstrap: landmarks (labels) are drawn with replacement,
+a landmark carrying its rows of every case and setting (its truth and both models' classes; the chest-CT
+study's cases are the same scan's landmarks under other breathing fields), so that the two models are always
+scored on the same draw (Efron & Tibshirani, *An Introduction to the Bootstrap*, 1993, ch. 13: percentile
+intervals). Within a draw both models' mean F1 averages the same classes: those in the drawn truth or in
+either model's classes (a class one model never predicts and the draw never holds scores 0 for it, as for the
+other). The interval covers which landmarks were picked, not which scans or breathing fields.
 
     python benchmarks/compare_protocols.py benchmarks/results/protocol_chest_ct_stage2_e115 \\
         benchmarks/results/protocol_chest_ct_stage2_e194        # seconds; writes compare_<baseline>.md beside it
@@ -56,28 +58,26 @@ def read_classes(study: Path, method: str) -> Classed:
     return Classed(case, setting, label, true, predicted)
 
 
-def scores(true: np.ndarray, predicted: np.ndarray, weights: np.ndarray) -> np.ndarray:
-    """(resamples, 3): mean F1 %, kappa and cw of each row of ``weights`` (resamples, rows: how often a row is drawn)."""
-    flat = true * 3 + predicted
-    out = np.empty((len(weights), 3))
+def paired_scores(true: np.ndarray, baseline: np.ndarray, candidate: np.ndarray,
+                  weights: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Baseline's and candidate's (resamples, 3): mean F1 %, kappa and cw of each row of ``weights`` (resamples,
+    rows: how often a row is drawn); mean F1 over the same classes for both (the module's doc)."""
+    out = np.empty((2, len(weights), 3))
     for i, w in enumerate(weights):
-        confusion = np.bincount(flat, weights=w, minlength=9).reshape(3, 3)
-        f1 = f1_per_class(confusion)
-        out[i] = 100 * np.nanmean(f1), cohen_kappa(confusion), confusion[0, 2] + confusion[2, 0]
-    return out
+        confusions = [np.bincount(true * 3 + p, weights=w, minlength=9).reshape(3, 3) for p in (baseline, candidate)]
+        shown = confusions[0].sum(axis=1) + confusions[0].sum(axis=0) + confusions[1].sum(axis=0) > 0
+        for k, confusion in enumerate(confusions):
+            f1 = np.nan_to_num(f1_per_class(confusion))[shown]
+            out[k, i] = 100 * f1.mean(), cohen_kappa(confusion), confusion[0, 2] + confusion[2, 0]
+    return out[0], out[1]
 
 
-def draw_weights(baseline: Classed, rows: np.ndarray, resamples: int, rng: np.random.Generator) -> np.ndarray:
-    """(resamples + 1, rows.sum()): the first row all ones (the measured scores), then bootstrap draws of the
-    landmarks of each case, every setting's row of a drawn landmark counted as often as it is drawn."""
-    weights = np.ones((resamples + 1, int(rows.sum())))
-    case, label = baseline.case[rows], baseline.label[rows]
-    for name in np.unique(case):
-        in_case = case == name
-        labels, position = np.unique(label[in_case], return_inverse=True)
-        counts = rng.multinomial(len(labels), np.full(len(labels), 1 / len(labels)), size=resamples)
-        weights[1:, np.nonzero(in_case)[0]] = counts[:, position]
-    return weights
+def draw_weights(label: np.ndarray, resamples: int, rng: np.random.Generator) -> np.ndarray:
+    """(resamples + 1, len(label)): the first row all ones (the measured scores), then bootstrap draws of the
+    landmarks, every row of a drawn landmark (each case and setting) counted as often as it is drawn."""
+    labels, position = np.unique(label, return_inverse=True)
+    counts = rng.multinomial(len(labels), np.full(len(labels), 1 / len(labels)), size=resamples)
+    return np.concatenate([np.ones((1, len(label))), counts[:, position]])
 
 
 def compare(baseline: Classed, candidate: Classed, resamples: int, seed: int) -> list[tuple[str, np.ndarray, np.ndarray]]:
@@ -96,30 +96,34 @@ def compare(baseline: Classed, candidate: Classed, resamples: int, seed: int) ->
     scopes += [(s, baseline.setting == s) for s in order]
     out = []
     for scope, rows in scopes:
-        weights = draw_weights(baseline, rows, resamples, rng)
-        out.append((scope, scores(baseline.true[rows], baseline.predicted[rows], weights),
-                    scores(candidate.true[rows], candidate.predicted[rows], weights)))
+        weights = draw_weights(baseline.label[rows], resamples, rng)
+        out.append((scope, *paired_scores(baseline.true[rows], baseline.predicted[rows], candidate.predicted[rows],
+                                          weights)))
     return out
 
 
 def report(baseline: Path, candidate: Path, method: str, resamples: int, seed: int) -> str:
     base, cand = read_classes(baseline, method), read_classes(candidate, method)
-    cases = ", ".join(np.unique(base.case))
+    cases = np.unique(base.case)
+    command = (f"python benchmarks/compare_protocols.py {baseline} {candidate} --method {method} "
+               f"--resamples {resamples} --seed {seed}")
     lines = [f"# {candidate.name} against {baseline.name}: paired bootstrap on the protocol's landmarks", "",
-             f"`python benchmarks/compare_protocols.py {baseline} {candidate} --method {method} --resamples {resamples} "
-             f"--seed {seed}`", "",
-             f"{len(np.unique(base.label))} landmarks x {len(np.unique(base.setting))} settings in {len(np.unique(base.case))} "
-             f"case(s) ({cases}). Difference = candidate - baseline (cw: fewer is better); 95 % percentile interval "
-             f"over {resamples} paired draws of the landmarks within each case; 'better / worse in' = share of draws "
-             "where the candidate is better / worse. The interval covers the choice of landmarks, not of scans or breathing fields.", "",
+             f"`{command}`", "",
+             f"{len(np.unique(base.label))} landmarks x {len(np.unique(base.setting))} settings in {len(cases)} "
+             f"case(s) ({', '.join(cases)}). Difference = candidate - baseline (cw: fewer is better); 95 % "
+             f"percentile interval over {resamples} paired draws of the landmarks (each with its rows of every case "
+             "and setting); 'better / worse in' = share of draws where the candidate is better / worse. The "
+             "interval covers the choice of landmarks, not of scans or breathing fields; mean F1 averages, in each "
+             "draw, the classes its truth or either model holds.", "",
              "| scope | N | " + " | ".join(f"{s} base / cand | diff [95 %] | better / worse in" for s in SCORES) + " |",
              "|---|---|" + "---|---|---|" * len(SCORES)]
     for scope, b, c in compare(base, cand, resamples, seed):
         cells = []
         for k, name in enumerate(SCORES):
             diff = c[1:, k] - b[1:, k]
-            lo, hi = np.nanpercentile(diff, [2.5, 97.5])
-            better, worse = np.mean(-diff > 0 if name == "cw" else diff > 0), np.mean(diff > 0 if name == "cw" else diff < 0)
+            lo, hi = np.nanpercentile(diff, [2.5, 97.5]) if np.isfinite(diff).any() else (np.nan, np.nan)
+            gain = -diff if name == "cw" else diff
+            better, worse = np.mean(gain > 0), np.mean(gain < 0)
             fmt = "{:.3f}" if name == "kappa" else "{:.1f}" if name != "cw" else "{:.0f}"
             cells.append(f"{fmt.format(b[0, k])} / {fmt.format(c[0, k])} | {fmt.format(c[0, k] - b[0, k])} "
                          f"[{fmt.format(lo)}, {fmt.format(hi)}] | {100 * better:.0f} / {100 * worse:.0f} %")

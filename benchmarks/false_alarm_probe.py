@@ -56,7 +56,8 @@ def main(argv: list[str] | None = None) -> int:
         "height in box (slice)": index[:, 0].astype(float),
     }
     with open(args.protocol / "landmarks.csv", newline="", encoding="utf-8") as f:
-        rows = [r for r in csv.DictReader(f) if r["method"] == args.method and r["true_class"] == "correct"]
+        rows = [r for r in csv.DictReader(f)  # the study's first case: the one rebuilt above
+                if r["case"] == case.name and r["method"] == args.method and r["true_class"] == "correct"]
     lines = [f"# Where the false alarms are: `python benchmarks/false_alarm_probe.py "
              f"{' '.join(argv if argv is not None else sys.argv[1:])}`", "",
              f"Case {case.name}, {len(index)} landmarks; {args.method} in `{args.protocol}`. Truly correct landmarks "

@@ -68,7 +68,7 @@ def main(argv: list[str] | None = None) -> int:
              f"{' '.join(argv if argv is not None else sys.argv[1:])}`", "",
              f"The held-out scan registered by elastix with {', '.join(SETTINGS)} once; {len(seeds)} draws of "
              f"{trainer.cfg.val_patches} stratified blocks (the first, seed {seeds[0]}, is the run's own). Kappa per "
-             "draw, then all draws pooled, then the protocol's (all five settings, 1,500 landmarks).", "",
+             "draw, then all draws pooled, then the protocol's (its first case, all five settings, 1,500 landmarks).", "",
              "| draw (seed; c / p / w %) | " + " | ".join(names) + " | Spearman with the protocol |",
              "|---|" + "---|" * len(models) + "---|"]
     known = [i for i, found in enumerate(protocol) if found]
