@@ -334,3 +334,13 @@ def test_pairs_csv_reads_any_images_and_landmarks_and_lists_missing_files(tmp_pa
                      "B,f.nii.gz,gone.nii.gz,f.csv,m.mrk.json\n", encoding="utf-8")
     with pytest.raises(InputError, match=r"line 3 \(case 'B'\) misses moving .*gone\.nii\.gz"):
         read_pairs_csv(table)
+
+
+def test_a_reports_command_names_the_synthetic_studys_case_count_even_by_default():
+    """So that a report made under an earlier default still reproduces itself after the default changes."""
+    from RegistrationMisalignmentLib.benchmark.study import DEFAULT_CHEST_CASES, BenchmarkOptions
+
+    assert f"--chest-ct --cases {DEFAULT_CHEST_CASES} --landmarks" in BenchmarkOptions("chest-ct").command()
+    assert "--phantom --cases 10 --landmarks" in BenchmarkOptions("phantom").command()
+    assert "--cases 3" in BenchmarkOptions("chest-ct", cases=3).command()
+    assert "--cases" not in BenchmarkOptions("dirlab", source="data").command()  # external: every case found

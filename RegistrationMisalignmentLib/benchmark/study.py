@@ -69,7 +69,8 @@ class BenchmarkOptions:
     source: str | None = None
     """The DIR-Lab folder (study 'dirlab') or the pairs CSV (study 'pairs')."""
     cases: int | None = None
-    """Synthetic studies: number of cases (phantom 10, chest-ct 1); external: the first N cases found."""
+    """Synthetic studies: number of cases (``DEFAULT_SYNTHETIC_CASES``, ``DEFAULT_CHEST_CASES``); external: the first
+    N cases found."""
     landmarks: int = 300
     """Landmarks per synthetic case (external data bring their own)."""
     settings: tuple[str, ...] = SETTINGS
@@ -97,8 +98,9 @@ class BenchmarkOptions:
     def command(self) -> str:
         """The canonical command line that reproduces this run."""
         words = ["regmis", "benchmark", f"--{self.study}"] + ([self.source] if self.source else [])
-        if self.cases is not None:
-            words += ["--cases", str(self.cases)]
+        cases = self.cases or {"phantom": DEFAULT_SYNTHETIC_CASES, "chest-ct": DEFAULT_CHEST_CASES}.get(self.study)
+        if cases is not None:  # a synthetic study's count, given or default: the default may change
+            words += ["--cases", str(cases)]
         if self.study in SYNTHETIC_STUDIES:
             words += ["--landmarks", str(self.landmarks)]
         if tuple(self.settings) != SETTINGS:
