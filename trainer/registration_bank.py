@@ -79,8 +79,7 @@ def chest_lungs(image: TrainingImage) -> np.ndarray | None:
         return None
     if float(anatomy.lung.sum()) < MIN_LUNG_SHARE * float(anatomy.body.sum()):
         return None
-    start, stop = anatomy.lung_box(CHEST_MARGIN_MM)
-    return np.ascontiguousarray(anatomy.lung[tuple(slice(a, b) for a, b in zip(start, stop))])
+    return np.ascontiguousarray(anatomy.crop(*anatomy.lung_box(CHEST_MARGIN_MM)).lung)
 
 
 class RegistrationBank:
