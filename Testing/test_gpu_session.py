@@ -14,5 +14,6 @@ def test_train_command_resumes_the_canonical_run_with_a_time_limit():
     assert (cfg.data, cfg.device, cfg.batch_size, cfg.pool_on_device, cfg.time_limit_minutes) == \
         ("runs/cache", "cuda", 4, True, 8.5)
     assert canonical.bank_pairs and cfg.bank_pairs == 0  # the bank's files are not carried
+    assert cfg.pool_pairs == canonical.pool_pairs + canonical.bank_pairs  # synthetic pairs take their place
     cpu, _, _ = parse_args(train_command("python", "runs/cache", "cpu", 1, 2.0)[3:])
     assert cpu.pool_on_device is False and cpu.device == "cpu"

@@ -111,6 +111,9 @@ def test_the_config_asks_for_a_whole_bank():
     with pytest.raises(ValueError, match="bank_region 'lung'"):
         TrainConfig(bank_region="lung")
     TrainConfig(bank_pairs=1, bank_cases=1, bank_registrations=("affine",), bank_region="lungs")
+    with pytest.raises(ValueError, match="no training pair"):
+        TrainConfig(pool_pairs=0)
+    TrainConfig(pool_pairs=0, bank_pairs=1, bank_cases=1, bank_registrations=("affine",))
 
 
 def test_a_run_draws_bank_pairs_of_its_real_scans_beside_the_synthetic_ones(chest, tmp_path):

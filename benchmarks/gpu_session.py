@@ -24,6 +24,7 @@ import shutil
 import subprocess
 import sys
 import time
+import tomllib
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
@@ -68,16 +69,22 @@ def copy_back(path: Path, out: Path) -> None:
 
 def train_command(python: str, data: str, device: str, batch_size: int, minutes: float) -> list[str]:
     """The canonical run resumed on ``device`` for ``minutes`` (the trainer stops after the epoch that
-    passes them); deformed pairs are made on the GPU. Without the registration bank: its files (GBs, not
-    carried) would be registered again inside the lease, so that stretch draws synthetic pairs only."""
+    passes them); deformed pairs are made on the GPU.
+
+    Without the registration bank: its files (GBs, not carried) would be registered again inside the lease
+    (elastix is not on the GPU machine either), so that stretch draws as many synthetic pairs per epoch as the
+    run draws synthetic and bank pairs together (the canonical run draws bank pairs only: without this its
+    epochs would hold no pair). Synthetic pairs have pulled the run off the registration judge before
+    (canonical.toml, ``pool_pairs``); ``select_by`` keeps the best-judged weights for the export whatever
+    the stretch does, and the next CPU stretch may set the run back to them (``--rewind-to best``)."""
+    config = tomllib.loads(CANONICAL.read_text(encoding="utf-8"))
+    pairs = config.get("pool_pairs", 0) + config.get("bank_pairs", 0)
     return [python, "-m", "trainer.train", "--config", str(CANONICAL), "--resume", "--data", data,
             "--device", device, "--batch-size", str(batch_size), "--set", f"pool_on_device={str(device != 'cpu').lower()}",
-            "--set", f"time_limit_minutes={minutes:.2f}", "--set", "bank_pairs=0"]
+            "--set", f"time_limit_minutes={minutes:.2f}", "--set", "bank_pairs=0", "--set", f"pool_pairs={pairs}"]
 
 
 def main(argv: list[str] | None = None) -> int:
-    import tomllib
-
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--out", type=Path, required=True)
     p.add_argument("--data", default="runs/cache", help="training data: the compact cache carried with the call")

@@ -189,6 +189,9 @@ class TrainConfig:
             raise ValueError(f"bank_region {self.bank_region!r}: give one of {', '.join(BANK_REGIONS)}")
         if self.bank_pairs < 0 or self.bank_cases < 0:
             raise ValueError(f"bank_pairs {self.bank_pairs}, bank_cases {self.bank_cases}: give counts of 0 or more")
+        if self.pool_pairs + self.bank_pairs < 1:
+            raise ValueError("pool_pairs 0 and bank_pairs 0 leave an epoch no training pair: give pool_pairs "
+                             "(synthetic pairs per epoch) or bank_pairs (registration bank pairs per epoch)")
         if self.bank_pairs and not (self.bank_cases and self.bank_registrations):
             raise ValueError(f"bank_pairs {self.bank_pairs} needs a registration bank: give bank_cases (e.g. 2) and "
                              "bank_registrations (e.g. [\"affine\", \"bspline500\"]), or set bank_pairs = 0")
