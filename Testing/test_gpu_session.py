@@ -15,5 +15,6 @@ def test_train_command_resumes_the_canonical_run_with_a_time_limit():
         ("runs/cache", "cuda", 4, True, 8.5)
     assert canonical.bank_pairs and cfg.bank_pairs == 0  # the bank's files are not carried
     assert cfg.pool_pairs == canonical.pool_pairs + canonical.bank_pairs  # synthetic pairs take their place
+    assert canonical.select_by and cfg.select_by == ""  # the run's best weights are not judged anew there
     cpu, _, _ = parse_args(train_command("python", "runs/cache", "cpu", 1, 2.0)[3:])
     assert cpu.pool_on_device is False and cpu.device == "cpu"

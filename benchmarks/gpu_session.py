@@ -76,12 +76,15 @@ def train_command(python: str, data: str, device: str, batch_size: int, minutes:
     run draws synthetic and bank pairs together (the canonical run draws bank pairs only: without this its
     epochs would hold no pair). Synthetic pairs have pulled the run off the registration judge before
     (canonical.toml, ``pool_pairs``); ``select_by`` keeps the best-judged weights for the export whatever
-    the stretch does, and the next CPU stretch may set the run back to them (``--rewind-to best``)."""
+    the stretch does, and the next CPU stretch may set the run back to them (``--rewind-to best``). The
+    selection is off for the stretch: held-out blocks made there would start a new count and overwrite the
+    run's best weights with the stretch's first epoch."""
     config = tomllib.loads(CANONICAL.read_text(encoding="utf-8"))
     pairs = config.get("pool_pairs", 0) + config.get("bank_pairs", 0)
     return [python, "-m", "trainer.train", "--config", str(CANONICAL), "--resume", "--data", data,
             "--device", device, "--batch-size", str(batch_size), "--set", f"pool_on_device={str(device != 'cpu').lower()}",
-            "--set", f"time_limit_minutes={minutes:.2f}", "--set", "bank_pairs=0", "--set", f"pool_pairs={pairs}"]
+            "--set", f"time_limit_minutes={minutes:.2f}", "--set", "bank_pairs=0", "--set", f"pool_pairs={pairs}",
+            "--set", 'select_by=""']
 
 
 def main(argv: list[str] | None = None) -> int:

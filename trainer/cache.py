@@ -9,10 +9,11 @@ only by that rounding: the window clips everything outside it anyway.
     python -m trainer.cache --data ../shared/data --out runs/cache [--scans lidc_0001_chest_ct chest_ct_1.5mm ...]
 
 Size: all six scans of ../shared/data take 71 MiB (LIDC 13.6 each, POPI 19.0, the abdomen 15.7 at 1 mm),
-and a call to a lent GPU carries at most 64 MiB *with* the tracked working tree (60.5 MiB of it since
-stage 2 keeps the weights' average and its best weights: the canonical checkpoint alone is 37.7 MiB, its
-three finished RegNet files 17 of them). So a GPU stretch takes a subset (``--scans``), and large tracked
-files the run does not need (old study CSVs, the shipped models) are moved aside for the call. xz
+and a call to a lent GPU carries at most 64 MiB *with* the tracked working tree (68 MiB of it on
+2026-12-02: the canonical checkpoint alone is 38 MiB, its three finished RegNet files 17 of them, which a
+stage-2 resume does not read). So a GPU stretch takes a subset (``--scans``), and large tracked files the
+run does not need (the RegNet files, old study CSVs, the shipped models) are moved aside for the call.
+The GPU machine has no SimpleITK, which this module and the trainer import (README, "On a lent GPU"). xz
 compression saves only ~20 % (CT noise fills the low bits), so it is not used.
 """
 
