@@ -32,7 +32,7 @@ from RegistrationMisalignmentLib.body_mask import body_mask
 from RegistrationMisalignmentLib.config import PRECISIONS, MisalignmentConfig
 from RegistrationMisalignmentLib.errors import InputError
 from RegistrationMisalignmentLib.grid_resample import SLAB_VOXELS, resample_to_grid, source_box, target_slabs
-from RegistrationMisalignmentLib.io import prepare_mask, prepare_pair
+from RegistrationMisalignmentLib.io import moving_coverage, prepare_mask, prepare_pair
 from RegistrationMisalignmentLib.networks.regnet import ENCODER_CONTEXT, HEAD_CONTEXT
 from RegistrationMisalignmentLib.preprocess import (
     background_value, build_pyramid, extract_block, isotropic_reference, normalize_hu, pyramid_level, pyramid_of,
@@ -321,6 +321,25 @@ def resample_pair_on_device(fixed: sitk.Image, moving: sitk.Image, grid: sitk.Im
     return resample_to_grid(pair, fixed, grid, config.background_hu)
 
 
+def _limit_to_coverage(fixed: sitk.Image, moving: sitk.Image, mask: sitk.Image | None, coverage: sitk.Image,
+                       log: Callable[[str], None] | None) -> tuple[sitk.Image, sitk.Image]:
+    """Where the moving image has no data (``coverage`` 0) the map says nothing (label 0, as outside a mask),
+    and the network reads the fixed image there in its place: an aligned context instead of the fill's air,
+    which it would take for misalignment in every block that reaches past the moving image's edge."""
+    covered = sitk.Cast(coverage, sitk.sitkFloat32)
+    moving = moving * covered + fixed * (1.0 - covered)
+    region = mask != 0 if mask is not None else coverage >= 0
+    limited = sitk.Cast(sitk.And(region, coverage != 0), sitk.sitkUInt8)
+    if log is not None:
+        inside = int(np.count_nonzero(sitk.GetArrayViewFromImage(region)))
+        kept = int(np.count_nonzero(sitk.GetArrayViewFromImage(limited)))
+        log(f"the moving image covers only {100 * kept / max(inside, 1):.1f} % of the fixed image's "
+            f"{'mask' if mask is not None else 'grid'}: the rest gets label 0 (no data there); near the moving "
+            "image's edge the map sees less of it. Give a moving image resampled onto the fixed grid (as a "
+            "registration writes it) for a map of the whole image.")
+    return moving, limited
+
+
 def predict(fixed: sitk.Image, moving: sitk.Image, model: LoadedModel | None = None, *,
             mask: sitk.Image | None = None, device: str | torch.device = "auto", with_probabilities: bool = False,
             progress: Progress | None = None, cancel: Cancel | None = None,
@@ -330,7 +349,8 @@ def predict(fixed: sitk.Image, moving: sitk.Image, model: LoadedModel | None = N
     """Misalignment labelmap of the deformed ``moving`` image against ``fixed``, on the fixed grid.
 
     Without a ``mask`` the map covers the fixed image's body (``body_mask``; ``body_only=False`` for the
-    whole image): tiles outside it are not computed and their voxels get label 0, as outside a mask.
+    whole image): tiles outside it are not computed and their voxels get label 0, as outside a mask. So do
+    the fixed voxels the moving image does not reach (``io.moving_coverage``), with a warning through ``log``.
     ``precision``: "auto" (bf16 where the device computes it natively) or "float32" (see ``_autocast``).
 
     ``hu_offset`` is added to the images' values before the HU check (``io.prepare_pair``): one number
@@ -358,11 +378,14 @@ def predict(fixed: sitk.Image, moving: sitk.Image, model: LoadedModel | None = N
         return now
 
     report(0.0, "checking inputs")
-    fixed, moving = prepare_pair(fixed, moving, log=log, hu_offset=hu_offset)
+    fixed, moving_on_grid = prepare_pair(fixed, moving, log=log, hu_offset=hu_offset)
+    coverage, moving = moving_coverage(moving, fixed), moving_on_grid
     if mask is not None:
         mask = prepare_mask(mask, fixed, log=log)
     elif body_only:
         mask = body_mask(fixed)
+    if coverage is not None:
+        moving, mask = _limit_to_coverage(fixed, moving, mask, coverage, log)
     model = model or load_model(device=dev)
     module = model.module.to(dev)
     if model.decoder != "regnet-t":  # RegNet-t's blocks are cut elsewhere (dense_dvf) and stay as measured

@@ -9,9 +9,11 @@ slices lie on a regular grid, and every image that enters the network must look 
 
 from __future__ import annotations
 
+import gzip
 import os
 import shutil
 import tempfile
+import zlib
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -206,6 +208,7 @@ def read_image(path: str | os.PathLike, name: str = "image", *, series: str | No
     if series is not None:
         raise InputError(f"{name}: a DICOM series UID was given, but '{path}' is a file, not a DICOM folder; "
                          "drop the series option or give the folder.")
+    _check_gzip(path, name)
     try:
         return sitk.ReadImage(str(path))
     except RuntimeError as error:
@@ -213,6 +216,40 @@ def read_image(path: str | os.PathLike, name: str = "image", *, series: str | No
             f"{name}: '{path}' could not be read as an image ({_sitk_reason(error)}); give a "
             "NIfTI, NRRD, MHA or other SimpleITK-readable file, or a DICOM folder."
         ) from error
+
+
+def _check_gzip(path: Path, name: str) -> None:
+    """Raise ``InputError`` for a gzip-compressed file (.nii.gz, ...) that does not decompress to its end.
+
+    ITK reads a truncated one without a word and gives its missing part as zeros (0 HU: "wrong" wherever
+    the other image has air or lung), so the whole stream is checked first (about a second per 100 MB).
+    """
+    with open(path, "rb") as stream:
+        if stream.read(2) != b"\x1f\x8b":
+            return
+    try:
+        with gzip.open(path, "rb") as stream:
+            while stream.read(1 << 24):
+                pass
+    except (EOFError, OSError, zlib.error) as error:
+        raise InputError(f"{name}: '{path}' is a damaged gzip file ({error}): it was cut short or corrupted, and "
+                         "its missing voxels would be read as zeros. Copy or export it again (`gzip -t` checks a "
+                         "file).") from error
+
+
+def moving_coverage(moving: sitk.Image, fixed: sitk.Image) -> sitk.Image | None:
+    """uint8 on ``fixed``'s grid: 1 where the 3-D ``moving`` image has data (a fixed voxel's centre within half a
+    voxel of the moving grid), 0 beyond it; None when it covers every fixed voxel.
+
+    Why: resampled onto the fixed grid, the part of the fixed image the moving one does not reach reads as
+    air (``prepare_pair``'s fill), which the network takes for misalignment, there and in its context.
+    """
+    if not _geometry_differences(moving, fixed, 1e-4):
+        return None
+    ones = sitk.Image(moving.GetSize(), sitk.sitkUInt8) + 1
+    ones.CopyInformation(moving)
+    covered = sitk.Resample(ones, fixed, sitk.Transform(), sitk.sitkNearestNeighbor, 0, sitk.sitkUInt8)
+    return None if sitk.GetArrayViewFromImage(covered).all() else covered
 
 
 def validate_image(image: sitk.Image, name: str) -> None:

@@ -2,7 +2,8 @@
 
 A labelmap or probability map is 3-D: it is refused in a format that holds one slice (PNG, JPEG...)
 or in one SimpleITK cannot write. An output that resolves to one of the inputs (or lands inside an
-input DICOM folder) is refused, so a user's CT is never overwritten. An existing folder where a file is
+input DICOM folder) is refused, so a user's CT is never overwritten, and so is one that a reader would take
+for an input (``X.nii`` beside the input ``X.nii.gz``). An existing folder where a file is
 asked for, a file where a folder is asked for, a parent that is a file or not writable, and two outputs
 on one path are refused too. Every refusal is an ``InputError`` naming the option and the fix.
 """
@@ -35,6 +36,20 @@ class Output:
 def _suffix(path: Path) -> str:
     name = path.name.lower()
     return ".nii.gz" if name.endswith(".nii.gz") else path.suffix.lower()
+
+
+NIFTI_SUFFIXES = (".nii.gz", ".nii", ".hdr.gz", ".hdr", ".img.gz", ".img")
+"""Names NIfTI/Analyze readers take for one another: asked for ``X.nii.gz`` they may read ``X.nii`` (ITK
+does), and ``X.hdr`` / ``X.img`` are one image's two files."""
+
+
+def _nifti_twin(path: Path) -> Path | None:
+    """``path`` without its NIfTI/Analyze suffix (the name its readers look under), or None for another format."""
+    name = path.name.lower()
+    for suffix in NIFTI_SUFFIXES:
+        if name.endswith(suffix):
+            return path.with_name(path.name[: -len(suffix)])
+    return None
 
 
 def _writable_parent(path: Path, option: str) -> None:
@@ -81,6 +96,11 @@ def check_outputs(outputs: Iterable[Output], inputs: Iterable[str | os.PathLike 
             if resolved == source:
                 raise InputError(f"{output.option}: '{path}' is an input of this command; writing it would overwrite "
                                  "that input. Choose another output path.")
+            twin = _nifti_twin(resolved)
+            if twin is not None and twin == _nifti_twin(source):
+                raise InputError(f"{output.option}: '{path.name}' differs from the input '{source.name}' only by its "
+                                 "suffix; NIfTI readers (ITK's) may then read the one for the other, and the input "
+                                 "would seem changed. Choose another output name.")
             if source.is_dir() and output.kind != "folder" and source in resolved.parents:
                 raise InputError(f"{output.option}: '{path}' is inside the input folder '{source}'; writing there would "
                                  "change that input (a DICOM folder). Choose a path outside it.")

@@ -22,6 +22,7 @@ from RegistrationMisalignmentLib.errors import InputError, PredictionCancelled
 from RegistrationMisalignmentLib.evaluation import read_rows_csv
 from RegistrationMisalignmentLib.inference import predict
 from RegistrationMisalignmentLib.io import prepare_mask, prepare_pair, read_image
+from RegistrationMisalignmentLib.outputs import Output, check_outputs
 from RegistrationMisalignmentLib.landmarks import (
     Landmarks,
     invert_displacement_field,
@@ -550,3 +551,38 @@ def test_oblique_nrrd_in_las_space_reads_in_lps(tmp_path):
     lps_frame = np.array(read.GetDirection()).reshape(3, 3) * np.array(read.GetSpacing())
     np.testing.assert_allclose(lps_frame, (las_dirs * flip).T, atol=1e-9)
     np.testing.assert_array_equal(sitk.GetArrayFromImage(read), values)
+
+
+# ---- traps from public bug reports: a moving image short of the fixed one, damaged files, twin names ------
+def test_fixed_voxels_the_moving_image_does_not_reach_get_no_label_and_do_not_colour_the_rest(model_dir):
+    fixed = chest_crop(depth=48)[16:64, 16:64, :]
+    half = fixed[:, :, :24]  # its own grid: the lower half of the fixed image, nothing above it
+    model = load_model(model_dir / "test_singlescale.pt")
+    messages: list[str] = []
+    limited = sitk.GetArrayFromImage(predict(fixed, half, model, device="cpu", body_only=False,
+                                             log=messages.append).labelmap)
+    whole = sitk.GetArrayFromImage(predict(fixed, fixed, model, device="cpu", body_only=False).labelmap)
+    assert (limited[24:] == 0).all()  # (z, y, x): the upper half has no moving data
+    # the network read the fixed image where the moving one has none, so the covered half is classed as the
+    # identical pair is, not as a pair whose upper half is air
+    np.testing.assert_array_equal(limited[:24], whole[:24])
+    assert (whole > 0).all() and any("covers only 50.0 % of the fixed image's grid" in m for m in messages)
+
+
+def test_a_truncated_gzip_image_is_refused_not_read_as_zeros(tmp_path):
+    path = tmp_path / "fixed.nii.gz"
+    sitk.WriteImage(chest_crop(depth=24), str(path))
+    read_image(path)  # whole: reads
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2])
+    with pytest.raises(InputError, match="damaged gzip file"):
+        read_image(path, "fixed image")
+
+
+@pytest.mark.parametrize("output, source", [("moving.nii", "moving.nii.gz"), ("moving.nii.gz", "moving.nii"),
+                                            ("scan.nii.gz", "scan.hdr")])
+def test_an_output_a_nifti_reader_would_take_for_an_input_is_refused(tmp_path, output, source):
+    (tmp_path / source).write_bytes(b"")
+    with pytest.raises(InputError, match="differs from the input .* only by its suffix"):
+        check_outputs([Output("--out", tmp_path / output, "image")], [tmp_path / source])
+    check_outputs([Output("--out", tmp_path / f"map_{output}", "image")], [tmp_path / source])
