@@ -32,7 +32,7 @@ from RegistrationMisalignmentLib.body_mask import body_mask
 from RegistrationMisalignmentLib.config import PRECISIONS, MisalignmentConfig
 from RegistrationMisalignmentLib.errors import InputError
 from RegistrationMisalignmentLib.grid_resample import SLAB_VOXELS, resample_to_grid, source_box, target_slabs
-from RegistrationMisalignmentLib.io import moving_coverage, prepare_mask, prepare_pair
+from RegistrationMisalignmentLib.io import fill_region, moving_coverage, prepare_mask, prepare_pair
 from RegistrationMisalignmentLib.networks.regnet import ENCODER_CONTEXT, HEAD_CONTEXT
 from RegistrationMisalignmentLib.preprocess import (
     background_value, build_pyramid, extract_block, isotropic_reference, normalize_hu, pyramid_level, pyramid_of,
@@ -321,6 +321,19 @@ def resample_pair_on_device(fixed: sitk.Image, moving: sitk.Image, grid: sitk.Im
     return resample_to_grid(pair, fixed, grid, config.background_hu)
 
 
+def _without_fill(coverage: sitk.Image | None, fill: sitk.Image, value: float,
+                  log: Callable[[str], None] | None) -> sitk.Image:
+    """``coverage`` (None: everywhere) less a registration's fill (``io.fill_region``), with a note on the fix."""
+    if log is not None:
+        share = 100 * float(sitk.GetArrayViewFromImage(fill).mean())
+        log(f"{share:.1f} % of the moving image is one block of exactly {value:g} HU at its edge where the fixed "
+            "image shows anatomy: a registration's fill outside the original moving image (elastix: "
+            "DefaultPixelValue, 0 by default), treated as no data. Register with (DefaultPixelValue -1000) or "
+            "keep the fill in mind.")
+    outside = sitk.Cast(fill == 0, sitk.sitkUInt8)
+    return outside if coverage is None else sitk.Cast(sitk.And(coverage, outside), sitk.sitkUInt8)
+
+
 def _limit_to_coverage(fixed: sitk.Image, moving: sitk.Image, mask: sitk.Image | None, coverage: sitk.Image,
                        log: Callable[[str], None] | None) -> tuple[sitk.Image, sitk.Image]:
     """Where the moving image has no data (``coverage`` 0) the map says nothing (label 0, as outside a mask),
@@ -333,7 +346,7 @@ def _limit_to_coverage(fixed: sitk.Image, moving: sitk.Image, mask: sitk.Image |
     if log is not None:
         inside = int(np.count_nonzero(sitk.GetArrayViewFromImage(region)))
         kept = int(np.count_nonzero(sitk.GetArrayViewFromImage(limited)))
-        log(f"the moving image covers only {100 * kept / max(inside, 1):.1f} % of the fixed image's "
+        log(f"the moving image has data for only {100 * kept / max(inside, 1):.1f} % of the fixed image's "
             f"{'mask' if mask is not None else 'grid'}: the rest gets label 0 (no data there); near the moving "
             "image's edge the map sees less of it. Give a moving image resampled onto the fixed grid (as a "
             "registration writes it) for a map of the whole image.")
@@ -380,6 +393,9 @@ def predict(fixed: sitk.Image, moving: sitk.Image, model: LoadedModel | None = N
     report(0.0, "checking inputs")
     fixed, moving_on_grid = prepare_pair(fixed, moving, log=log, hu_offset=hu_offset)
     coverage, moving = moving_coverage(moving, fixed), moving_on_grid
+    fill = fill_region(moving, fixed)
+    if fill is not None:
+        coverage = _without_fill(coverage, *fill, log)
     if mask is not None:
         mask = prepare_mask(mask, fixed, log=log)
     elif body_only:

@@ -252,6 +252,39 @@ def moving_coverage(moving: sitk.Image, fixed: sitk.Image) -> sitk.Image | None:
     return None if sitk.GetArrayViewFromImage(covered).all() else covered
 
 
+FILL_MIN_SHARE = 0.01
+"""A fill region (``fill_region``) is at least this share of the image."""
+
+
+def fill_region(moving: sitk.Image, fixed: sitk.Image) -> tuple[sitk.Image, float] | None:
+    """(uint8 mask, value) of a registration's fill in the ``moving`` image on ``fixed``'s grid, or None.
+
+    A registered image's voxels that map outside the original moving image take one fill value (elastix:
+    ``DefaultPixelValue``, 0 by default), which reads as water where the fixed image shows anatomy and
+    which the network takes for misalignment. Found as the voxels of exactly the edges' most common value,
+    connected to an edge, at least ``FILL_MIN_SHARE`` of the image, where the fixed image is not uniform
+    (not both images' padding). Air-like values (below -900 HU) are left alone: they are what air reads as.
+    """
+    array = sitk.GetArrayViewFromImage(moving)
+    faces = np.concatenate([face.ravel() for face in (array[0], array[-1], array[:, 0], array[:, -1],
+                                                      array[:, :, 0], array[:, :, -1])])
+    values, counts = np.unique(faces, return_counts=True)
+    value = float(values[counts.argmax()])
+    if value < -900.0 or counts.max() < 0.05 * faces.size:
+        return None
+    same = sitk.Cast(moving == value, sitk.sitkUInt8)
+    labelled = sitk.ConnectedComponent(same)  # kept: the view below reads its buffer
+    components = sitk.GetArrayViewFromImage(labelled)
+    edge_labels = np.unique(np.concatenate([face.ravel() for face in (
+        components[0], components[-1], components[:, 0], components[:, -1], components[:, :, 0], components[:, :, -1])]))
+    region = np.isin(components, edge_labels[edge_labels > 0])
+    if region.sum() < FILL_MIN_SHARE * region.size or sitk.GetArrayViewFromImage(fixed)[region].std() < 20.0:
+        return None
+    mask = sitk.GetImageFromArray(region.astype(np.uint8))
+    mask.CopyInformation(fixed)
+    return mask, value
+
+
 def validate_image(image: sitk.Image, name: str) -> None:
     """Raise ``InputError`` unless ``image`` is a finite, non-constant, scalar 3-D CT of usable size."""
     dimension = image.GetDimension()

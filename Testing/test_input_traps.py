@@ -21,7 +21,7 @@ from RegistrationMisalignmentLib.config import DEFAULT_CONFIG
 from RegistrationMisalignmentLib.errors import InputError, PredictionCancelled
 from RegistrationMisalignmentLib.evaluation import read_rows_csv
 from RegistrationMisalignmentLib.inference import predict
-from RegistrationMisalignmentLib.io import prepare_mask, prepare_pair, read_image
+from RegistrationMisalignmentLib.io import fill_region, prepare_mask, prepare_pair, read_image
 from RegistrationMisalignmentLib.outputs import Output, check_outputs
 from RegistrationMisalignmentLib.landmarks import (
     Landmarks,
@@ -566,7 +566,7 @@ def test_fixed_voxels_the_moving_image_does_not_reach_get_no_label_and_do_not_co
     # the network read the fixed image where the moving one has none, so the covered half is classed as the
     # identical pair is, not as a pair whose upper half is air
     np.testing.assert_array_equal(limited[:24], whole[:24])
-    assert (whole > 0).all() and any("covers only 50.0 % of the fixed image's grid" in m for m in messages)
+    assert (whole > 0).all() and any("has data for only 50.0 % of the fixed image's grid" in m for m in messages)
 
 
 def test_a_truncated_gzip_image_is_refused_not_read_as_zeros(tmp_path):
@@ -586,3 +586,24 @@ def test_an_output_a_nifti_reader_would_take_for_an_input_is_refused(tmp_path, o
     with pytest.raises(InputError, match="differs from the input .* only by its suffix"):
         check_outputs([Output("--out", tmp_path / output, "image")], [tmp_path / source])
     check_outputs([Output("--out", tmp_path / f"map_{output}", "image")], [tmp_path / source])
+
+
+def test_a_registrations_zero_fill_is_no_data_not_misalignment(model_dir):
+    fixed = chest_crop(depth=48)[16:64, 16:64, :]
+    values = sitk.GetArrayFromImage(fixed)
+    values[30:] = 0  # (z, y, x): elastix's DefaultPixelValue 0 where the moving image had no data
+    moving = sitk.GetImageFromArray(values)
+    moving.CopyInformation(fixed)
+    assert fill_region(fixed, fixed) is None  # a CT's own edges are no fill
+    region, value = fill_region(moving, fixed)
+    filled = sitk.GetArrayFromImage(region).astype(bool)
+    # the fill, and the few voxels of exactly 0 HU of the anatomy that touch it
+    assert value == 0 and filled[30:].all() and filled[:30].mean() < 0.01
+    model = load_model(model_dir / "test_singlescale.pt")
+    messages: list[str] = []
+    labels = sitk.GetArrayFromImage(predict(fixed, moving, model, device="cpu", body_only=False,
+                                            log=messages.append).labelmap)
+    whole = sitk.GetArrayFromImage(predict(fixed, fixed, model, device="cpu", body_only=False).labelmap)
+    assert (labels[filled] == 0).all()
+    np.testing.assert_array_equal(labels[~filled], whole[~filled])
+    assert any("DefaultPixelValue" in m and "37.5 %" in m for m in messages)
