@@ -144,7 +144,7 @@ def _read_pair(args: argparse.Namespace):
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
-    from RegistrationMisalignmentLib.evaluation import evaluate_landmarks, write_rows_csv
+    from RegistrationMisalignmentLib.evaluation import evaluate_landmarks, none_inside_message, write_rows_csv
     from RegistrationMisalignmentLib.io import read_image
     from RegistrationMisalignmentLib.landmarks import read_landmark_pair, read_transform
 
@@ -169,6 +169,8 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
                                moving_reference=moving_reference, moving_on_own_grid=bool(args.transform))
     transform = read_transform(args.transform, log=lambda m: say(f"note: {m}")) if args.transform else None
     rows, report = evaluate_landmarks(labelmap, pairs.fixed, pairs.moving, transform)
+    if rows and report.n == 0:
+        raise InputError(f"no landmark to score: {none_inside_message(labelmap, pairs.fixed)}.")
     print(pairs.describe())
     print(report.format_table())
     if args.out_csv:

@@ -74,6 +74,24 @@ def evaluate_landmarks(labelmap: sitk.Image, fixed: Landmarks, moving: Landmarks
     return rows, evaluate_classes(true[inside], pred[inside])
 
 
+def none_inside_message(labelmap: sitk.Image, fixed: Landmarks) -> str:
+    """Why no fixed landmark was scored (``evaluate_landmarks`` gave ``report.n == 0``), and the fix: beyond the
+    labelmap's box (in RAS rather than LPS, when negating x and y puts them inside), or inside it at label 0."""
+    def within(points: np.ndarray) -> int:
+        ones = sitk.Image(labelmap.GetSize(), sitk.sitkUInt8) + 1
+        ones.CopyInformation(labelmap)
+        return int(np.count_nonzero(sample_labelmap(ones, points)))
+
+    n = len(fixed)
+    if within(fixed.points_lps):
+        return (f"all {n} fixed landmarks lie where the labelmap is 0 (outside the body or mask it covers); "
+                "check that they were placed on this fixed image")
+    hint = ("they lie inside it with x and y negated: the file is likely in RAS; give LPS (ITK, .csv) or a Slicer "
+            ".fcsv / .mrk.json that names its coordinate system" if within(fixed.points_lps * [-1.0, -1.0, 1.0])
+            else "check that they belong to this fixed image and are in LPS mm")
+    return f"all {n} fixed landmarks lie outside the labelmap's box; {hint}"
+
+
 def _class_name(index: int) -> str:
     return OUTSIDE_NAME if index == OUTSIDE else CLASS_NAMES[index]
 

@@ -183,15 +183,21 @@ def read_landmarks(path: str | Path, reference: sitk.Image | None = None) -> Lan
     path = _require_file(path, "Landmark")
     suffix = _suffix(path)
     if suffix in (".mrk.json", ".json"):
-        return _read_markups_json(path)
-    if suffix == ".fcsv":
-        return _read_fcsv(path)
-    if suffix == ".txt":
-        return _read_dirlab_txt(path, reference)
-    if suffix == ".csv":
-        return _read_plain_csv(path)
-    raise InputError(f"{path}: unknown landmark file type {suffix!r}; use .mrk.json, .fcsv, "
-                     "DIR-Lab .txt or .csv (label,x,y,z in LPS mm).")
+        landmarks = _read_markups_json(path)
+    elif suffix == ".fcsv":
+        landmarks = _read_fcsv(path)
+    elif suffix == ".txt":
+        landmarks = _read_dirlab_txt(path, reference)
+    elif suffix == ".csv":
+        landmarks = _read_plain_csv(path)
+    else:
+        raise InputError(f"{path}: unknown landmark file type {suffix!r}; use .mrk.json, .fcsv, "
+                         "DIR-Lab .txt or .csv (label,x,y,z in LPS mm).")
+    unknown = [label for label, p in zip(landmarks.labels, landmarks.points_lps) if not np.isfinite(p).all()]
+    if unknown:  # a nan would drop the point from every score without a word
+        raise InputError(f"{path}: {len(unknown)} landmark(s) with a coordinate that is not a number (nan or inf): "
+                         f"{_some(unknown)}; give all three coordinates or remove the point.")
+    return landmarks
 
 
 # ---- pairing ------------------------------------------------------------------------------

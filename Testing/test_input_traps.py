@@ -19,7 +19,7 @@ import SimpleITK as sitk
 from RegistrationMisalignmentLib.cli import build_parser, main
 from RegistrationMisalignmentLib.config import DEFAULT_CONFIG
 from RegistrationMisalignmentLib.errors import InputError, PredictionCancelled
-from RegistrationMisalignmentLib.evaluation import read_rows_csv
+from RegistrationMisalignmentLib.evaluation import none_inside_message, read_rows_csv
 from RegistrationMisalignmentLib.inference import predict
 from RegistrationMisalignmentLib.io import fill_region, prepare_mask, prepare_pair, read_image
 from RegistrationMisalignmentLib.outputs import Output, check_outputs
@@ -607,3 +607,26 @@ def test_a_registrations_zero_fill_is_no_data_not_misalignment(model_dir):
     assert (labels[filled] == 0).all()
     np.testing.assert_array_equal(labels[~filled], whole[~filled])
     assert any("DefaultPixelValue" in m and "37.5 %" in m for m in messages)
+
+
+@pytest.mark.parametrize("text", ["label,x,y,z\n1,1.0,2.0,3.0\n2,nan,2.0,3.0\n", "label,x,y,z\n1,1,2,3\n2,4,inf,6\n"])
+def test_a_landmark_with_a_coordinate_that_is_not_a_number_is_refused_by_label(tmp_path, text):
+    path = tmp_path / "fixed.csv"
+    path.write_text(text, encoding="utf-8")
+    with pytest.raises(InputError, match=r"not a number .*'2'"):
+        read_landmarks(path)
+
+
+def test_evaluate_with_no_landmark_inside_the_map_says_why_instead_of_scoring_nothing(tmp_path, capsys):
+    image = chest_crop(depth=24)
+    image.SetOrigin((100.0, 150.0, -50.0))  # negated x and y fall outside it
+    points = np.array([image.TransformIndexToPhysicalPoint(i) for i in ((10, 10, 5), (40, 60, 12), (70, 30, 20))])
+    lps = Landmarks(points, ["1", "2", "3"])
+    ras = Landmarks(points * [-1.0, -1.0, 1.0], ["1", "2", "3"])  # a RAS file read as LPS
+    code, _ = evaluate_cli(tmp_path, image, ras, ras)
+    assert code == 2 and "outside the labelmap's box" in capsys.readouterr().err
+    assert "likely in RAS" in none_inside_message(labelmap_of(image), ras)
+    assert "likely in RAS" not in none_inside_message(labelmap_of(image), Landmarks(points + 1000.0, ["1", "2", "3"]))
+    empty = labelmap_of(image) * 0
+    assert "where the labelmap is 0" in none_inside_message(empty, lps)
+    assert evaluate_cli(tmp_path, image, lps, lps)[0] == 0
