@@ -398,7 +398,9 @@ def _check_pair_hu(fixed: sitk.Image, moving: sitk.Image, offsets: tuple[float, 
         fix = f"hu_offset={fixed_offset:g} (regmis --hu-offset {fixed_offset:g})"
     else:
         fix = f"hu_offset=({fixed_offset:g}, {moving_offset:g}) (regmis --hu-offset={fixed_offset:g},{moving_offset:g})"
-    raise InputError(f"{messages} If so, add the offset with {fix}, or fix the rescale intercept in the file.")
+    raise InputError(f"{messages} If it is a CT stored so, add the offset with {fix}, or fix the rescale intercept "
+                     "in the file; if it is not a CT (an MR or PET image), this model cannot judge it: it was trained "
+                     "on CT in HU only.")
 
 
 def _geometry_differences(a: sitk.Image, b: sitk.Image, tol: float) -> list[str]:
