@@ -3,7 +3,7 @@
 One implementation serves inference and training (the trainer cuts its patches with
 ``scale_blocks`` too), so what the network sees in training is exactly what it sees at run time.
 
-Grids. The 1 mm grid keeps the fixed image's origin and direction. Pyramid level s holds the
+Grids. The 1 mm grid keeps the fixed image's origin and direction, its axes put in LPS order. Pyramid level s holds the
 Gaussian-smoothed 1 mm image sampled at every s-th voxel: level voxel q sits on 1 mm voxel s*q.
 Blocks may reach outside the image; they are padded with the normalised background (air).
 """
@@ -26,12 +26,22 @@ SMOOTH_CHUNK_VOXELS = 1 << 22
 
 
 def isotropic_reference(image: sitk.Image, spacing_mm: float) -> sitk.Image:
-    """An empty image on the isotropic grid that covers ``image`` (same origin and direction)."""
-    extent = np.array(image.GetSize()) * np.array(image.GetSpacing())
+    """An empty image on the isotropic grid that covers ``image``, its axes in LPS order.
+
+    ``image``'s grid is first re-indexed (axes permuted and flipped, the same voxel centres:
+    ``sitk.DICOMOrient``) so that its axes run as close to L, P, S as they can, and the grid starts at that
+    one's origin along its axes: the network learnt on chest CTs stored that way (axial slices, the
+    breathing along the array's first axis), and a scan stored sagittally or flipped gave another map of the
+    same pair (14-18 % of the labels changed). An LPS image's grid is unchanged; an oblique one keeps its tilt.
+    """
+    geometry = sitk.Image(image.GetSize(), sitk.sitkUInt8)
+    geometry.CopyInformation(image)
+    oriented = sitk.DICOMOrient(geometry, "LPS")
+    extent = np.array(oriented.GetSize()) * np.array(oriented.GetSpacing())
     size = [max(1, int(math.ceil(e / spacing_mm - 1e-6))) for e in extent]
     ref = sitk.Image(size, sitk.sitkUInt8)
-    ref.SetOrigin(image.GetOrigin())
-    ref.SetDirection(image.GetDirection())
+    ref.SetOrigin(oriented.GetOrigin())
+    ref.SetDirection(oriented.GetDirection())
     ref.SetSpacing([spacing_mm] * 3)
     return ref
 
