@@ -32,7 +32,7 @@ def isotropic_reference(image: sitk.Image, spacing_mm: float) -> sitk.Image:
     ``sitk.DICOMOrient``) so that its axes run as close to L, P, S as they can, and the grid starts at that
     one's origin along its axes: the network learnt on chest CTs stored that way (axial slices, the
     breathing along the array's first axis), and a scan stored sagittally or flipped gave another map of the
-    same pair (14-18 % of the labels changed). An LPS image's grid is unchanged; an oblique one keeps its tilt.
+    same pair. An LPS image's grid is unchanged; an oblique one keeps its tilt.
     """
     geometry = sitk.Image(image.GetSize(), sitk.sitkUInt8)
     geometry.CopyInformation(image)
