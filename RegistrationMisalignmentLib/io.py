@@ -448,6 +448,10 @@ def _check_overlap(fixed: sitk.Image, moving: sitk.Image) -> None:
         f"fixed image box {_fmt(fixed_min)}..{_fmt(fixed_max)} mm, "
         f"moving image box {_fmt(moving_min)}..{_fmt(moving_max)} mm (LPS)"
     )
+    if not np.allclose(fixed.GetDirection(), moving.GetDirection(), atol=1e-3):  # a header's flipped axis moves it
+        boxes += (f"; their axis directions differ: fixed {_fmt(fixed.GetDirection())}, moving "
+                  f"{_fmt(moving.GetDirection())}: a header written in another convention (RAS for LPS, a flipped "
+                  "axis) puts an image elsewhere")
     overlap_sides = np.minimum(fixed_max, moving_max) - np.maximum(fixed_min, moving_min)
     if np.any(overlap_sides <= 0):
         raise InputError(

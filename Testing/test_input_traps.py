@@ -649,3 +649,20 @@ def test_a_pair_stored_flipped_or_sagittally_gets_the_map_of_the_pair_stored_axi
         back = sitk.Resample(labels, axial, sitk.Transform(), sitk.sitkNearestNeighbor, 0)  # the same voxels
         agree = np.mean(sitk.GetArrayFromImage(back) == sitk.GetArrayFromImage(axial))
         assert agree > 0.999, agree
+
+
+def test_a_moving_header_with_a_flipped_axis_is_named_when_the_images_miss_each_other():
+    fixed = chest_crop(depth=24)
+    moving = sitk.Image(fixed)
+    moving.SetDirection((-1.0, 0.0, 0.0, 0.0, -1.0, 0.0, 0.0, 0.0, 1.0))  # RAS written as LPS: x and y flipped
+    with pytest.raises(InputError, match="axis directions differ"):
+        prepare_pair(fixed, moving)
+    with pytest.raises(InputError) as info:  # the same directions: no word about them
+        prepare_pair(fixed, _shifted(fixed, 500.0))
+    assert "directions" not in str(info.value)
+
+
+def _shifted(image: sitk.Image, mm: float) -> sitk.Image:
+    moved = sitk.Image(image)
+    moved.SetOrigin(tuple(np.array(image.GetOrigin()) + mm))
+    return moved
