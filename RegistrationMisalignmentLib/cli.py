@@ -162,7 +162,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         fixed, moving = _read_pair(args)
         with progress_bar(model.name) as update:
             labelmap = predict(fixed, moving, model, device=args.device, progress=update,
-                               hu_offset=args.hu_offset).labelmap
+                               hu_offset=args.hu_offset, log=lambda m: say(f"note: {m}")).labelmap
     reference = read_image(args.reference, "reference image") if args.reference else labelmap
     moving_reference = read_image(args.moving_reference, "moving reference image") if args.moving_reference else None
     pairs = read_landmark_pair(args.fixed_landmarks, args.moving_landmarks, fixed_reference=reference,

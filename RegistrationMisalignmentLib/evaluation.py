@@ -82,10 +82,12 @@ def none_inside_message(labelmap: sitk.Image, fixed: Landmarks) -> str:
         ones.CopyInformation(labelmap)
         return int(np.count_nonzero(sample_labelmap(ones, points)))
 
-    n = len(fixed)
-    if within(fixed.points_lps):
-        return (f"all {n} fixed landmarks lie where the labelmap is 0 (outside the body or mask it covers); "
-                "check that they were placed on this fixed image")
+    n, inside_box = len(fixed), within(fixed.points_lps)
+    if inside_box:
+        beyond = f"{n - inside_box} of the {n} fixed landmarks lie outside the labelmap's box and " if inside_box < n else ""
+        return (f"{beyond}{inside_box if beyond else f'all {n}'} lie where the labelmap is 0 (outside the body or "
+                "mask it covers, or where the moving image has no data); check that they were placed on this "
+                "fixed image")
     hint = ("they lie inside it with x and y negated: the file is likely in RAS; give LPS (ITK, .csv) or a Slicer "
             ".fcsv / .mrk.json that names its coordinate system" if within(fixed.points_lps * [-1.0, -1.0, 1.0])
             else "check that they belong to this fixed image and are in LPS mm")

@@ -323,34 +323,34 @@ def resample_pair_on_device(fixed: sitk.Image, moving: sitk.Image, grid: sitk.Im
 
 def _without_fill(coverage: sitk.Image | None, fill: sitk.Image, value: float,
                   log: Callable[[str], None] | None) -> sitk.Image:
-    """``coverage`` (None: everywhere) less a registration's fill (``io.fill_region``), with a note on the fix."""
+    """``coverage`` (None: everywhere) less a registration's fill (``io.fill_region``), with a note."""
     if log is not None:
         share = 100 * float(sitk.GetArrayViewFromImage(fill).mean())
         log(f"{share:.1f} % of the moving image is one block of exactly {value:g} HU at its edge where the fixed "
             "image shows anatomy: a registration's fill outside the original moving image (elastix: "
-            "DefaultPixelValue, 0 by default), treated as no data. Register with (DefaultPixelValue -1000) or "
-            "keep the fill in mind.")
+            "DefaultPixelValue, 0 by default), treated as no data.")
     outside = sitk.Cast(fill == 0, sitk.sitkUInt8)
     return outside if coverage is None else sitk.Cast(sitk.And(coverage, outside), sitk.sitkUInt8)
 
 
 def _limit_to_coverage(fixed: sitk.Image, moving: sitk.Image, mask: sitk.Image | None, coverage: sitk.Image,
-                       log: Callable[[str], None] | None) -> tuple[sitk.Image, sitk.Image]:
+                       log: Callable[[str], None] | None, advice: str) -> tuple[sitk.Image, sitk.Image]:
     """Where the moving image has no data (``coverage`` 0) the map says nothing (label 0, as outside a mask),
     and the network reads the fixed image there in its place: an aligned context instead of the fill's air,
     which it would take for misalignment in every block that reaches past the moving image's edge."""
-    covered = sitk.Cast(coverage, sitk.sitkFloat32)
-    moving = moving * covered + fixed * (1.0 - covered)
-    region = mask != 0 if mask is not None else coverage >= 0
-    limited = sitk.Cast(sitk.And(region, coverage != 0), sitk.sitkUInt8)
+    covered = sitk.GetArrayViewFromImage(coverage) != 0
+    values = sitk.GetArrayFromImage(moving)  # float32, as prepare_pair gives both images
+    np.copyto(values, sitk.GetArrayViewFromImage(fixed), where=~covered)
+    blended = sitk.GetImageFromArray(values)
+    blended.CopyInformation(moving)
+    limited = coverage if mask is None else sitk.Cast(sitk.And(mask != 0, coverage), sitk.sitkUInt8)
     if log is not None:
-        inside = int(np.count_nonzero(sitk.GetArrayViewFromImage(region)))
+        inside = covered.size if mask is None else int(np.count_nonzero(sitk.GetArrayViewFromImage(mask)))
         kept = int(np.count_nonzero(sitk.GetArrayViewFromImage(limited)))
         log(f"the moving image has data for only {100 * kept / max(inside, 1):.1f} % of the fixed image's "
-            f"{'mask' if mask is not None else 'grid'}: the rest gets label 0 (no data there); near the moving "
-            "image's edge the map sees less of it. Give a moving image resampled onto the fixed grid (as a "
-            "registration writes it) for a map of the whole image.")
-    return moving, limited
+            f"{'mask' if mask is not None else 'grid'}: the rest gets label 0 (no data there); near the gap's "
+            f"edge the map sees less of the moving image.{advice}")
+    return blended, limited
 
 
 def predict(fixed: sitk.Image, moving: sitk.Image, model: LoadedModel | None = None, *,
@@ -393,6 +393,8 @@ def predict(fixed: sitk.Image, moving: sitk.Image, model: LoadedModel | None = N
     report(0.0, "checking inputs")
     fixed, moving_on_grid = prepare_pair(fixed, moving, log=log, hu_offset=hu_offset)
     coverage, moving = moving_coverage(moving, fixed), moving_on_grid
+    advice = (" Give a moving image resampled onto the fixed grid (as a registration writes it) for a map of the "
+              "whole image." if coverage is not None else "")
     fill = fill_region(moving, fixed)
     if fill is not None:
         coverage = _without_fill(coverage, *fill, log)
@@ -401,7 +403,7 @@ def predict(fixed: sitk.Image, moving: sitk.Image, model: LoadedModel | None = N
     elif body_only:
         mask = body_mask(fixed)
     if coverage is not None:
-        moving, mask = _limit_to_coverage(fixed, moving, mask, coverage, log)
+        moving, mask = _limit_to_coverage(fixed, moving, mask, coverage, log, advice)
     model = model or load_model(device=dev)
     module = model.module.to(dev)
     if model.decoder != "regnet-t":  # RegNet-t's blocks are cut elsewhere (dense_dvf) and stay as measured

@@ -79,8 +79,10 @@ def train_command(python: str, data: str, device: str, batch_size: int, minutes:
     the stretch does, and the next CPU stretch may set the run back to them (``--rewind-to best``). The
     selection is off for the stretch: held-out blocks made there would start a new count and overwrite the
     run's best weights with the stretch's first epoch."""
-    config = tomllib.loads(CANONICAL.read_text(encoding="utf-8"))
-    pairs = config.get("pool_pairs", 0) + config.get("bank_pairs", 0)
+    from trainer.config import TrainConfig
+
+    canonical = TrainConfig.from_toml(CANONICAL)
+    pairs = canonical.pool_pairs + canonical.bank_pairs
     return [python, "-m", "trainer.train", "--config", str(CANONICAL), "--resume", "--data", data,
             "--device", device, "--batch-size", str(batch_size), "--set", f"pool_on_device={str(device != 'cpu').lower()}",
             "--set", f"time_limit_minutes={minutes:.2f}", "--set", "bank_pairs=0", "--set", f"pool_pairs={pairs}",
