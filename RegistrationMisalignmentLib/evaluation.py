@@ -16,7 +16,9 @@ import SimpleITK as sitk
 
 from RegistrationMisalignmentLib.config import CLASS_NAMES, DEFAULT_CONFIG, MisalignmentConfig
 from RegistrationMisalignmentLib.errors import InputError
-from RegistrationMisalignmentLib.landmarks import Landmarks, pair_landmarks, residual_tre, sample_labelmap
+from RegistrationMisalignmentLib.landmarks import (
+    Landmarks, nearest_voxels, pair_landmarks, residual_tre, sample_labelmap,
+)
 from RegistrationMisalignmentLib.metrics import ClassificationReport, evaluate_classes
 
 OUTSIDE = -1
@@ -77,19 +79,15 @@ def evaluate_landmarks(labelmap: sitk.Image, fixed: Landmarks, moving: Landmarks
 def none_inside_message(labelmap: sitk.Image, fixed: Landmarks) -> str:
     """Why no fixed landmark was scored (``evaluate_landmarks`` gave ``report.n == 0``), and the fix: beyond the
     labelmap's box (in RAS rather than LPS, when negating x and y puts them inside), or inside it at label 0."""
-    def within(points: np.ndarray) -> int:
-        ones = sitk.Image(labelmap.GetSize(), sitk.sitkUInt8) + 1
-        ones.CopyInformation(labelmap)
-        return int(np.count_nonzero(sample_labelmap(ones, points)))
-
-    n, inside_box = len(fixed), within(fixed.points_lps)
+    n, inside_box = len(fixed), int(nearest_voxels(labelmap, fixed.points_lps)[1].sum())
     if inside_box:
-        beyond = f"{n - inside_box} of the {n} fixed landmarks lie outside the labelmap's box and " if inside_box < n else ""
-        return (f"{beyond}{inside_box if beyond else f'all {n}'} lie where the labelmap is 0 (outside the body or "
-                "mask it covers, or where the moving image has no data); check that they were placed on this "
-                "fixed image")
+        counts = f"{n - inside_box} of the {n} fixed landmarks lie outside the labelmap's box and {inside_box}" \
+            if inside_box < n else f"all {n}"
+        return (f"{counts} lie where the labelmap is 0 (outside the body or mask it covers, or where the moving "
+                "image has no data); check that they were placed on this fixed image")
     hint = ("they lie inside it with x and y negated: the file is likely in RAS; give LPS (ITK, .csv) or a Slicer "
-            ".fcsv / .mrk.json that names its coordinate system" if within(fixed.points_lps * [-1.0, -1.0, 1.0])
+            ".fcsv / .mrk.json that names its coordinate system"
+            if nearest_voxels(labelmap, fixed.points_lps * [-1.0, -1.0, 1.0])[1].any()
             else "check that they belong to this fixed image and are in LPS mm")
     return f"all {n} fixed landmarks lie outside the labelmap's box; {hint}"
 

@@ -252,6 +252,12 @@ def moving_coverage(moving: sitk.Image, fixed: sitk.Image) -> sitk.Image | None:
     return None if sitk.GetArrayViewFromImage(covered).all() else covered
 
 
+def _faces(array: np.ndarray) -> np.ndarray:
+    """The values on the six faces of a 3-D array, in one flat array (edges and corners repeated)."""
+    return np.concatenate([face.ravel() for face in (array[0], array[-1], array[:, 0], array[:, -1],
+                                                     array[:, :, 0], array[:, :, -1])])
+
+
 FILL_MIN_SHARE = 0.01
 """A fill region (``fill_region``) is at least this share of the image."""
 
@@ -265,9 +271,7 @@ def fill_region(moving: sitk.Image, fixed: sitk.Image) -> tuple[sitk.Image, floa
     connected to an edge, at least ``FILL_MIN_SHARE`` of the image, where the fixed image is not uniform
     (not both images' padding). Air-like values (below -900 HU) are left alone: they are what air reads as.
     """
-    array = sitk.GetArrayViewFromImage(moving)
-    faces = np.concatenate([face.ravel() for face in (array[0], array[-1], array[:, 0], array[:, -1],
-                                                      array[:, :, 0], array[:, :, -1])])
+    faces = _faces(sitk.GetArrayViewFromImage(moving))
     values, counts = np.unique(faces, return_counts=True)
     value = float(values[counts.argmax()])
     if value < -900.0 or counts.max() < 0.05 * faces.size:
@@ -275,8 +279,7 @@ def fill_region(moving: sitk.Image, fixed: sitk.Image) -> tuple[sitk.Image, floa
     same = sitk.Cast(moving == value, sitk.sitkUInt8)
     labelled = sitk.ConnectedComponent(same)  # kept: the view below reads its buffer
     components = sitk.GetArrayViewFromImage(labelled)
-    edge_labels = np.unique(np.concatenate([face.ravel() for face in (
-        components[0], components[-1], components[:, 0], components[:, -1], components[:, :, 0], components[:, :, -1])]))
+    edge_labels = np.unique(_faces(components))
     region = np.isin(components, edge_labels[edge_labels > 0])
     if region.sum() < FILL_MIN_SHARE * region.size or sitk.GetArrayViewFromImage(fixed)[region].std() < 20.0:
         return None

@@ -481,18 +481,23 @@ def residual_tre(fixed: Landmarks, moving: Landmarks, transform: sitk.Transform 
     return np.linalg.norm(mapped - moving.points_lps, axis=1)
 
 
+def nearest_voxels(image: sitk.Image, points_lps: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(N, 3) x, y, z index of the voxel nearest each point (ITK rounding, half up) and whether it lies in
+    the 3-D ``image``."""
+    points = np.asarray(points_lps, dtype=np.float64).reshape(-1, 3)
+    origin = np.array(image.GetOrigin())
+    matrix = np.array(image.GetDirection()).reshape(3, 3) * np.array(image.GetSpacing())
+    index = np.floor(np.linalg.solve(matrix, (points - origin).T).T + 0.5).astype(np.int64)
+    return index, np.all((index >= 0) & (index < np.array(image.GetSize())), axis=1)
+
+
 def sample_labelmap(labelmap: sitk.Image, points_lps: np.ndarray) -> np.ndarray:
     """Value of the nearest voxel at each point (ITK rounding, half up); 0 outside the image."""
     if labelmap.GetDimension() != 3:
         raise InputError(f"the labelmap must be 3-D, got {labelmap.GetDimension()}-D.")
-    points = np.asarray(points_lps, dtype=np.float64).reshape(-1, 3)
-    origin = np.array(labelmap.GetOrigin())
-    matrix = np.array(labelmap.GetDirection()).reshape(3, 3) * np.array(labelmap.GetSpacing())
-    index = np.floor(np.linalg.solve(matrix, (points - origin).T).T + 0.5).astype(np.int64)
-    size = np.array(labelmap.GetSize())
-    inside = np.all((index >= 0) & (index < size), axis=1)
+    index, inside = nearest_voxels(labelmap, points_lps)
     array = sitk.GetArrayViewFromImage(labelmap)  # z, y, x
-    values = np.zeros(len(points), dtype=array.dtype)
+    values = np.zeros(len(index), dtype=array.dtype)
     i = index[inside]
     values[inside] = array[i[:, 2], i[:, 1], i[:, 0]]
     return values
@@ -500,4 +505,4 @@ def sample_labelmap(labelmap: sitk.Image, points_lps: np.ndarray) -> np.ndarray:
 
 __all__ = ["Landmarks", "Pairing", "ras_to_lps", "lps_to_ras", "read_landmarks", "read_landmark_pair",
            "pair_landmarks", "write_landmarks", "read_transform", "invert_displacement_field", "residual_tre",
-           "sample_labelmap"]
+           "nearest_voxels", "sample_labelmap"]
