@@ -24,7 +24,6 @@ import shutil
 import subprocess
 import sys
 import time
-import tomllib
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
@@ -79,7 +78,7 @@ def train_command(python: str, data: str, device: str, batch_size: int, minutes:
     the stretch does, and the next CPU stretch may set the run back to them (``--rewind-to best``). The
     selection is off for the stretch: held-out blocks made there would start a new count and overwrite the
     run's best weights with the stretch's first epoch."""
-    from trainer.config import TrainConfig
+    from trainer.config import TrainConfig  # here: it needs SimpleITK, which the GPU image may lack
 
     canonical = TrainConfig.from_toml(CANONICAL)
     pairs = canonical.pool_pairs + canonical.bank_pairs
@@ -98,8 +97,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--train-s", type=float, default=570.0, help="seconds for the canonical run, start-up included")
     p.add_argument("--batch-size", type=int, default=4, help="dense blocks per step on the GPU")
     args = p.parse_args(argv)
-    config = tomllib.loads(CANONICAL.read_text(encoding="utf-8"))
-    run_dir = REPO / config["out"]
+    from trainer.config import TrainConfig
+
+    out = TrainConfig.from_toml(CANONICAL).out
+    run_dir = REPO / out
     logs = args.out / "logs"
     logs.mkdir(parents=True, exist_ok=True)
     if shutil.which("nvidia-smi"):
@@ -115,7 +116,7 @@ def main(argv: list[str] | None = None) -> int:
         if item.is_file():
             copy_back(item, args.out)
     log(f"brought back {sorted(f.name for f in args.out.iterdir())}: copy checkpoint files into "
-        f"{config['out']}/checkpoint/, the rest into {config['out']}/, and commit")
+        f"{out}/checkpoint/, the rest into {out}/, and commit")
     return 0
 
 
