@@ -132,3 +132,26 @@ def test_a_run_draws_bank_pairs_of_its_real_scans_beside_the_synthetic_ones(ches
     assert [pair.registration for pair in pool] == ["", "", "affine"]
     assert pool[-1].name.startswith(f"{scan}/breathing")
     assert pool[-1].body.any() and not (pool[-1].body & ~run.bank.lungs[scan]).any()  # bank_region reaches the bank
+
+
+def test_bank_weights_draw_a_setting_as_often_as_its_weight_says(chest, tmp_path, monkeypatch):
+    bank = RegistrationBank([chest], ("affine", "bspline500"), 2, tmp_path, DEFAULT_CONFIG)
+    monkeypatch.setattr(bank, "build", lambda: None)  # no registration: only which entries are drawn
+    monkeypatch.setattr(bank, "pair", lambda case, setting, device: (case.seed, setting))
+    rng = np.random.default_rng(0)
+    weighted = [s for _ in range(1000) for _, s in bank.draw(1, rng, weights=(9, 1))]
+    assert 0.86 < weighted.count("affine") / len(weighted) < 0.94
+    both = [bank.draw(2, rng, weights=(9, 1)) for _ in range(200)]
+    assert all(len(set(d)) == 2 for d in both)  # still different pairs within one draw
+    uniform = [s for _ in range(1000) for _, s in bank.draw(1, rng)]
+    assert 0.44 < uniform.count("affine") / len(uniform) < 0.56
+    with pytest.raises(ValueError, match="one positive weight per setting"):
+        bank.draw(1, rng, weights=(1,))
+
+
+def test_the_config_asks_for_one_positive_bank_weight_per_setting():
+    bank = dict(bank_pairs=1, bank_cases=1, bank_registrations=("affine", "bspline500"))
+    assert TrainConfig(**bank, bank_weights=(3, 1)).bank_weights == (3, 1)
+    for weights in ((3,), (3, 0)):
+        with pytest.raises(ValueError, match="bank_weights .* one positive weight per bank_registrations"):
+            TrainConfig(**bank, bank_weights=weights)

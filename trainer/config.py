@@ -131,6 +131,9 @@ class TrainConfig:
     """Breathing cases per training chest CT in the registration bank."""
     bank_pairs: int = 0
     """Pairs drawn from the registration bank into every epoch's pool, beside its ``pool_pairs`` synthetic ones."""
+    bank_weights: tuple[float, ...] = ()
+    """Relative chance of each ``bank_registrations`` setting in the epoch's draw from the bank (e.g. [3, 1, 1, 1, 1]:
+    affine pairs three times as often as each B-spline one); empty: every pair equally likely."""
     bank_region: str = "body"
     """Where the bank's pairs are supervised: "body" (wherever the registered image shows real anatomy) or
     "lungs" (only there; where the judge and the protocol score, and where the vessels show the residual: 71 %
@@ -192,6 +195,11 @@ class TrainConfig:
         if self.pool_pairs + self.bank_pairs < 1:
             raise ValueError("pool_pairs 0 and bank_pairs 0 leave an epoch no training pair: give pool_pairs "
                              "(synthetic pairs per epoch) or bank_pairs (registration bank pairs per epoch)")
+        if self.bank_weights and (len(self.bank_weights) != len(self.bank_registrations)
+                                  or min(self.bank_weights) <= 0):
+            raise ValueError(f"bank_weights {list(self.bank_weights)}: give one positive weight per bank_registrations "
+                             f"setting ({len(self.bank_registrations)}: {', '.join(self.bank_registrations) or 'none'}), "
+                             "or leave it empty for a uniform draw")
         if self.bank_pairs and not (self.bank_cases and self.bank_registrations):
             raise ValueError(f"bank_pairs {self.bank_pairs} needs a registration bank: give bank_cases (e.g. 2) and "
                              "bank_registrations (e.g. [\"affine\", \"bspline500\"]), or set bank_pairs = 0")

@@ -156,15 +156,27 @@ class RegistrationBank:
         return DeformedPair.of(f"{case.image.name}/breathing{case.seed}/{setting}", pyramid, entry["residual"].float(),
                                supervised, registered=True, registration=setting)
 
-    def draw(self, count: int, rng: np.random.Generator, device: str | torch.device = "cpu") -> list[DeformedPair]:
-        """``count`` different pairs of the bank, drawn uniformly, their pyramids on ``device`` (with the synthetic
-        pairs'); builds what is missing first."""
+    def draw(self, count: int, rng: np.random.Generator, device: str | torch.device = "cpu",
+             weights: Sequence[float] = ()) -> list[DeformedPair]:
+        """``count`` different pairs of the bank, their pyramids on ``device`` (with the synthetic pairs'); builds
+        what is missing first. ``weights``: relative chance of each setting (one per ``settings``); empty: uniform.
+
+        Raises ``InputError`` when ``count`` exceeds the bank, ``ValueError`` for weights that do not fit."""
         self.build()
         entries = self.entries
         if count > len(entries):
             raise InputError(f"bank_pairs {count} exceeds the registration bank's {len(entries)} pairs: "
                              "give fewer or raise bank_cases")
-        return [self.pair(*entries[int(i)], device) for i in rng.choice(len(entries), size=count, replace=False)]
+        chance = None
+        if len(weights):
+            if len(weights) != len(self.settings) or min(weights) <= 0:
+                raise ValueError(f"bank weights {list(weights)}: give one positive weight per setting "
+                                 f"({', '.join(self.settings)})")
+            of_setting = dict(zip(self.settings, weights))
+            chance = np.array([of_setting[setting] for _, setting in entries], dtype=float)
+            chance /= chance.sum()
+        return [self.pair(*entries[int(i)], device)
+                for i in rng.choice(len(entries), size=count, replace=False, p=chance)]
 
 
 def shown(displacement: np.ndarray, bounds: tuple[tuple[int, int, int], tuple[int, int, int]]) -> np.ndarray:

@@ -320,7 +320,8 @@ class Trainer:
         pool = build_pool(self.train_images, self.cfg.pool_pairs, pool_seed, self.config, self.settings, device,
                           registered_share=self.cfg.registered_share, motion_left=self.cfg.registered_motion_left)
         if self.cfg.bank_pairs:
-            pool += self.bank.draw(self.cfg.bank_pairs, np.random.default_rng([*seed, 3]), device)
+            pool += self.bank.draw(self.cfg.bank_pairs, np.random.default_rng([*seed, 3]), device,
+                                   self.cfg.bank_weights)
         return BlockSampler(pool, self.config, np.random.default_rng(seed), self.cfg.block_input,
                             tuple(self.cfg.class_balance), centres=self.cfg.centre_sampling)
 
