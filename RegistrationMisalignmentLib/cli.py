@@ -279,7 +279,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--moving")
     p.add_argument("--fixed-landmarks", required=True, help=".mrk.json, .fcsv, DIR-Lab .txt or .csv (LPS)")
     p.add_argument("--moving-landmarks", required=True)
-    p.add_argument("--transform", help="registration transform file or displacement field (fixed -> moving); "
+    p.add_argument("--transform", help="registration transform (fixed -> moving): an ITK transform file "
+                   "(.tfm/.h5/.txt), a displacement field image, or elastix's TransformParameters.N.txt (needs "
+                   "itk-elastix); "
                    "omit when the moving landmarks are already in the deformed space")
     p.add_argument("--reference", help="image whose geometry converts DIR-Lab voxel indices (default: the labelmap)")
     p.add_argument("--moving-reference", help="the moving image, whose grid converts the moving DIR-Lab voxel indices "

@@ -24,6 +24,7 @@ from typing import NamedTuple
 import numpy as np
 import SimpleITK as sitk
 
+from RegistrationMisalignmentLib.elastix_transform import is_elastix_transform, read_elastix_transform
 from RegistrationMisalignmentLib.errors import InputError
 
 FCSV_COLUMNS = ("id", "x", "y", "z", "ow", "ox", "oy", "oz", "vis", "sel", "lock", "label", "desc",
@@ -430,7 +431,8 @@ def _read_slicer_inverse(path: Path, kind: str, log: Callable[[str], None] | Non
 
 
 def read_transform(path: str | Path, *, log: Callable[[str], None] | None = None) -> sitk.Transform:
-    """An ITK transform file, or a displacement-field image (3-component vectors, LPS mm).
+    """An ITK transform file, a displacement-field image (3-component vectors, LPS mm), or an elastix
+    ``TransformParameters`` file (``elastix_transform``; needs itk-elastix).
 
     The result always maps fixed physical points to moving physical points (LPS mm; ITK's resampling
     convention, Slicer's "from parent"). Transforms stored the other way are inverted: a displacement
@@ -456,6 +458,11 @@ def read_transform(path: str | Path, *, log: Callable[[str], None] | None = None
                 log(f"{what}: inverted with ITK's InvertDisplacementField to map fixed -> moving")
             return sitk.DisplacementFieldTransform(inverse)
         return sitk.DisplacementFieldTransform(sitk.Cast(field, sitk.sitkVectorFloat64))
+    if is_elastix_transform(path):
+        transform = read_elastix_transform(path)
+        if log is not None:
+            log(f"{path}: an elastix transform parameter file, sampled by transformix as a displacement field")
+        return transform
     try:
         return sitk.ReadTransform(str(path))
     except RuntimeError as exc:

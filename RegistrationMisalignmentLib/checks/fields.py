@@ -1,8 +1,8 @@
 """Any registration transform, sampled on the fixed image's grid slab by slab (LPS mm).
 
 The checks that read a transform (Jacobian, inverse consistency) accept what users have: an ITK / Slicer
-transform file (``landmarks.read_transform``: .tfm / .h5 / .txt, Slicer's inverse "modeling" classes,
-displacement-field images), a displacement-field image, or any ``SimpleITK.Transform`` (affine, B-spline,
+transform file (``landmarks.read_transform``: .tfm / .h5 / .txt, elastix TransformParameters, Slicer's inverse
+"modeling" classes, displacement-field images), a displacement-field image, or any ``SimpleITK.Transform`` (affine, B-spline,
 displacement field, composite). Every one of them maps fixed physical points to moving physical points
 (ITK's resampling convention, Slicer's "from parent"). ``displacement_slab`` evaluates T(x) - x at the
 voxel centres of slices [z0, z1) of the fixed grid with SimpleITK's ``TransformToDisplacementField``, so
