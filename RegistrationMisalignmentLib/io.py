@@ -510,6 +510,27 @@ def prepare_pair(
     return fixed_f32, moving_f32
 
 
+MAX_MASK_LABELS = 1000
+"""A label image with more distinct values than this is a grey-value image (segmentations hold up to ~120)."""
+
+
+def _check_labels(values: np.ndarray, name: str) -> None:
+    """Raise ``InputError`` when a mask's values are those of a grey-value image (a CT given as the mask): negative
+    values, or more than ``MAX_MASK_LABELS`` distinct ones beyond [0, 1] (counted on at most ~4 M voxels); a
+    probability map in [0, 1] is a mask (every non-zero voxel inside)."""
+    sample = values.ravel()[:: max(1, values.size >> 22)]
+    sample = sample[np.isfinite(sample)]
+    if not sample.size:
+        return
+    distinct = np.unique(sample)
+    if distinct[0] < 0 or (len(distinct) > MAX_MASK_LABELS and distinct[-1] > 1):  # [0, 1]: probabilities
+        raise InputError(
+            f"{name} holds values from {distinct[0]:g} to {distinct[-1]:g} (at least {len(distinct)} distinct): a "
+            "grey-value image (a CT?), not a label "
+            "image; give a mask with 0 outside and non-zero labels inside (e.g. a lung segmentation)."
+        )
+
+
 def prepare_mask(
     mask: sitk.Image,
     fixed: sitk.Image,
@@ -517,12 +538,16 @@ def prepare_mask(
     name: str = "mask",
     log: Callable[[str], None] | None = None,
 ) -> sitk.Image:
-    """Any label image -> uint8 0/1 on the fixed grid (every non-zero label counts as inside)."""
+    """Any label image -> uint8 0/1 on the fixed grid (every non-zero label counts as inside).
+
+    Raises ``InputError`` for a 2-D or vector image, a grey-value image (``_check_labels``) and a mask with no
+    voxel inside the fixed image."""
     if mask.GetDimension() != 3:
         raise InputError(f"{name} is {mask.GetDimension()}-D; a 3-D label image is required.")
     if mask.GetNumberOfComponentsPerPixel() != 1 or mask.GetPixelID() in _COMPLEX_TYPES:
         raise InputError(f"{name} has vector/complex voxels; give a scalar label image (0 = outside).")
     values = sitk.GetArrayViewFromImage(mask)
+    _check_labels(values, name)
     inside = sitk.GetImageFromArray((np.isfinite(values) & (values != 0)).astype(np.uint8))
     inside.CopyInformation(mask)
     differences = _geometry_differences(mask, fixed, 1e-4)

@@ -241,6 +241,18 @@ def test_mask_errors():
         prepare_mask(sitk.Image([24, 24, 24], sitk.sitkUInt8), fixed)
 
 
+def test_a_ct_given_as_the_mask_is_refused_and_probabilities_are_not():
+    fixed = _ct()
+    with pytest.raises(InputError, match="lung mask holds values from -1000 .*not a label image"):
+        prepare_mask(fixed, fixed, name="lung mask")  # a CT in HU
+    raw = sitk.GetImageFromArray(np.arange(24**3, dtype=np.uint16).reshape(24, 24, 24) % 4000)
+    with pytest.raises(InputError, match="4000 distinct"):  # stored values without the HU rescale: no negatives
+        prepare_mask(raw, fixed)
+    probabilities = np.zeros((24, 24, 24), dtype=np.float32)
+    probabilities[4:16, 4:16, 4:16] = np.random.default_rng(0).uniform(0.5, 1.0, (12, 12, 12))  # 1,729 distinct
+    assert sitk.GetArrayViewFromImage(prepare_mask(sitk.GetImageFromArray(probabilities), fixed)).sum() == 12**3
+
+
 # --- write_image --------------------------------------------------------------------------------
 
 
