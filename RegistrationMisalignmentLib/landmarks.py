@@ -78,6 +78,10 @@ def _suffix(path: Path) -> str:
     return path.suffix.lower()
 
 
+POINT_LIST_TYPES = ("Fiducial", "PointList")
+"""Slicer markups that hold landmarks; lines, curves, angles, planes and ROIs do not."""
+
+
 def _require_file(path: str | Path, what: str) -> Path:
     path = Path(path)
     if not path.is_file():
@@ -86,17 +90,44 @@ def _require_file(path: str | Path, what: str) -> Path:
 
 
 # ---- readers -----------------------------------------------------------------------------
+_BOMS = ((b"\xef\xbb\xbf", "utf-8-sig"), (b"\xff\xfe", "utf-16"), (b"\xfe\xff", "utf-16"))
+
+
+def _read_text(path: Path) -> str:
+    """A landmark file's text as editors save it: UTF-8 with or without a byte-order mark (Excel's "CSV UTF-8"),
+    UTF-16 with one (Windows Notepad's "Unicode"), else Windows-1252 (Excel's plain CSV; Latin-1 where it has no
+    character)."""
+    data = path.read_bytes()
+    for bom, encoding in _BOMS:
+        if data.startswith(bom):
+            return data.decode(encoding)
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError:
+        try:
+            return data.decode("cp1252")
+        except UnicodeDecodeError:
+            return data.decode("latin-1")
+
+
 def _read_markups_json(path: Path) -> Landmarks:
     try:
-        doc = json.loads(path.read_text(encoding="utf-8"))
+        doc = json.loads(_read_text(path))
         markups = doc["markups"]
         if not isinstance(markups, list) or not all(isinstance(m, dict) for m in markups):
             raise TypeError("'markups' must be a list of objects")
     except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError) as exc:
         raise InputError(f"{path}: not a Slicer markups JSON file ({exc}). Save the points from "
                          "Slicer as .mrk.json.") from exc
+    lists = [(m, markup) for m, markup in enumerate(markups) if markup.get("type", "Fiducial") in POINT_LIST_TYPES]
+    if len(lists) != 1:
+        kinds = ", ".join(f"{m}: {markup.get('type', '?')} ({len(markup.get('controlPoints', []))} points)"
+                          for m, markup in enumerate(markups))
+        raise InputError(f"{path}: {'no point list' if not lists else f'{len(lists)} point lists'} among its "
+                         f"markups ({kinds or 'none'}); save the landmarks as one point list (Slicer: Markups, "
+                         "a point list node, Save).")
     points, labels = [], []
-    for m, markup in enumerate(markups):
+    for m, markup in lists:
         system = _coordinate_system(markup.get("coordinateSystem", "LPS"), f"{path} markup {m}")
         for c, cp in enumerate(markup.get("controlPoints", [])):
             where = f"{path}: markup {m}, control point {c} ({cp.get('label', '')!r})"
@@ -115,7 +146,7 @@ def _read_fcsv(path: Path) -> Landmarks:
     """Slicer fiducial CSV. Files without a CoordinateSystem line predate Slicer 4.11: RAS."""
     system, columns = "RAS", list(FCSV_COLUMNS)
     points, labels = [], []
-    with path.open(newline="", encoding="utf-8") as f:
+    with io.StringIO(_read_text(path), newline="") as f:
         for lineno, line in enumerate(f, start=1):
             if not line.strip():
                 continue
@@ -145,7 +176,7 @@ def _read_dirlab_txt(path: Path, reference: sitk.Image | None) -> Landmarks:
     if reference.GetDimension() != 3:
         raise InputError(f"{path}: the reference image must be 3-D, got {reference.GetDimension()}-D.")
     points, labels = [], []
-    for lineno, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
+    for lineno, line in enumerate(_read_text(path).splitlines(), start=1):
         if not line.strip() or line.lstrip().startswith("#"):
             continue
         try:
@@ -161,18 +192,23 @@ def _read_dirlab_txt(path: Path, reference: sitk.Image | None) -> Landmarks:
 
 
 def _read_plain_csv(path: Path) -> Landmarks:
+    """label,x,y,z (LPS mm), header in any case; also as a spreadsheet in a comma-decimal locale saves it
+    (label;x;y;z with 1,5 for 1.5)."""
     points, labels = [], []
-    with path.open(newline="", encoding="utf-8") as f:
-        reader = csv.DictReader(f)
-        header = [h.strip() for h in reader.fieldnames or []]
+    text = _read_text(path)
+    first = text.lstrip().split("\n", 1)[0]
+    delimiter = ";" if first.count(";") >= 3 and first.count(",") < 3 else ","
+    with io.StringIO(text, newline="") as f:
+        reader = csv.DictReader(f, delimiter=delimiter)
+        header = [h.strip().lower() for h in reader.fieldnames or []]
         if header[:4] != ["label", "x", "y", "z"]:
-            raise InputError(f"{path} line 1: the header must start with label,x,y,z (LPS mm), got "
-                             f"{','.join(header)!r}.")
+            raise InputError(f"{path} line 1: the header must start with label,x,y,z (LPS mm; or label;x;y;z), got "
+                             f"{delimiter.join(header)!r}.")
         reader.fieldnames = header
         for row in reader:
             try:
-                points.append([float(row["x"]), float(row["y"]), float(row["z"])])
-            except (TypeError, ValueError) as exc:
+                points.append([float(row[k].replace(",", ".") if delimiter == ";" else row[k]) for k in "xyz"])
+            except (AttributeError, TypeError, ValueError) as exc:
                 raise InputError(f"{path} line {reader.line_num}: x,y,z must be numbers, got "
                                  f"{[row.get(k) for k in 'xyz']}.") from exc
             labels.append(row["label"])
@@ -194,6 +230,9 @@ def read_landmarks(path: str | Path, reference: sitk.Image | None = None) -> Lan
     else:
         raise InputError(f"{path}: unknown landmark file type {suffix!r}; use .mrk.json, .fcsv, "
                          "DIR-Lab .txt or .csv (label,x,y,z in LPS mm).")
+    if not len(landmarks):
+        raise InputError(f"{path}: holds no landmark; place the points (Slicer: Markups) and save them again, or "
+                         "give the right file.")
     unknown = [label for label, p in zip(landmarks.labels, landmarks.points_lps) if not np.isfinite(p).all()]
     if unknown:  # a nan would drop the point from every score without a word
         raise InputError(f"{path}: {len(unknown)} landmark(s) with a coordinate that is not a number (nan or inf): "
@@ -439,8 +478,17 @@ def read_transform(path: str | Path, *, log: Callable[[str], None] | None = None
     field whose header says ``displacement field type: modeling``, and Slicer's ``Inverse...Transform``
     classes (a grid or B-spline transform saved "to parent" as .h5/.tfm), both with ITK's
     ``InvertDisplacementField``; ``log`` (a callable taking one line) is told when that happens.
-    Raises ``InputError`` (a short message naming the file, what it is and the fix) otherwise.
+    Raises ``InputError`` (a short message naming the file, what it is and the fix) otherwise, and for a
+    transform that is not 3-D.
     """
+    transform = _read_transform_file(path, log)
+    if transform.GetDimension() != 3:
+        raise InputError(f"{path}: a {transform.GetDimension()}-D transform; a 3-D registration transform is needed.")
+    return transform
+
+
+def _read_transform_file(path: str | Path, log: Callable[[str], None] | None) -> sitk.Transform:
+    """``read_transform`` without its dimension check."""
     path = _require_file(path, "Transform")
     if _suffix(path) in DISPLACEMENT_FIELD_SUFFIXES:
         try:
@@ -502,6 +550,9 @@ def sample_labelmap(labelmap: sitk.Image, points_lps: np.ndarray) -> np.ndarray:
     """Value of the nearest voxel at each point (ITK rounding, half up); 0 outside the image."""
     if labelmap.GetDimension() != 3:
         raise InputError(f"the labelmap must be 3-D, got {labelmap.GetDimension()}-D.")
+    if labelmap.GetNumberOfComponentsPerPixel() != 1:
+        raise InputError(f"the labelmap has {labelmap.GetNumberOfComponentsPerPixel()}-component voxels: that is "
+                         "predict's --probabilities output or a displacement field; give the labelmap (predict's --out).")
     index, inside = nearest_voxels(labelmap, points_lps)
     array = sitk.GetArrayViewFromImage(labelmap)  # z, y, x
     values = np.zeros(len(index), dtype=array.dtype)

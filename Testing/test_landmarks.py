@@ -187,3 +187,64 @@ def test_sample_labelmap_nearest_and_outside():
                        [17.2, 1.0, 3.0],     # index 3.6 -> 4: beyond the last column
                        [0.0, 0.0, 0.0]])     # far outside
     np.testing.assert_array_equal(sample_labelmap(lab, points), [3, 1, 0, 0])
+
+
+# ---- files as editors save them (issue: traps from a newcomer's probe) ---------------------------
+CSV_TEXT = "label,x,y,z\nLungé 1,10.0,-20.0,30.5\nP2,-1.25,2.0,-3.0\n"
+
+
+@pytest.mark.parametrize("encoding", ["utf-8-sig", "cp1252", "utf-16"])
+def test_landmark_files_read_in_the_encodings_editors_save(tmp_path, encoding):
+    """Excel's "CSV UTF-8" (byte-order mark), Excel's plain CSV (Windows-1252), Notepad's "Unicode" (UTF-16)."""
+    (tmp_path / "a.csv").write_text(CSV_TEXT, encoding=encoding)
+    landmarks = read_landmarks(tmp_path / "a.csv")
+    assert landmarks.labels == ["Lungé 1", "P2"] and np.allclose(landmarks.points_lps, LPS)
+    fcsv = "# Markups fiducial file version = 4.11\n# CoordinateSystem = LPS\n" \
+           "# columns = id,x,y,z,ow,ox,oy,oz,vis,sel,lock,label,desc,associatedNodeID\n" \
+           "1,10.0,-20.0,30.5,0,0,0,1,1,1,0,Lungé 1,,\r\n2,-1.25,2.0,-3.0,0,0,0,1,1,1,0,P2,,\r\n"
+    (tmp_path / "a.fcsv").write_text(fcsv, encoding=encoding)
+    assert np.allclose(read_landmarks(tmp_path / "a.fcsv").points_lps, LPS)
+    (tmp_path / "a.mrk.json").write_text(_markups(LPS, "LPS"), encoding=encoding)
+    assert np.allclose(read_landmarks(tmp_path / "a.mrk.json").points_lps, LPS)
+    reference = sitk.Image([40, 40, 40], sitk.sitkInt16)
+    (tmp_path / "a.txt").write_text("1 2 3\n4 5 6\n", encoding=encoding)
+    assert np.allclose(read_landmarks(tmp_path / "a.txt", reference).points_lps, [[0, 1, 2], [3, 4, 5]])
+
+
+def test_a_csv_from_a_comma_decimal_locale_and_a_capitalised_header_read(tmp_path):
+    (tmp_path / "semi.csv").write_text("Label;X;Y;Z\nP1;10,0;-20;30,5\nP2;-1,25;2,0;-3\n", encoding="utf-8")
+    assert np.allclose(read_landmarks(tmp_path / "semi.csv").points_lps, LPS)
+    (tmp_path / "caps.csv").write_text("LABEL,X,Y,Z\nP1,10,-20,30.5\nP2,-1.25,2,-3\n", encoding="utf-8")
+    assert np.allclose(read_landmarks(tmp_path / "caps.csv").points_lps, LPS)
+
+
+def test_an_empty_landmark_file_is_refused(tmp_path):
+    (tmp_path / "empty.fcsv").write_text("# Markups fiducial file version = 4.11\n# CoordinateSystem = LPS\n")
+    (tmp_path / "empty.mrk.json").write_text(_markups([], "LPS"))
+    (tmp_path / "empty.csv").write_text("label,x,y,z\n")
+    for name in ("empty.fcsv", "empty.mrk.json", "empty.csv"):
+        with pytest.raises(InputError, match="holds no landmark"):
+            read_landmarks(tmp_path / name)
+
+
+def test_a_markups_file_is_read_for_its_one_point_list(tmp_path):
+    line = {"type": "Line", "coordinateSystem": "LPS", "controlPoints": [
+        {"label": "L-1", "position": [0, 0, 0]}, {"label": "L-2", "position": [1, 1, 1]}]}
+    points = json.loads(_markups(LPS, "LPS"))
+    (tmp_path / "mixed.mrk.json").write_text(json.dumps({"markups": [line, points["markups"][0]]}))
+    assert read_landmarks(tmp_path / "mixed.mrk.json").labels == ["F-0", "F-1"]  # the line's ends are not landmarks
+    (tmp_path / "line.mrk.json").write_text(json.dumps({"markups": [line]}))
+    with pytest.raises(InputError, match="no point list among its markups .*Line \\(2 points\\)"):
+        read_landmarks(tmp_path / "line.mrk.json")
+    (tmp_path / "two.mrk.json").write_text(json.dumps({"markups": [points["markups"][0]] * 2}))
+    with pytest.raises(InputError, match="2 point lists"):
+        read_landmarks(tmp_path / "two.mrk.json")
+
+
+def test_a_vector_image_as_labelmap_and_a_2d_transform_are_refused(tmp_path):
+    probabilities = sitk.Image([8, 8, 8], sitk.sitkVectorFloat32, 3)
+    with pytest.raises(InputError, match="3-component voxels.*--probabilities"):
+        sample_labelmap(probabilities, LPS)
+    sitk.WriteTransform(sitk.AffineTransform(2), str(tmp_path / "affine2d.tfm"))
+    with pytest.raises(InputError, match="a 2-D transform; a 3-D registration transform is needed"):
+        read_transform(tmp_path / "affine2d.tfm")
