@@ -68,6 +68,11 @@ def test_a_bank_pair_is_the_judges_residual_supervised_where_the_registered_imag
     assert np.allclose(pair.magnitude, pair.dvf.square().sum(0).sqrt().numpy())
     assert pair.magnitude[pair.body].max() > 3.0  # the affine leaves misalignment to learn
     assert not torch.equal(pair.pyramid[1][0], pair.pyramid[1][1])
+    mirrored = bank.pair(case, "affine", mirrored=True)  # left-right: x reversed, the residual's x negated
+    assert mirrored.name == pair.name + "/mirrored" and np.array_equal(mirrored.body, pair.body[..., ::-1])
+    assert torch.equal(mirrored.dvf, pair.dvf.flip(-1) * torch.tensor([-1.0, 1, 1]).view(3, 1, 1, 1))
+    assert torch.allclose(mirrored.pyramid[1], pair.pyramid[1].flip(-1))
+    assert np.allclose(mirrored.magnitude, pair.magnitude[..., ::-1])
     lungs = RegistrationBank([chest, solid()], ("affine",), 2, tmp_path, DEFAULT_CONFIG, threads=1, region="lungs")
     in_lungs = lungs.draw(1, np.random.default_rng(0))[0]  # the same files, read back
     assert in_lungs.name == pair.name and np.array_equal(lungs.lungs["chest"], made.lung)
@@ -137,13 +142,15 @@ def test_a_run_draws_bank_pairs_of_its_real_scans_beside_the_synthetic_ones(ches
 def test_bank_weights_draw_a_setting_as_often_as_its_weight_says(chest, tmp_path, monkeypatch):
     bank = RegistrationBank([chest], ("affine", "bspline500"), 2, tmp_path, DEFAULT_CONFIG)
     monkeypatch.setattr(bank, "build", lambda: None)  # no registration: only which entries are drawn
-    monkeypatch.setattr(bank, "pair", lambda case, setting, device: (case.seed, setting))
+    monkeypatch.setattr(bank, "pair", lambda case, setting, device, mirrored: (case.seed, setting, mirrored))
     rng = np.random.default_rng(0)
-    weighted = [s for _ in range(1000) for _, s in bank.draw(1, rng, weights=(9, 1))]
+    weighted = [s for _ in range(1000) for _, s, _ in bank.draw(1, rng, weights=(9, 1))]
     assert 0.86 < weighted.count("affine") / len(weighted) < 0.94
     both = [bank.draw(2, rng, weights=(9, 1)) for _ in range(200)]
     assert all(len(set(d)) == 2 for d in both)  # still different pairs within one draw
-    uniform = [s for _ in range(1000) for _, s in bank.draw(1, rng)]
+    mirrored = [m for _ in range(500) for m in bank.draw(1, rng, mirror_share=0.5)]
+    assert 0.4 < np.mean([m[-1] for m in mirrored]) < 0.6
+    uniform = [s for _ in range(1000) for _, s, _ in bank.draw(1, rng)]
     assert 0.44 < uniform.count("affine") / len(uniform) < 0.56
     with pytest.raises(ValueError, match="one positive weight per setting"):
         bank.draw(1, rng, weights=(1,))

@@ -134,6 +134,9 @@ class TrainConfig:
     bank_weights: tuple[float, ...] = ()
     """Relative chance of each ``bank_registrations`` setting in the epoch's draw from the bank (e.g. [3, 1, 1, 1, 1]:
     affine pairs three times as often as each B-spline one); empty: every pair equally likely."""
+    bank_mirror: float = 0.0
+    """Chance that a pair drawn from the bank is mirrored left-right: with three training scans, twice the
+    anatomies to learn from."""
     bank_region: str = "body"
     """Where the bank's pairs are supervised: "body" (wherever the registered image shows real anatomy) or
     "lungs" (only there; where the judge and the protocol score, and where the vessels show the residual: 71 %
@@ -200,6 +203,8 @@ class TrainConfig:
             raise ValueError(f"bank_weights {list(self.bank_weights)}: give one positive weight per bank_registrations "
                              f"setting ({len(self.bank_registrations)}: {', '.join(self.bank_registrations) or 'none'}), "
                              "or leave it empty for a uniform draw")
+        if not 0.0 <= self.bank_mirror <= 1.0:
+            raise ValueError(f"bank_mirror {self.bank_mirror}: give a chance from 0 to 1")
         if self.bank_pairs and not (self.bank_cases and self.bank_registrations):
             raise ValueError(f"bank_pairs {self.bank_pairs} needs a registration bank: give bank_cases (e.g. 2) and "
                              "bank_registrations (e.g. [\"affine\", \"bspline500\"]), or set bank_pairs = 0")

@@ -144,22 +144,30 @@ class RegistrationBank:
             self.log(f"registration bank: case {number}/{len(missing)} ({case.image.name}, breathing {case.seed}, "
                      f"{'exhale' if case.phase > 0 else 'inhale'}) registered in {time.perf_counter() - started:.0f} s")
 
-    def pair(self, case: BankCase, setting: str, device: str | torch.device = "cpu") -> DeformedPair:
+    def pair(self, case: BankCase, setting: str, device: str | torch.device = "cpu",
+             mirrored: bool = False) -> DeformedPair:
         """The pair of ``case`` registered with ``setting``: fixed = the lungs' box, moving = the registered image,
         DVF = the residual (3, D, H, W) mm, supervised = the body where the registered image shows real anatomy
-        (``shown``), and with region "lungs" only its lungs (where the judge and the protocol score)."""
+        (``shown``), and with region "lungs" only its lungs (where the judge and the protocol score).
+        ``mirrored``: the whole pair mirrored left-right (the x axis; the residual's x component negated), a
+        patient as plausible as the scanned one, before its pyramid is built."""
         entry = torch.load(case.path(self.folder, setting), weights_only=True)
-        pyramid = build_pyramid(entry["fixed"].float().numpy(), entry["deformed"].float().numpy(), self.config, device)
-        supervised = entry["supervised"].numpy()
+        fixed, deformed = entry["fixed"].float().numpy(), entry["deformed"].float().numpy()
+        residual, supervised = entry["residual"].float(), entry["supervised"].numpy()
         if self.region == "lungs":
             supervised = supervised & self.lungs[case.image.name]
-        return DeformedPair.of(f"{case.image.name}/breathing{case.seed}/{setting}", pyramid, entry["residual"].float(),
-                               supervised, registered=True, registration=setting)
+        if mirrored:
+            fixed, deformed, supervised = (np.ascontiguousarray(a[..., ::-1]) for a in (fixed, deformed, supervised))
+            residual = residual.flip(-1) * torch.tensor([-1.0, 1.0, 1.0]).view(3, 1, 1, 1)
+        pyramid = build_pyramid(fixed, deformed, self.config, device)
+        name = f"{case.image.name}/breathing{case.seed}/{setting}" + ("/mirrored" if mirrored else "")
+        return DeformedPair.of(name, pyramid, residual, supervised, registered=True, registration=setting)
 
     def draw(self, count: int, rng: np.random.Generator, device: str | torch.device = "cpu",
-             weights: Sequence[float] = ()) -> list[DeformedPair]:
+             weights: Sequence[float] = (), mirror_share: float = 0.0) -> list[DeformedPair]:
         """``count`` different pairs of the bank, their pyramids on ``device`` (with the synthetic pairs'); builds
         what is missing first. ``weights``: relative chance of each setting (one per ``settings``); empty: uniform.
+        ``mirror_share``: the chance that a drawn pair is mirrored left-right (``pair``).
 
         Raises ``InputError`` when ``count`` exceeds the bank, ``ValueError`` for weights that do not fit."""
         self.build()
@@ -175,8 +183,9 @@ class RegistrationBank:
             of_setting = dict(zip(self.settings, weights))
             chance = np.array([of_setting[setting] for _, setting in entries], dtype=float)
             chance /= chance.sum()
-        return [self.pair(*entries[int(i)], device)
-                for i in rng.choice(len(entries), size=count, replace=False, p=chance)]
+        drawn = rng.choice(len(entries), size=count, replace=False, p=chance)
+        mirrored = rng.random(count) < mirror_share if mirror_share else np.zeros(count, dtype=bool)
+        return [self.pair(*entries[int(i)], device, bool(m)) for i, m in zip(drawn, mirrored)]
 
 
 def shown(displacement: np.ndarray, bounds: tuple[tuple[int, int, int], tuple[int, int, int]]) -> np.ndarray:
