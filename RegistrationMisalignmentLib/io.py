@@ -512,23 +512,29 @@ def prepare_pair(
 
 MAX_MASK_LABELS = 1000
 """A label image with more distinct values than this is a grey-value image (segmentations hold up to ~120)."""
+PROBABILITY_SLACK = 0.05
+"""A soft segmentation's values may stray this far outside [0, 1] (smoothing, interpolation overshoot)."""
 
 
-def _check_labels(values: np.ndarray, name: str) -> None:
-    """Raise ``InputError`` when a mask's values are those of a grey-value image (a CT given as the mask): negative
-    values, or more than ``MAX_MASK_LABELS`` distinct ones beyond [0, 1] (counted on at most ~4 M voxels); a
-    probability map in [0, 1] is a mask (every non-zero voxel inside)."""
+def _mask_kind(values: np.ndarray, name: str) -> str:
+    """"labels" or "probabilities" (a soft segmentation: non-integer values within [0, 1] give or take
+    ``PROBABILITY_SLACK``). Raises ``InputError`` for a grey-value image (a CT given as the mask): negative values,
+    or more than ``MAX_MASK_LABELS`` distinct ones above 1 (counted on at most ~4 M voxels)."""
     sample = values.ravel()[:: max(1, values.size >> 22)]
     sample = sample[np.isfinite(sample)]
     if not sample.size:
-        return
+        return "labels"
     distinct = np.unique(sample)
-    if distinct[0] < 0 or (len(distinct) > MAX_MASK_LABELS and distinct[-1] > 1):  # [0, 1]: probabilities
+    low, high = float(distinct[0]), float(distinct[-1])
+    if -PROBABILITY_SLACK <= low and high <= 1 + PROBABILITY_SLACK and np.any(distinct != np.round(distinct)):
+        return "probabilities"
+    if low < 0 or (len(distinct) > MAX_MASK_LABELS and high > 1):
         raise InputError(
-            f"{name} holds values from {distinct[0]:g} to {distinct[-1]:g} (at least {len(distinct)} distinct): a "
-            "grey-value image (a CT?), not a label "
-            "image; give a mask with 0 outside and non-zero labels inside (e.g. a lung segmentation)."
+            f"{name} holds values from {low:g} to {high:g} (at least {len(distinct)} distinct): a grey-value image "
+            "(a CT?), not a label image; give a mask with 0 outside and non-zero labels inside (e.g. a lung "
+            "segmentation)."
         )
+    return "labels"
 
 
 def prepare_mask(
@@ -538,17 +544,23 @@ def prepare_mask(
     name: str = "mask",
     log: Callable[[str], None] | None = None,
 ) -> sitk.Image:
-    """Any label image -> uint8 0/1 on the fixed grid (every non-zero label counts as inside).
+    """Any label image -> uint8 0/1 on the fixed grid (every non-zero label counts as inside); a probability map
+    (soft segmentation, ``_mask_kind``) counts where it is at least 0.5, with a note to ``log``.
 
-    Raises ``InputError`` for a 2-D or vector image, a grey-value image (``_check_labels``) and a mask with no
+    Raises ``InputError`` for a 2-D or vector image, a grey-value image (``_mask_kind``) and a mask with no
     voxel inside the fixed image."""
     if mask.GetDimension() != 3:
         raise InputError(f"{name} is {mask.GetDimension()}-D; a 3-D label image is required.")
     if mask.GetNumberOfComponentsPerPixel() != 1 or mask.GetPixelID() in _COMPLEX_TYPES:
         raise InputError(f"{name} has vector/complex voxels; give a scalar label image (0 = outside).")
     values = sitk.GetArrayViewFromImage(mask)
-    _check_labels(values, name)
-    inside = sitk.GetImageFromArray((np.isfinite(values) & (values != 0)).astype(np.uint8))
+    if _mask_kind(values, name) == "probabilities":
+        inside = sitk.GetImageFromArray((np.isfinite(values) & (values >= 0.5)).astype(np.uint8))
+        if log is not None:
+            log(f"{name} holds probabilities (values from {np.nanmin(values):g} to {np.nanmax(values):g}): inside "
+                "where at least 0.5")
+    else:
+        inside = sitk.GetImageFromArray((np.isfinite(values) & (values != 0)).astype(np.uint8))
     inside.CopyInformation(mask)
     differences = _geometry_differences(mask, fixed, 1e-4)
     if differences:

@@ -248,9 +248,13 @@ def test_a_ct_given_as_the_mask_is_refused_and_probabilities_are_not():
     raw = sitk.GetImageFromArray(np.arange(24**3, dtype=np.uint16).reshape(24, 24, 24) % 4000)
     with pytest.raises(InputError, match="4000 distinct"):  # stored values without the HU rescale: no negatives
         prepare_mask(raw, fixed)
-    probabilities = np.zeros((24, 24, 24), dtype=np.float32)
-    probabilities[4:16, 4:16, 4:16] = np.random.default_rng(0).uniform(0.5, 1.0, (12, 12, 12))  # 1,729 distinct
-    assert sitk.GetArrayViewFromImage(prepare_mask(sitk.GetImageFromArray(probabilities), fixed)).sum() == 12**3
+    probabilities = np.random.default_rng(0).uniform(1e-4, 0.49, (24, 24, 24)).astype(np.float32)  # no exact 0
+    probabilities[4:16, 4:16, 4:16] = np.random.default_rng(1).uniform(0.5, 1.0, (12, 12, 12))  # 13,824 distinct
+    probabilities[0, 0, :2] = (-0.0015, 1.02)  # smoothing's overshoot
+    notes = []
+    inside = prepare_mask(sitk.GetImageFromArray(probabilities), fixed, name="lung mask", log=notes.append)
+    assert sitk.GetArrayViewFromImage(inside).sum() == 12**3 + 1  # at least 0.5, not every non-zero voxel
+    assert notes == ["lung mask holds probabilities (values from -0.0015 to 1.02): inside where at least 0.5"]
 
 
 # --- write_image --------------------------------------------------------------------------------
