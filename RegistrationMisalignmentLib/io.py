@@ -332,6 +332,8 @@ def validate_image(image: sitk.Image, name: str) -> None:
 
 AIR_HU = (-1100.0, -500.0)
 """Air and lung in Hounsfield units; a chest CT in HU has a share of its voxels here."""
+FAT_HU = (-150.0, -50.0)
+"""Fat in Hounsfield units: an image in HU without air (a crop inside the body) still holds some."""
 MIN_AIR_FRACTION = 0.01
 """Below this share of voxels in ``AIR_HU`` the values are not HU (padding rims stay well under it)."""
 _HU_SAMPLE_VOXELS = 1 << 22
@@ -356,10 +358,25 @@ def _hu_problem(image: sitk.Image, name: str, hu_offset: float) -> tuple[str, fl
     if fraction >= MIN_AIR_FRACTION:
         return None
     shifted = sample.astype(np.float64) + hu_offset
+    if np.count_nonzero((shifted >= FAT_HU[0]) & (shifted <= FAT_HU[1])) / sample.size >= MIN_AIR_FRACTION:
+        return None  # fat: HU without air, a crop inside the body (stored as HU + 1024, fat would lie near 924)
     above_padding = shifted[shifted > AIR_HU[0]]
     air = float(np.percentile(above_padding, 1.0)) if above_padding.size else float(shifted.min())
+    positive = sample[sample > 0]
     if shifted.max() - shifted.min() <= 10:
         cause, offset = "its values span only a few units: a normalised or windowed image, not HU", None
+    elif image.GetPixelID() in (sitk.sitkUInt8, sitk.sitkInt8) or (sample.min() >= 0 and sample.max() <= 255):
+        cause, offset = ("its values fit in 8 bits: a display export (windowed to 0..255), not HU; export the CT "
+                         "itself (int16 or float, in HU)"), None
+    elif (sample.min() == 0 and np.count_nonzero(sample == 0) >= 0.05 * sample.size and positive.size
+          and np.count_nonzero((positive >= 900) & (positive <= 1200)) < 0.05 * positive.size):
+        # stored as HU + 1024, soft tissue lies at 900..1200 (45-63 % of the shared CTs' non-zero voxels); with
+        # negative HU clamped to 0 that is dense bone (under 1 %)
+        cause, offset = ("a large share of its voxels is exactly 0 and little lies where soft tissue would "
+                         "(900..1200) if it were HU + 1024: negative HU "
+                         "(air, lung, fat) were clamped to 0, as an unsigned output type does (e.g. elastix "
+                         "ResultImagePixelType \"unsigned short\"); write it again as a signed type (short or "
+                         "float): no offset brings the lost values back"), None
     elif -300 <= air <= 300:
         cause = f"its air lies near {air:.0f}: likely HU + 1024 stored without its rescale intercept"
         offset = hu_offset - 1024.0

@@ -348,6 +348,25 @@ def test_ct_without_rescale_intercept_is_refused_and_hu_offset_fixes_it(tmp_path
         predict(stored, hu, model, device="cpu")
 
 
+def test_exports_that_no_offset_mends_are_named_and_a_crop_without_air_is_hu():
+    """An 8-bit display export and an unsigned export that clamped negative HU to 0 used to get the HU + 1024
+    advice, which then ran to a map of nothing but "correct" or "wrong"; a crop inside the body (fat, no air) was
+    refused with it."""
+    hu = chest_crop()
+    values = sitk.GetArrayFromImage(hu).astype(np.float64)
+    for stored, cause in ((np.clip((values + 1000) / 1400 * 255, 0, 255).astype(np.uint8), "fit in 8 bits"),
+                          (np.clip(values, 0, None).astype(np.uint16), "clamped to 0")):
+        image = sitk.GetImageFromArray(stored)
+        image.CopyInformation(hu)
+        with pytest.raises(InputError, match=cause) as info:
+            prepare_pair(hu, image)
+        assert "--hu-offset" not in str(info.value) and "Give both images in Hounsfield units" in str(info.value)
+    abdomen = read_image(SHARED_DATA / "abdomen_ct_3mm.nii.gz")[40:60, 5:25, 0:14]  # liver and fat, no air
+    assert sitk.GetArrayViewFromImage(abdomen).min() > -500
+    fixed_f, _ = prepare_pair(abdomen, abdomen)
+    np.testing.assert_array_equal(sitk.GetArrayFromImage(fixed_f), sitk.GetArrayFromImage(abdomen))
+
+
 def test_normalised_image_is_refused_without_an_offset_to_suggest():
     hu = chest_crop()
     normalised = sitk.Cast(hu, sitk.sitkFloat32) / 3000.0
