@@ -93,13 +93,16 @@ def _model_for(args: argparse.Namespace):
 
 def cmd_predict(args: argparse.Namespace) -> int:
     from RegistrationMisalignmentLib.inference import predict
-    from RegistrationMisalignmentLib.io import read_image, write_image
+    from RegistrationMisalignmentLib.io import check_nifti_grid, read_image, write_image
 
-    check_outputs([Output("--out", args.out, "image"), Output("--probabilities", args.probabilities, "image"),
-                   Output("--confidence", args.confidence, "image"), Output("--entropy", args.entropy, "image")],
-                  inputs=[args.fixed, args.moving, args.mask, args.model])
+    outputs = [Output("--out", args.out, "image"), Output("--probabilities", args.probabilities, "image"),
+               Output("--confidence", args.confidence, "image"), Output("--entropy", args.entropy, "image")]
+    check_outputs(outputs, inputs=[args.fixed, args.moving, args.mask, args.model])
     model = _model_for(args)
     fixed, moving = _read_pair(args)
+    for output in outputs:
+        if output.path:  # before the work: the outputs lie on the fixed grid
+            check_nifti_grid(fixed, output.path, output.option)
     mask = read_image(args.mask, "mask") if args.mask else None
     with progress_bar(model.name) as update:
         prediction = predict(fixed, moving, model, mask=mask, device=args.device,

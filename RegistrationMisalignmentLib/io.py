@@ -595,16 +595,43 @@ def prepare_mask(
     return inside
 
 
+def shear_degrees(image: sitk.Image) -> float:
+    """How far the image's axes are from perpendicular: the largest |90 deg - angle| between two of them (0 for
+    the orthonormal directions ITK, NIfTI and DICOM volumes normally have)."""
+    axes = np.array(image.GetDirection(), dtype=np.float64).reshape(3, 3).T
+    axes /= np.linalg.norm(axes, axis=1, keepdims=True)
+    cosines = [abs(float(axes[i] @ axes[j])) for i, j in ((0, 1), (0, 2), (1, 2))]
+    return float(np.degrees(np.arcsin(min(max(cosines), 1.0))))
+
+
+MAX_NIFTI_SHEAR_DEGREES = 0.01
+"""NIfTI stores orthonormal directions only: ITK writes a sheared grid as the nearest orthonormal one."""
+
+
+def check_nifti_grid(image: sitk.Image, path: str | os.PathLike, name: str) -> None:
+    """Raise ``InputError`` when ``path`` is NIfTI and ``image``'s grid is sheared: ITK would write it with other
+    directions (with only a console warning), and every voxel would lie elsewhere than the fixed image's."""
+    shear = shear_degrees(image)
+    if Path(path).name.lower().endswith((".nii", ".nii.gz")) and shear > MAX_NIFTI_SHEAR_DEGREES:
+        raise InputError(
+            f"{name}: '{path}' is NIfTI, which cannot hold the fixed image's sheared grid (its axes are "
+            f"{shear:.2f} deg from perpendicular); ITK would write other directions and move every voxel. Write "
+            ".nrrd or .mha, or resample the fixed image onto an orthogonal grid first."
+        )
+
+
 def write_image(image: sitk.Image, path: str | os.PathLike, name: str = "output") -> Path:
     """Write ``image`` so that ``path`` either holds the complete file or does not exist.
 
     The image is written under its final name into a temporary folder next to ``path`` and moved
     into place afterwards; formats with a separate data file (.mhd + .raw, .nhdr) move as a set,
-    with the named header last.
+    with the named header last. Raises ``InputError`` for a folder, an unwritable place or format, and a
+    sheared grid written as NIfTI (``check_nifti_grid``).
     """
     path = Path(path).expanduser()
     if path.is_dir():
         raise InputError(f"{name}: '{path}' is a folder; give a file name such as '{path / 'result.nii.gz'}'.")
+    check_nifti_grid(image, path, name)
     folder = path.parent
     try:
         folder.mkdir(parents=True, exist_ok=True)
