@@ -487,6 +487,32 @@ def _check_overlap(fixed: sitk.Image, moving: sitk.Image) -> None:
         )
 
 
+def _has_default_header(image: sitk.Image) -> bool:
+    """Spacing 1 mm, origin 0 and identity directions: what an array saved without its geometry gets."""
+    return (np.allclose(image.GetSpacing(), 1.0) and np.allclose(image.GetOrigin(), 0.0)
+            and np.allclose(image.GetDirection(), np.eye(3).ravel()))
+
+
+def _check_lost_header(fixed: sitk.Image, moving: sitk.Image) -> None:
+    """Raise ``InputError`` when one image of the pair has the other's size but a default header (the classic
+    ``GetImageFromArray`` without ``CopyInformation``, or nibabel with an identity affine) and the other another
+    spacing or directions: read by geometry, it would lie elsewhere and at another scale, and the map would call
+    the misplacement misalignment."""
+    if fixed.GetSize() != moving.GetSize():
+        return
+    for lost, kept, lost_name in ((moving, fixed, "moving image"), (fixed, moving, "fixed image")):
+        other_scale = not (np.allclose(kept.GetSpacing(), 1.0) and np.allclose(kept.GetDirection(), np.eye(3).ravel()))
+        if _has_default_header(lost) and other_scale:  # origins alone differ in real pairs too (_check_overlap)
+            raise InputError(
+                f"the {lost_name} has the other image's size {lost.GetSize()} but a default header (spacing 1 mm, "
+                f"origin 0, identity directions), the other spacing {_fmt(kept.GetSpacing())} mm and origin "
+                f"{_fmt(kept.GetOrigin())} mm: its geometry was likely lost when it was saved (an array written "
+                "without its header, e.g. SimpleITK GetImageFromArray without CopyInformation, or nibabel with an "
+                "identity affine). Copy the other image's header onto it (SimpleITK: image.CopyInformation(other)) "
+                "and save it again."
+            )
+
+
 def prepare_pair(
     fixed: sitk.Image,
     moving: sitk.Image,
@@ -506,6 +532,7 @@ def prepare_pair(
     validate_image(fixed, "fixed image")
     validate_image(moving, "moving image")
     _check_pair_hu(fixed, moving, (fixed_offset, moving_offset))
+    _check_lost_header(fixed, moving)
     _check_overlap(fixed, moving)
     fixed_f32 = sitk.Cast(fixed, sitk.sitkFloat32)
     moving_f32 = sitk.Cast(moving, sitk.sitkFloat32)

@@ -552,7 +552,8 @@ def sample_labelmap(labelmap: sitk.Image, points_lps: np.ndarray) -> np.ndarray:
         raise InputError(f"the labelmap must be 3-D, got {labelmap.GetDimension()}-D.")
     if labelmap.GetNumberOfComponentsPerPixel() != 1:
         raise InputError(f"the labelmap has {labelmap.GetNumberOfComponentsPerPixel()}-component voxels: that is "
-                         "predict's --probabilities output or a displacement field; give the labelmap (predict's --out).")
+                         "predict's --probabilities output or a displacement field; give the labelmap (predict's "
+                         "--out).")
     index, inside = nearest_voxels(labelmap, points_lps)
     array = sitk.GetArrayViewFromImage(labelmap)  # z, y, x
     values = np.zeros(len(index), dtype=array.dtype)

@@ -700,3 +700,16 @@ def test_a_sheared_fixed_grid_is_not_written_as_nifti(tmp_path, model_dir, capsy
         capsys.readouterr().err
     assert main([*args, "--out", str(tmp_path / "map.mha")]) == 0
     np.testing.assert_allclose(sitk.ReadImage(str(tmp_path / "map.mha")).GetDirection(), fixed.GetDirection())
+
+
+def test_an_image_saved_without_its_header_is_named_instead_of_mapped_elsewhere():
+    """The moving image written from an array without CopyInformation: read by geometry it lay elsewhere and at
+    another scale, and the map called 69 % of the pair wrong with notes that never said why."""
+    fixed = chest_crop(depth=40)
+    bare = sitk.GetImageFromArray(sitk.GetArrayFromImage(fixed))
+    with pytest.raises(InputError, match=r"the moving image has the other image's size \(80, 80, 40\) but a default "
+                                         r"header .*spacing \(1.5, 1.5, 1.5\) mm.*CopyInformation"):
+        prepare_pair(fixed, bare)
+    with pytest.raises(InputError, match="the fixed image has the other image's size"):
+        prepare_pair(bare, fixed)
+    prepare_pair(bare, bare)  # both bare: the same grid, nothing lost between them
