@@ -532,8 +532,28 @@ def residual_tre(fixed: Landmarks, moving: Landmarks, transform: sitk.Transform 
                          "points; they must pair one to one, in the same order.")
     mapped = fixed.points_lps
     if transform is not None:
+        _check_field_covers(transform, fixed)
         mapped = np.array([transform.TransformPoint(tuple(float(v) for v in p)) for p in mapped]).reshape(-1, 3)
     return np.linalg.norm(mapped - moving.points_lps, axis=1)
+
+
+def _check_field_covers(transform: sitk.Transform, fixed: Landmarks) -> None:
+    """Raise ``InputError`` when fixed landmarks lie outside a displacement-field transform's grid, where ITK makes
+    up a displacement (the nearest edge's) rather than the registration's."""
+    if transform.GetName() != "DisplacementFieldTransform":
+        return
+    parameters = np.array(transform.GetFixedParameters(), dtype=np.float64)  # size, origin, spacing, direction
+    size, origin, spacing = parameters[0:3], parameters[3:6], parameters[6:9]
+    matrix = parameters[9:18].reshape(3, 3) * spacing
+    index = np.linalg.solve(matrix, (fixed.points_lps - origin).T).T
+    outside = np.any((index < -0.5) | (index > size - 0.5), axis=1)
+    if outside.any():
+        labels = [label for label, out in zip(fixed.labels, outside) if out]
+        raise InputError(f"{int(outside.sum())} of the {len(fixed)} fixed landmarks ({_some(labels)}) lie outside "
+                         f"the displacement field's grid (origin {np.round(origin, 1).tolist()}, extent "
+                         f"{np.round(size * spacing, 1).tolist()} mm): "
+                         "their displacement would be made up from the field's edge. Give a field that covers the "
+                         "fixed image (the registration's output on its grid).")
 
 
 def nearest_voxels(image: sitk.Image, points_lps: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

@@ -248,3 +248,15 @@ def test_a_vector_image_as_labelmap_and_a_2d_transform_are_refused(tmp_path):
     sitk.WriteTransform(sitk.AffineTransform(2), str(tmp_path / "affine2d.tfm"))
     with pytest.raises(InputError, match="a 2-D transform; a 3-D registration transform is needed"):
         read_transform(tmp_path / "affine2d.tfm")
+
+
+def test_landmarks_outside_a_displacement_fields_grid_are_refused():
+    """ITK takes the nearest edge's displacement there: the TRE would be made up."""
+    field = sitk.Image([20, 30, 20], sitk.sitkVectorFloat64, 3)
+    field.SetOrigin((-5.0, -25.0, -5.0))
+    transform = sitk.DisplacementFieldTransform(field)  # covers x -5..14, y -25..4, z -5..14 mm: not z = 30.5
+    with pytest.raises(InputError, match=r"1 of the 2 fixed landmarks \('F-0'\) lie outside the displacement field"):
+        residual_tre(Landmarks(LPS, ["F-0", "F-1"]), Landmarks(LPS, ["M-0", "M-1"]), transform)
+    inside = LPS.copy()
+    inside[0] = (0.0, -20.0, 3.0)
+    assert residual_tre(Landmarks(inside, ["F-0", "F-1"]), Landmarks(inside, ["M-0", "M-1"]), transform).max() == 0
