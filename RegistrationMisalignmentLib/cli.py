@@ -142,6 +142,9 @@ def _read_pair(args: argparse.Namespace):
     def note(message: str) -> None:
         say(f"note: {message}")
 
+    if Path(args.fixed).expanduser().resolve() == Path(args.moving).expanduser().resolve() \
+            and args.fixed_series == args.moving_series:
+        note(f"--fixed and --moving are the same image ({args.fixed}): aligned everywhere by construction")
     return (read_image(args.fixed, "fixed image", series=args.fixed_series, log=note),
             read_image(args.moving, "moving image", series=args.moving_series, log=note))
 
@@ -153,6 +156,10 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
     if not args.labelmap and not (args.fixed and args.moving):
         raise InputError("evaluate needs --labelmap, or --fixed and --moving to predict one")
+    if args.labelmap and (args.fixed or args.moving):
+        raise InputError("evaluate was given --labelmap and --fixed / --moving, which predict a labelmap when none "
+                         "is given: drop them to score the labelmap, or drop --labelmap to predict one (the image "
+                         "DIR-Lab indices refer to is --reference)")
     check_outputs([Output("--out-csv", args.out_csv, "csv"), Output("--out-json", args.out_json, "json")],
                   inputs=[args.labelmap, args.fixed, args.moving, args.fixed_landmarks, args.moving_landmarks,
                           args.transform, args.reference, args.moving_reference, args.model])
@@ -167,6 +174,10 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
             labelmap = predict(fixed, moving, model, device=args.device, progress=update,
                                hu_offset=args.hu_offset, log=lambda m: say(f"note: {m}")).labelmap
     reference = read_image(args.reference, "reference image") if args.reference else labelmap
+    if not args.reference and Path(args.fixed_landmarks).suffix.lower() == ".txt":
+        say(f"note: the DIR-Lab indices of {args.fixed_landmarks} are converted on the labelmap's grid (size "
+            f"{reference.GetSize()}, spacing {tuple(round(v, 4) for v in reference.GetSpacing())} mm); if they were "
+            "placed on another image, give it as --reference")
     moving_reference = read_image(args.moving_reference, "moving reference image") if args.moving_reference else None
     pairs = read_landmark_pair(args.fixed_landmarks, args.moving_landmarks, fixed_reference=reference,
                                moving_reference=moving_reference, moving_on_own_grid=bool(args.transform))

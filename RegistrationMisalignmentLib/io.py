@@ -87,15 +87,44 @@ def dicom_series(folder: str | os.PathLike) -> list[DicomSeries]:
     return sorted(found, key=lambda s: len(s.files), reverse=True)
 
 
+MAX_DICOM_DEPTH = 4
+"""How deep below a folder without a series to look for one (exports nest patient / study / series)."""
+
+
+def _folders_with_dicom(folder: Path, depth: int = MAX_DICOM_DEPTH) -> list[Path]:
+    """Sub-folders of ``folder`` (down to ``depth`` levels) that hold a DICOM series themselves."""
+    found: list[Path] = []
+    try:
+        children = sorted(p for p in folder.iterdir() if p.is_dir() and not p.name.startswith("."))
+    except OSError:
+        return found
+    for child in children:
+        if sitk.ImageSeriesReader.GetGDCMSeriesIDs(str(child)):
+            found.append(child)
+        elif depth > 1:
+            found.extend(_folders_with_dicom(child, depth - 1))
+    return found
+
+
+def _is_dicom_file(path: Path) -> bool:
+    """Whether ``path`` starts as a DICOM Part 10 file does ('DICM' after the 128-byte preamble)."""
+    try:
+        with open(path, "rb") as f:
+            return f.read(132)[128:] == b"DICM"
+    except OSError:
+        return False
+
+
 def _choose_series(folder: Path, name: str, series: str | None,
                    log: Callable[[str], None] | None) -> DicomSeries:
     """The series to read: the one asked for, the only one, or the only volume beside scouts and reports."""
     found = dicom_series(folder)
     if not found:
-        raise InputError(
-            f"{name}: the folder '{folder}' holds no DICOM series; give a folder of DICOM slices "
-            "or an image file (.nii.gz, .nrrd, .mha)."
-        )
+        nested = _folders_with_dicom(folder)
+        where = (f"; it holds series deeper down, in {', '.join(repr(str(f)) for f in nested[:3])}"
+                 f"{f' and {len(nested) - 3} more' if len(nested) > 3 else ''}: give one of those folders"
+                 if nested else "; give a folder of DICOM slices or an image file (.nii.gz, .nrrd, .mha)")
+        raise InputError(f"{name}: the folder '{folder}' holds no DICOM series itself{where}.")
     listing = "; ".join(s.describe() for s in found)
     if series is not None:
         chosen = [s for s in found if s.uid == series.strip()]
@@ -210,12 +239,17 @@ def read_image(path: str | os.PathLike, name: str = "image", *, series: str | No
                          "drop the series option or give the folder.")
     _check_gzip(path, name)
     try:
-        return sitk.ReadImage(str(path))
+        image = sitk.ReadImage(str(path))
     except RuntimeError as error:
         raise InputError(
             f"{name}: '{path}' could not be read as an image ({_sitk_reason(error)}); give a "
             "NIfTI, NRRD, MHA or other SimpleITK-readable file, or a DICOM folder."
         ) from error
+    if image.GetDimension() == 2 or image.GetSize()[2:] == (1,):
+        if _is_dicom_file(path):
+            raise InputError(f"{name}: '{path}' is a single DICOM slice; give the folder that holds the whole "
+                             f"series ('{path.parent}').")
+    return image
 
 
 def _check_gzip(path: Path, name: str) -> None:
@@ -306,7 +340,7 @@ def validate_image(image: sitk.Image, name: str) -> None:
             raise InputError(
                 f"{name} has voxel spacing {value:g} mm along {axis} (spacing {_fmt(spacing)} mm), outside "
                 f"({MIN_SPACING_MM:g}, {MAX_SPACING_MM:g}] mm; fix the spacing in the file header "
-                "(is it in metres?)."
+                "(a unit mix-up: values in metres, or a NIfTI header whose xyzt_units names the wrong unit?)."
             )
     extent = np.asarray(size) * np.asarray(spacing)
     for axis, value in zip("xyz", extent):

@@ -138,3 +138,10 @@ def test_every_help_text_is_ascii():
             texts += [sub.format_help() for sub in action.choices.values()]
     offenders = sorted({c for text in texts for c in text if ord(c) > 127})
     assert len(texts) > 5 and offenders == []
+
+
+def test_evaluate_refuses_a_labelmap_beside_the_images_that_would_predict_one(pair, no_work, capsys):
+    args = ["evaluate", "--labelmap", str(pair / "fixed.nii.gz"), "--fixed-landmarks", str(pair / "f.csv"),
+            "--moving-landmarks", str(pair / "m.csv"), "--fixed", str(pair / "fixed.nii.gz")]
+    assert main(args) == 2  # before: --fixed was ignored without a word
+    assert "drop them to score the labelmap, or drop --labelmap" in capsys.readouterr().err

@@ -713,3 +713,29 @@ def test_an_image_saved_without_its_header_is_named_instead_of_mapped_elsewhere(
     with pytest.raises(InputError, match="the fixed image has the other image's size"):
         prepare_pair(bare, fixed)
     prepare_pair(bare, bare)  # both bare: the same grid, nothing lost between them
+
+
+def test_a_nested_dicom_export_and_a_single_dicom_slice_name_the_folder_to_give(tmp_path):
+    image = chest_crop(depth=8)
+    write_dicom_series(image, tmp_path / "export" / "PATIENT" / "STUDY" / "SERIES", f"{UID_ROOT}.40", "chest")
+    with pytest.raises(InputError, match=r"holds no DICOM series itself; it holds series deeper down, in "
+                                         r".*PATIENT/STUDY/SERIES'.*give one of those folders"):
+        read_image(tmp_path / "export", "fixed image")
+    one = sorted((tmp_path / "export" / "PATIENT" / "STUDY" / "SERIES").iterdir())[0]
+    with pytest.raises(InputError, match=r"is a single DICOM slice; give the folder that holds the whole series"):
+        read_image(one, "fixed image")
+    assert read_image(tmp_path / "export" / "PATIENT" / "STUDY" / "SERIES").GetSize() == (80, 80, 8)
+
+
+def test_the_same_image_twice_and_dirlab_indices_on_the_labelmaps_grid_are_noted(tmp_path, model_dir, capsys):
+    sitk.WriteImage(chest_crop(depth=40), str(tmp_path / "fixed.nii.gz"))
+    out = tmp_path / "map.nii.gz"
+    assert main(["predict", "--fixed", str(tmp_path / "fixed.nii.gz"), "--moving", str(tmp_path / "fixed.nii.gz"),
+                 "--out", str(out), "--model", str(model_dir / "test_singlescale.pt"), "--device", "cpu"]) == 0
+    assert "--fixed and --moving are the same image" in capsys.readouterr().err
+    for name in ("f.txt", "m.txt"):
+        (tmp_path / name).write_text("40 40 20\n30 35 25\n", encoding="utf-8")
+    assert main(["evaluate", "--labelmap", str(out), "--fixed-landmarks", str(tmp_path / "f.txt"),
+                 "--moving-landmarks", str(tmp_path / "m.txt")]) == 0
+    assert "converted on the labelmap's grid (size (80, 80, 40), spacing (1.5, 1.5, 1.5) mm)" in \
+        capsys.readouterr().err
