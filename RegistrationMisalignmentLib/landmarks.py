@@ -537,16 +537,27 @@ def residual_tre(fixed: Landmarks, moving: Landmarks, transform: sitk.Transform 
     return np.linalg.norm(mapped - moving.points_lps, axis=1)
 
 
-def _check_field_covers(transform: sitk.Transform, fixed: Landmarks) -> None:
-    """Raise ``InputError`` when fixed landmarks lie outside a displacement-field transform's grid, where ITK makes
-    up a displacement (the nearest edge's) rather than the registration's."""
+def inside_field_grid(transform: sitk.Transform, points_lps: np.ndarray) -> np.ndarray | None:
+    """(N,) bool: which points (LPS mm) lie on a displacement-field transform's grid, where its displacement is the
+    registration's (beyond it ITK takes the nearest edge's); None for other transforms, defined everywhere."""
     if transform.GetName() != "DisplacementFieldTransform":
-        return
+        return None
     parameters = np.array(transform.GetFixedParameters(), dtype=np.float64)  # size, origin, spacing, direction
     size, origin, spacing = parameters[0:3], parameters[3:6], parameters[6:9]
     matrix = parameters[9:18].reshape(3, 3) * spacing
-    index = np.linalg.solve(matrix, (fixed.points_lps - origin).T).T
-    outside = np.any((index < -0.5) | (index > size - 0.5), axis=1)
+    index = np.linalg.solve(matrix, (np.asarray(points_lps, dtype=np.float64).reshape(-1, 3) - origin).T).T
+    return np.all((index >= -0.5) & (index <= size - 0.5), axis=1)
+
+
+def _check_field_covers(transform: sitk.Transform, fixed: Landmarks) -> None:
+    """Raise ``InputError`` when fixed landmarks lie outside a displacement-field transform's grid
+    (``inside_field_grid``)."""
+    inside = inside_field_grid(transform, fixed.points_lps)
+    if inside is None:
+        return
+    parameters = np.array(transform.GetFixedParameters(), dtype=np.float64)
+    size, origin, spacing = parameters[0:3], parameters[3:6], parameters[6:9]
+    outside = ~inside
     if outside.any():
         labels = [label for label, out in zip(fixed.labels, outside) if out]
         raise InputError(f"{int(outside.sum())} of the {len(fixed)} fixed landmarks ({_some(labels)}) lie outside "

@@ -285,6 +285,17 @@ def test_classical_checks_on_a_real_ct_with_a_known_affine(chest_crop):
         assert image.GetSize() == chest_crop.GetSize() and image.GetDirection() == chest_crop.GetDirection()
 
 
+def test_a_displacement_field_short_of_the_checked_region_is_refused(chest_crop):
+    """Beyond a field's grid ITK takes the nearest edge's displacement: the Jacobian there would be 1, no folding."""
+    field = sitk.Image([32, 32, 16], sitk.sitkVectorFloat64, 3)
+    field.CopyInformation(chest_crop[:, :, :16])  # the crop's lower half only
+    with pytest.raises(InputError, match=r"--transform covers only 5\d\.\d% of the whole image"):
+        run_checks(chest_crop, chest_crop, ["jacobian"], transform=field, body_only=False)
+    whole = sitk.Image(chest_crop.GetSize(), sitk.sitkVectorFloat64, 3)
+    whole.CopyInformation(chest_crop)
+    assert "jacobian" in run_checks(chest_crop, chest_crop, ["jacobian"], transform=whole, body_only=False).maps
+
+
 # ---- re-registration -----------------------------------------------------------------------
 def test_reregistration_finds_a_known_shift_of_a_real_ct(chest_crop):
     pytest.importorskip("itk")

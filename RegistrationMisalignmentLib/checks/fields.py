@@ -70,6 +70,29 @@ def displacement_slab(transform: sitk.Transform, reference: sitk.Image, z0: int,
     return sitk.GetArrayFromImage(field)
 
 
+MAX_COVERAGE_POINTS = 1 << 20
+"""``field_coverage`` counts on a regular subsample of at most about this many voxels of the region."""
+
+
+def field_coverage(transform: sitk.Transform, reference: sitk.Image, region: sitk.Image | None) -> float | None:
+    """Share of ``region``'s voxels (the whole ``reference`` grid when None) on a displacement-field transform's
+    grid (``landmarks.inside_field_grid``); None for other transforms."""
+    from RegistrationMisalignmentLib.landmarks import inside_field_grid
+
+    if transform.GetName() != "DisplacementFieldTransform":
+        return None
+    shape = reference.GetSize()[::-1]
+    chosen = sitk.GetArrayViewFromImage(region) > 0 if region is not None else np.ones(shape, dtype=bool)
+    zyx = np.argwhere(chosen)
+    zyx = zyx[:: max(1, len(zyx) // MAX_COVERAGE_POINTS)]
+    if not len(zyx):
+        return None
+    origin = np.array(reference.GetOrigin())
+    matrix = np.array(reference.GetDirection()).reshape(3, 3) * np.array(reference.GetSpacing())
+    points = origin + zyx[:, ::-1] @ matrix.T
+    return float(inside_field_grid(transform, points).mean())
+
+
 def on_grid(array: np.ndarray, reference: sitk.Image) -> sitk.Image:
     """A (z, y, x) array as a float32 image with ``reference``'s geometry."""
     image = sitk.GetImageFromArray(np.asarray(array, dtype=np.float32))

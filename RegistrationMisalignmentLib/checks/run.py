@@ -27,7 +27,7 @@ from dataclasses import dataclass, field
 
 import SimpleITK as sitk
 
-from RegistrationMisalignmentLib.checks.fields import TransformLike, as_transform
+from RegistrationMisalignmentLib.checks.fields import TransformLike, as_transform, field_coverage
 from RegistrationMisalignmentLib.checks.jacobian import PLAUSIBLE_RANGE, check_range
 from RegistrationMisalignmentLib.progress import Cancel, Progress, Reporter
 from RegistrationMisalignmentLib.checks.summary import ChecksSummary, summarize
@@ -41,6 +41,8 @@ MAPS_OF: dict[str, tuple[str, ...]] = {
     "reregistration": ("residual", "reregistration"),
 }
 """The maps each check gives."""
+MIN_FIELD_COVERAGE = 0.999
+"""Share of the checked region a displacement field must cover (its grid's edge aside)."""
 WEIGHTS = {"learned": 6.0, "confidence": 6.5, "jacobian": 1.0, "inverse-consistency": 1.0, "intensity": 0.3,
            "reregistration": 6.0}
 """Rough relative run times, to spread the progress bar (confidence: the network run that also makes the
@@ -131,6 +133,13 @@ def run_checks(fixed: sitk.Image, moving: sitk.Image, checks: Iterable[str], *,
         region, region_name = body_mask(fixed_hu), "body"
     else:
         region, region_name = None, "whole image"
+    for given, option in ((forward, "--transform"), (backward, "--inverse-transform")):
+        covered = field_coverage(given, fixed_hu, region) if given is not None else None
+        if covered is not None and covered < MIN_FIELD_COVERAGE:
+            raise InputError(f"the displacement field given as {option} covers only {covered:.1%} of the "
+                             f"{region_name}; beyond its grid ITK takes the nearest edge's displacement, so the "
+                             "checks would judge values the registration never gave. Give the field on the fixed "
+                             "image's grid, or a mask within the field (--mask).")
 
     steps = [c for c in checks if not (c == "learned" and "confidence" in checks)]  # one network run for both
     total = sum(WEIGHTS[c] for c in steps)
