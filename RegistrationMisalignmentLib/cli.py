@@ -164,7 +164,14 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
                   inputs=[args.labelmap, args.fixed, args.moving, args.fixed_landmarks, args.moving_landmarks,
                           args.transform, args.reference, args.moving_reference, args.model])
     if args.labelmap:
+        from RegistrationMisalignmentLib.inference import FILE_NOTES_KEY, LABELMAP_NOTE
+
         labelmap = read_image(args.labelmap, "labelmap")
+        notes = labelmap.GetMetaData(FILE_NOTES_KEY) if labelmap.HasMetaDataKey(FILE_NOTES_KEY) else ""
+        if not notes.startswith(LABELMAP_NOTE.split(":")[0]):
+            say(f"note: {args.labelmap} does not say it is a misalignment map of RegistrationMisalignment (its file "
+                "notes, NIfTI descrip); scoring it as one (1 correct, 2 poor, 3 wrong): make sure it is not a "
+                "segmentation")
     else:
         from RegistrationMisalignmentLib.inference import predict
 

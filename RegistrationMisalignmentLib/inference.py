@@ -45,6 +45,12 @@ from RegistrationMisalignmentLib.weights import LoadedModel, load_model
 
 
 
+FILE_NOTES_KEY = "ITK_FileNotes"
+"""ITK writes this metadata as NIfTI's descrip (80 bytes) and as a field of NRRD and MHA files."""
+LABELMAP_NOTE = "RegistrationMisalignment labelmap: 0 no data, 1 correct, 2 poor, 3 wrong"
+"""What a labelmap of ``predict`` says of itself in its file, so that ``evaluate`` can tell it from a segmentation."""
+
+
 @dataclass
 class Prediction:
     """The result of ``predict``, all on the fixed image's grid."""
@@ -448,6 +454,7 @@ def predict(fixed: sitk.Image, moving: sitk.Image, model: LoadedModel | None = N
 
     report(0.92, "mapping back to the fixed image grid")
     labelmap, probs_image = to_fixed_grid(probabilities, grid, fixed, mask, config, with_probabilities)
+    labelmap.SetMetaData(FILE_NOTES_KEY, LABELMAP_NOTE)  # NIfTI descrip, a NRRD / MHA field: evaluate reads it
     lap("resample_back", t)
     report(1.0, "done")
     return Prediction(labelmap=labelmap, probabilities=probs_image,

@@ -727,7 +727,7 @@ def test_a_nested_dicom_export_and_a_single_dicom_slice_name_the_folder_to_give(
     assert read_image(tmp_path / "export" / "PATIENT" / "STUDY" / "SERIES").GetSize() == (80, 80, 8)
 
 
-def test_the_same_image_twice_and_dirlab_indices_on_the_labelmaps_grid_are_noted(tmp_path, model_dir, capsys):
+def test_the_same_image_twice_dirlab_indices_and_a_labelmap_of_unknown_origin_are_noted(tmp_path, model_dir, capsys):
     sitk.WriteImage(chest_crop(depth=40), str(tmp_path / "fixed.nii.gz"))
     out = tmp_path / "map.nii.gz"
     assert main(["predict", "--fixed", str(tmp_path / "fixed.nii.gz"), "--moving", str(tmp_path / "fixed.nii.gz"),
@@ -737,5 +737,11 @@ def test_the_same_image_twice_and_dirlab_indices_on_the_labelmaps_grid_are_noted
         (tmp_path / name).write_text("40 40 20\n30 35 25\n", encoding="utf-8")
     assert main(["evaluate", "--labelmap", str(out), "--fixed-landmarks", str(tmp_path / "f.txt"),
                  "--moving-landmarks", str(tmp_path / "m.txt")]) == 0
-    assert "converted on the labelmap's grid (size (80, 80, 40), spacing (1.5, 1.5, 1.5) mm)" in \
-        capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "converted on the labelmap's grid (size (80, 80, 40), spacing (1.5, 1.5, 1.5) mm)" in err
+    assert "does not say it is a misalignment map" not in err  # predict's labelmap says so in its descrip
+    body = sitk.Cast(chest_crop(depth=40) > -3000, sitk.sitkUInt8)  # a segmentation: 1 everywhere
+    sitk.WriteImage(body, str(tmp_path / "body.nii.gz"))
+    assert main(["evaluate", "--labelmap", str(tmp_path / "body.nii.gz"), "--fixed-landmarks", str(tmp_path / "f.txt"),
+                 "--moving-landmarks", str(tmp_path / "m.txt")]) == 0
+    assert "body.nii.gz does not say it is a misalignment map" in capsys.readouterr().err
