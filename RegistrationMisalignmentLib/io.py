@@ -325,6 +325,11 @@ def fill_region(moving: sitk.Image, fixed: sitk.Image) -> tuple[sitk.Image, floa
 def validate_image(image: sitk.Image, name: str) -> None:
     """Raise ``InputError`` unless ``image`` is a finite, non-constant, scalar 3-D CT of usable size."""
     dimension = image.GetDimension()
+    if dimension == 4:
+        phases = image.GetSize()[3]
+        raise InputError(f"{name} is 4-D with {phases} volumes (a 4-D CT's breathing phases?); a 3-D volume is "
+                         f"required: save one phase as its own file first (SimpleITK: image[:, :, :, k] for k in "
+                         f"0..{phases - 1}).")
     if dimension != 3:
         raise InputError(f"{name} is {dimension}-D; a 3-D volume is required (not a single slice or time series).")
     components = image.GetNumberOfComponentsPerPixel()
