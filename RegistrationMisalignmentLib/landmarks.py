@@ -119,6 +119,10 @@ def _read_markups_json(path: Path) -> Landmarks:
     except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError) as exc:
         raise InputError(f"{path}: not a Slicer markups JSON file ({exc}). Save the points from "
                          "Slicer as .mrk.json.") from exc
+    for m, markup in enumerate(markups):
+        if not isinstance(markup.get("controlPoints", []), list):
+            raise InputError(f"{path}: markup {m} ({markup.get('type', '?')}) has controlPoints "
+                             f"{markup['controlPoints']!r}, not a list of points; save the points from Slicer again.")
     lists = [(m, markup) for m, markup in enumerate(markups) if markup.get("type", "Fiducial") in POINT_LIST_TYPES]
     if len(lists) != 1:
         kinds = ", ".join(f"{m}: {markup.get('type', '?')} ({len(markup.get('controlPoints', []))} points)"
@@ -532,39 +536,52 @@ def residual_tre(fixed: Landmarks, moving: Landmarks, transform: sitk.Transform 
                          "points; they must pair one to one, in the same order.")
     mapped = fixed.points_lps
     if transform is not None:
-        _check_field_covers(transform, fixed)
+        check_field_covers(transform, fixed)
         mapped = np.array([transform.TransformPoint(tuple(float(v) for v in p)) for p in mapped]).reshape(-1, 3)
     return np.linalg.norm(mapped - moving.points_lps, axis=1)
 
 
-def inside_field_grid(transform: sitk.Transform, points_lps: np.ndarray) -> np.ndarray | None:
-    """(N,) bool: which points (LPS mm) lie on a displacement-field transform's grid, where its displacement is the
-    registration's (beyond it ITK takes the nearest edge's); None for other transforms, defined everywhere."""
+class FieldGrid(NamedTuple):
+    """Where a displacement-field transform is defined: its grid (LPS mm)."""
+
+    size: np.ndarray
+    origin: np.ndarray
+    spacing: np.ndarray
+    direction: np.ndarray
+
+
+def field_grid(transform: sitk.Transform) -> FieldGrid | None:
+    """The grid of a displacement-field transform (its fixed parameters), None for other transforms."""
     if transform.GetName() != "DisplacementFieldTransform":
         return None
     parameters = np.array(transform.GetFixedParameters(), dtype=np.float64)  # size, origin, spacing, direction
-    size, origin, spacing = parameters[0:3], parameters[3:6], parameters[6:9]
-    matrix = parameters[9:18].reshape(3, 3) * spacing
-    index = np.linalg.solve(matrix, (np.asarray(points_lps, dtype=np.float64).reshape(-1, 3) - origin).T).T
-    return np.all((index >= -0.5) & (index <= size - 0.5), axis=1)
+    return FieldGrid(parameters[0:3], parameters[3:6], parameters[6:9], parameters[9:18].reshape(3, 3))
 
 
-def _check_field_covers(transform: sitk.Transform, fixed: Landmarks) -> None:
+def inside_field_grid(transform: sitk.Transform, points_lps: np.ndarray) -> np.ndarray | None:
+    """(N,) bool: which points (LPS mm) lie on a displacement-field transform's grid, where its displacement is the
+    registration's (beyond it ITK applies none: the identity); None for other transforms, defined everywhere."""
+    grid = field_grid(transform)
+    if grid is None:
+        return None
+    index = np.linalg.solve(grid.direction * grid.spacing,
+                            (np.asarray(points_lps, dtype=np.float64).reshape(-1, 3) - grid.origin).T).T
+    return np.all((index >= -0.5) & (index <= grid.size - 0.5), axis=1)
+
+
+def check_field_covers(transform: sitk.Transform, fixed: Landmarks) -> None:
     """Raise ``InputError`` when fixed landmarks lie outside a displacement-field transform's grid
-    (``inside_field_grid``)."""
+    (``inside_field_grid``): there it maps them to themselves, and their TRE would be the raw distance."""
     inside = inside_field_grid(transform, fixed.points_lps)
-    if inside is None:
+    if inside is None or inside.all():
         return
-    parameters = np.array(transform.GetFixedParameters(), dtype=np.float64)
-    size, origin, spacing = parameters[0:3], parameters[3:6], parameters[6:9]
-    outside = ~inside
-    if outside.any():
-        labels = [label for label, out in zip(fixed.labels, outside) if out]
-        raise InputError(f"{int(outside.sum())} of the {len(fixed)} fixed landmarks ({_some(labels)}) lie outside "
-                         f"the displacement field's grid (origin {np.round(origin, 1).tolist()}, extent "
-                         f"{np.round(size * spacing, 1).tolist()} mm): "
-                         "their displacement would be made up from the field's edge. Give a field that covers the "
-                         "fixed image (the registration's output on its grid).")
+    grid = field_grid(transform)
+    labels = [label for label, kept in zip(fixed.labels, inside) if not kept]
+    raise InputError(f"{len(labels)} of the {len(fixed)} fixed landmarks ({_some(labels)}) lie outside the "
+                     f"displacement field's grid (origin {np.round(grid.origin, 1).tolist()}, extent "
+                     f"{np.round(grid.size * grid.spacing, 1).tolist()} mm), where ITK applies no displacement: their "
+                     "TRE would ignore the registration. Give a field (or elastix file) whose grid covers the fixed "
+                     "landmarks: the registration's output on the fixed image's grid.")
 
 
 def nearest_voxels(image: sitk.Image, points_lps: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

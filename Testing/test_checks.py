@@ -286,7 +286,7 @@ def test_classical_checks_on_a_real_ct_with_a_known_affine(chest_crop):
 
 
 def test_a_displacement_field_short_of_the_checked_region_is_refused(chest_crop):
-    """Beyond a field's grid ITK takes the nearest edge's displacement: the Jacobian there would be 1, no folding."""
+    """Beyond a field's grid ITK applies no displacement: the Jacobian there would be 1, no folding."""
     field = sitk.Image([32, 32, 16], sitk.sitkVectorFloat64, 3)
     field.CopyInformation(chest_crop[:, :, :16])  # the crop's lower half only
     with pytest.raises(InputError, match=r"--transform covers only 5\d\.\d% of the whole image"):
@@ -294,6 +294,15 @@ def test_a_displacement_field_short_of_the_checked_region_is_refused(chest_crop)
     whole = sitk.Image(chest_crop.GetSize(), sitk.sitkVectorFloat64, 3)
     whole.CopyInformation(chest_crop)
     assert "jacobian" in run_checks(chest_crop, chest_crop, ["jacobian"], transform=whole, body_only=False).maps
+    # the inverse is read where the forward one maps the region: a moving grid 20 mm further in z
+    shift = sitk.TranslationTransform(3, (0.0, 0.0, 20.0))
+    on_moving = sitk.Image(whole)
+    on_moving.SetOrigin(np.add(chest_crop.GetOrigin(), (0.0, 0.0, 20.0)).tolist())
+    assert "inverse_consistency" in run_checks(chest_crop, chest_crop, ["inverse-consistency"], transform=shift,
+                                               inverse_transform=on_moving, body_only=False).maps
+    with pytest.raises(InputError, match=r"--inverse-transform covers only .*mapped by --transform"):
+        run_checks(chest_crop, chest_crop, ["inverse-consistency"], transform=shift, inverse_transform=whole,
+                   body_only=False)
 
 
 # ---- re-registration -----------------------------------------------------------------------

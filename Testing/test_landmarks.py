@@ -251,7 +251,7 @@ def test_a_vector_image_as_labelmap_and_a_2d_transform_are_refused(tmp_path):
 
 
 def test_landmarks_outside_a_displacement_fields_grid_are_refused():
-    """ITK takes the nearest edge's displacement there: the TRE would be made up."""
+    """ITK applies no displacement there: the TRE would ignore the registration."""
     field = sitk.Image([20, 30, 20], sitk.sitkVectorFloat64, 3)
     field.SetOrigin((-5.0, -25.0, -5.0))
     transform = sitk.DisplacementFieldTransform(field)  # covers x -5..14, y -25..4, z -5..14 mm: not z = 30.5

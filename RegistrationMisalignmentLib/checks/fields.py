@@ -70,26 +70,31 @@ def displacement_slab(transform: sitk.Transform, reference: sitk.Image, z0: int,
     return sitk.GetArrayFromImage(field)
 
 
-MAX_COVERAGE_POINTS = 1 << 20
-"""``field_coverage`` counts on a regular subsample of at most about this many voxels of the region."""
+MAX_COVERAGE_POINTS = 1 << 16
+"""``field_coverage`` counts on a regular subsample of the region of about this many voxels at most."""
 
 
-def field_coverage(transform: sitk.Transform, reference: sitk.Image, region: sitk.Image | None) -> float | None:
+def field_coverage(transform: sitk.Transform, reference: sitk.Image, region: sitk.Image | None,
+                   mapped_by: sitk.Transform | None = None) -> float | None:
     """Share of ``region``'s voxels (the whole ``reference`` grid when None) on a displacement-field transform's
-    grid (``landmarks.inside_field_grid``); None for other transforms."""
-    from RegistrationMisalignmentLib.landmarks import inside_field_grid
+    grid (``landmarks.inside_field_grid``), or with ``mapped_by`` of their images under it; None for other
+    transforms. Counted on a regular subsample (``MAX_COVERAGE_POINTS``)."""
+    from RegistrationMisalignmentLib.landmarks import field_grid, inside_field_grid
 
-    if transform.GetName() != "DisplacementFieldTransform":
+    if field_grid(transform) is None:
         return None
     shape = reference.GetSize()[::-1]
-    chosen = sitk.GetArrayViewFromImage(region) > 0 if region is not None else np.ones(shape, dtype=bool)
-    zyx = np.argwhere(chosen)
-    zyx = zyx[:: max(1, len(zyx) // MAX_COVERAGE_POINTS)]
+    step = max(1, int(np.ceil((np.prod(shape) / MAX_COVERAGE_POINTS) ** (1 / 3))))
+    chosen = (sitk.GetArrayViewFromImage(region)[::step, ::step, ::step] > 0 if region is not None
+              else np.ones([len(range(0, n, step)) for n in shape], dtype=bool))
+    zyx = np.argwhere(chosen) * step
     if not len(zyx):
         return None
     origin = np.array(reference.GetOrigin())
     matrix = np.array(reference.GetDirection()).reshape(3, 3) * np.array(reference.GetSpacing())
     points = origin + zyx[:, ::-1] @ matrix.T
+    if mapped_by is not None:
+        points = np.array([mapped_by.TransformPoint(tuple(float(v) for v in p)) for p in points])
     return float(inside_field_grid(transform, points).mean())
 
 

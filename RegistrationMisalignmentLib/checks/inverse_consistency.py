@@ -9,9 +9,9 @@ extension for Slicer and the AAPM TG-132 report (Brock et al. 2017) use it as a 
 
 How: the two transforms are composed into one (SimpleITK ``CompositeTransform([backward, forward])``,
 which applies ``forward`` first) and sampled on the fixed grid with ``TransformToDisplacementField``, slab
-by slab; the map is the length of that round-trip displacement. A displacement-field transform repeats
-its edge values outside its own grid (ITK's extrapolation), so a point that the forward transform sends
-outside the backward field's grid reads the field's nearest edge.
+by slab; the map is the length of that round-trip displacement. A displacement-field transform applies no
+displacement beyond its own grid (ITK's identity there), so ``run_checks`` refuses a backward field that
+does not cover where the forward transform sends the region (``run._check_fields_cover``).
 """
 
 from __future__ import annotations

@@ -32,7 +32,7 @@ from RegistrationMisalignmentLib.checks.jacobian import PLAUSIBLE_RANGE, check_r
 from RegistrationMisalignmentLib.progress import Cancel, Progress, Reporter
 from RegistrationMisalignmentLib.checks.summary import ChecksSummary, summarize
 from RegistrationMisalignmentLib.errors import InputError
-from RegistrationMisalignmentLib.landmarks import Pairing
+from RegistrationMisalignmentLib.landmarks import Pairing, check_field_covers
 
 CHECKS: tuple[str, ...] = ("learned", "confidence", "jacobian", "inverse-consistency", "intensity", "reregistration")
 MAPS_OF: dict[str, tuple[str, ...]] = {
@@ -77,6 +77,23 @@ class CheckResults:
     summary: ChecksSummary
     seconds: dict[str, float] = field(default_factory=dict)
     """Wall time per check (s)."""
+
+
+def _check_fields_cover(forward: sitk.Transform | None, backward: sitk.Transform | None, fixed: sitk.Image,
+                        region: sitk.Image | None, region_name: str) -> None:
+    """Raise ``InputError`` when a displacement field misses part of where the checks read it: the forward one
+    the region's voxels x, the backward one the points T(x) they map to (on the moving side). Beyond its grid
+    ITK applies no displacement (the identity), values the registration never gave."""
+    for given, option, mapped in ((forward, "--transform", None), (backward, "--inverse-transform", forward)):
+        if given is None or (option == "--inverse-transform" and forward is None):
+            continue
+        covered = field_coverage(given, fixed, region, mapped)
+        if covered is not None and covered < MIN_FIELD_COVERAGE:
+            where = "" if mapped is None else ", mapped by --transform into the moving image's space,"
+            raise InputError(f"the displacement field given as {option} covers only {covered:.1%} of the "
+                             f"{region_name}{where}; beyond its grid ITK applies no displacement (the identity), so "
+                             "the checks would judge values the registration never gave. Give a field that covers "
+                             f"{'it' if mapped is None else 'the moved region'}, or a mask within it (--mask).")
 
 
 def run_checks(fixed: sitk.Image, moving: sitk.Image, checks: Iterable[str], *,
@@ -133,13 +150,9 @@ def run_checks(fixed: sitk.Image, moving: sitk.Image, checks: Iterable[str], *,
         region, region_name = body_mask(fixed_hu), "body"
     else:
         region, region_name = None, "whole image"
-    for given, option in ((forward, "--transform"), (backward, "--inverse-transform")):
-        covered = field_coverage(given, fixed_hu, region) if given is not None else None
-        if covered is not None and covered < MIN_FIELD_COVERAGE:
-            raise InputError(f"the displacement field given as {option} covers only {covered:.1%} of the "
-                             f"{region_name}; beyond its grid ITK takes the nearest edge's displacement, so the "
-                             "checks would judge values the registration never gave. Give the field on the fixed "
-                             "image's grid, or a mask within the field (--mask).")
+    _check_fields_cover(forward, backward, fixed_hu, region, region_name)
+    if forward is not None and pairs is not None and not landmarks_registered:
+        check_field_covers(forward, pairs.fixed)  # before the work, not in the summary after it
 
     steps = [c for c in checks if not (c == "learned" and "confidence" in checks)]  # one network run for both
     total = sum(WEIGHTS[c] for c in steps)
