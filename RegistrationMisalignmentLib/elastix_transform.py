@@ -4,7 +4,8 @@ read as an ITK transform, so that a registration made with elastix can be checke
 SimpleITK cannot read these files. Transformix (itk-elastix, imported lazily: an optional dependency) samples the
 transform, initial transforms included, as a displacement field on the fixed grid the file names, coarsened to at
 most ``MAX_FIELD_VOXELS`` samples; the field is interpolated linearly between them. elastix's convention is
-ITK's: the transform maps fixed physical points to moving ones (LPS mm).
+ITK's: the transform maps fixed physical points to moving ones (LPS mm). Chains written by elastix 4 and 5, on
+any system, are followed.
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ from __future__ import annotations
 import math
 import re
 import tempfile
-from pathlib import Path
+from pathlib import Path, PureWindowsPath
 
 import numpy as np
 import SimpleITK as sitk
@@ -23,7 +24,9 @@ MAX_FIELD_VOXELS = 8_000_000
 """Samples of the field at most (192 MB as float64 vectors): a 512 x 512 x 300 CT at 0.7 mm is sampled every
 1.5 mm. elastix's B-spline grids are 5-20 mm apart, so linear interpolation between samples moves a point by
 hundredths of a mm (``Testing/test_elastix_transform.py``)."""
-_INITIAL = re.compile(rb'\(InitialTransformParameterFileName\s+"([^"]*)"\)')
+_INITIAL = re.compile(rb'\(InitialTransformParameters?FileName\s+"([^"]*)"\)')
+"""elastix 5 writes InitialTransformParameterFileName, elastix 4 (SimpleElastix, older SlicerElastix) ...Parameters..."""
+_DIMENSION = re.compile(rb"\((Fixed|Moving)ImageDimension\s+(\d+)\)")
 _MAX_CHAIN = 32
 
 
@@ -51,8 +54,9 @@ def _chain(path: Path) -> list[tuple[Path, bytes]]:
         if len(chain) >= _MAX_CHAIN:
             raise InputError(f"{path}: its initial transforms form a chain of more than {_MAX_CHAIN} files "
                              "(a file that names itself?); fix InitialTransformParameterFileName.")
-        written = Path(named.group(1).decode(errors="replace"))
-        beside = current.parent / written.name
+        text = named.group(1).decode(errors="replace")
+        written = Path(text)
+        beside = current.parent / PureWindowsPath(text).name  # a Windows path's name too (SlicerElastix there)
         found = written if written.is_absolute() and written.is_file() else beside
         if not found.is_file():
             raise InputError(f"{current}: its initial transform {written} is missing (looked beside it too, as "
@@ -81,13 +85,25 @@ def _coarsened(data: bytes, max_voxels: int) -> bytes:
     return data[: spacing.start()] + b"(Spacing " + new_spacing + b")" + data[spacing.end():]
 
 
+def _write_chain(chain: list[tuple[Path, bytes]], folder: Path, max_voxels: int) -> Path:
+    """Copies of ``chain``'s files in ``folder``, each naming its copied predecessor (first applied first), the
+    last one's grid coarsened (``_coarsened``); returns the last."""
+    copies = [folder / f"TransformParameters.{i}.txt" for i in range(len(chain))]
+    for i, (_, data) in enumerate(reversed(chain)):
+        initial = str(copies[i - 1]).encode() if i else b"NoInitialTransform"
+        data = _INITIAL.sub(lambda _: b'(InitialTransformParameterFileName "' + initial + b'")', data)
+        copies[i].write_bytes(_coarsened(data, max_voxels) if i == len(chain) - 1 else data)
+    return copies[-1]
+
+
 def read_elastix_transform(path: str | Path, max_voxels: int = MAX_FIELD_VOXELS) -> sitk.Transform:
     """The transform of an elastix ``TransformParameters`` file (initial transforms included) as a
     ``sitk.DisplacementFieldTransform`` mapping fixed to moving physical points (LPS mm).
 
     The field is sampled by transformix on the file's fixed grid, coarsened to at most ``max_voxels`` samples;
-    outside that grid it is zero. Raises ``InputError`` (naming the file and the fix) without itk-elastix, for a
-    missing initial transform file, or when transformix cannot apply the file.
+    beyond that grid ITK applies no displacement. Raises ``InputError`` (naming the file and the fix) without
+    itk-elastix, for a missing initial transform file, a chain that is not 3-D, or when transformix cannot apply
+    the file.
     """
     path = Path(path)
     try:
@@ -97,26 +113,34 @@ def read_elastix_transform(path: str | Path, max_voxels: int = MAX_FIELD_VOXELS)
                          "itk-elastix), or convert it first with transformix (transformix -def all -tp "
                          f"{path.name} -out FOLDER) and give FOLDER/deformationField.nii as --transform.") from None
     chain = _chain(path)
+    for file, data in chain:
+        dimensions = {int(d) for _, d in _DIMENSION.findall(data)}
+        if dimensions != {3}:
+            raise InputError(f"{file}: an elastix transform of a {'/'.join(map(str, sorted(dimensions))) or '?'}-D "
+                             "registration; a 3-D registration's transform is needed.")
     with tempfile.TemporaryDirectory(prefix="regmis-elastix-") as folder:
-        copies = [Path(folder) / f"TransformParameters.{i}.txt" for i in range(len(chain))]
-        for i, (_, data) in enumerate(reversed(chain)):  # first applied first; each names its copied predecessor
-            initial = str(copies[i - 1]).encode() if i else b"NoInitialTransform"
-            data = _INITIAL.sub(lambda _: b'(InitialTransformParameterFileName "' + initial + b'")', data)
-            copies[i].write_bytes(_coarsened(data, max_voxels) if i == len(chain) - 1 else data)
+        last = _write_chain(chain, Path(folder), max_voxels)
         try:
             parameters = itk.ParameterObject.New()
-            parameters.AddParameterFile(str(copies[-1]))
+            parameters.AddParameterFile(str(last))
             field = itk.transformix_deformation_field(itk.image_from_array(np.zeros((2, 2, 2), np.float32)),
                                                       parameters, output_directory=folder, log_to_console=False)
         except (RuntimeError, ValueError) as exc:
             reason = str(exc).strip().splitlines()[-1] if str(exc).strip() else type(exc).__name__
             raise InputError(f"{path}: transformix could not apply this elastix transform file ({reason}); check "
                              "that it is the TransformParameters file elastix wrote, unedited.") from exc
+    return sitk.DisplacementFieldTransform(_to_sitk_field(field))
+
+
+def _to_sitk_field(field) -> sitk.Image:
+    """An ITK vector image (transformix's deformation field) as a SimpleITK float64 vector image, its grid kept."""
+    import itk
+
     vectors = sitk.GetImageFromArray(np.asarray(itk.array_from_image(field), dtype=np.float64), isVector=True)
     vectors.SetSpacing(tuple(float(v) for v in itk.spacing(field)))
     vectors.SetOrigin(tuple(float(v) for v in itk.origin(field)))
     vectors.SetDirection(tuple(float(v) for v in itk.array_from_matrix(field.GetDirection()).ravel()))
-    return sitk.DisplacementFieldTransform(vectors)
+    return vectors
 
 
 __all__ = ["MAX_FIELD_VOXELS", "is_elastix_transform", "read_elastix_transform"]

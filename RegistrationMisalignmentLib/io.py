@@ -91,18 +91,25 @@ MAX_DICOM_DEPTH = 4
 """How deep below a folder without a series to look for one (exports nest patient / study / series)."""
 
 
-def _folders_with_dicom(folder: Path, depth: int = MAX_DICOM_DEPTH) -> list[Path]:
-    """Sub-folders of ``folder`` (down to ``depth`` levels) that hold a DICOM series themselves."""
+def _folders_with_dicom(folder: Path, depth: int = MAX_DICOM_DEPTH, most: int = 4) -> list[Path]:
+    """Up to ``most`` sub-folders of ``folder`` (down to ``depth`` levels) that hold DICOM files themselves (one of
+    their first files starts as a DICOM file does): where an export's series lie, found without reading them."""
     found: list[Path] = []
     try:
         children = sorted(p for p in folder.iterdir() if p.is_dir() and not p.name.startswith("."))
     except OSError:
         return found
     for child in children:
-        if sitk.ImageSeriesReader.GetGDCMSeriesIDs(str(child)):
+        if len(found) >= most:
+            break
+        try:
+            files = [f for _, f in zip(range(8), (f for f in child.iterdir() if f.is_file()))]
+        except OSError:
+            continue
+        if any(_is_dicom_file(f) for f in files):
             found.append(child)
         elif depth > 1:
-            found.extend(_folders_with_dicom(child, depth - 1))
+            found.extend(_folders_with_dicom(child, depth - 1, most - len(found)))
     return found
 
 
@@ -121,8 +128,8 @@ def _choose_series(folder: Path, name: str, series: str | None,
     found = dicom_series(folder)
     if not found:
         nested = _folders_with_dicom(folder)
-        where = (f"; it holds series deeper down, in {', '.join(repr(str(f)) for f in nested[:3])}"
-                 f"{f' and {len(nested) - 3} more' if len(nested) > 3 else ''}: give one of those folders"
+        where = (f"; it holds DICOM files deeper down, in {', '.join(repr(str(f)) for f in nested[:3])}"
+                 f"{' and more' if len(nested) > 3 else ''}: give one of those folders"
                  if nested else "; give a folder of DICOM slices or an image file (.nii.gz, .nrrd, .mha)")
         raise InputError(f"{name}: the folder '{folder}' holds no DICOM series itself{where}.")
     listing = "; ".join(s.describe() for s in found)

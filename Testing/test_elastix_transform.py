@@ -76,9 +76,24 @@ def test_a_moved_elastix_folder_finds_its_initial_transform_beside_the_file(elas
     text = (moved / "TransformParameters.1.txt").read_text()
     (moved / "TransformParameters.1.txt").write_text(text.replace(str(folder), str(tmp_path / "gone")))
     assert np.abs(_mapped(read_transform(moved / "TransformParameters.1.txt")) - expected).max() < 0.02
+    # elastix 4's key (SimpleElastix, older SlicerElastix), written on Windows
+    old = text.replace("InitialTransformParameterFileName", "InitialTransformParametersFileName")
+    old = old.replace(str(folder / "TransformParameters.0.txt"), "C:\\elastix\\out\\TransformParameters.0.txt")
+    (moved / "TransformParameters.1.txt").write_text(old)
+    assert np.abs(_mapped(read_transform(moved / "TransformParameters.1.txt")) - expected).max() < 0.02
     (moved / "TransformParameters.0.txt").unlink()
     with pytest.raises(InputError, match="initial transform .*TransformParameters.0.txt is missing"):
         read_transform(moved / "TransformParameters.1.txt")
+
+
+def test_a_2d_elastix_file_is_refused_before_transformix(elastix_output, tmp_path):
+    """transformix given a 2-D file and a 3-D image ends the process (a segmentation fault)."""
+    folder, _ = elastix_output
+    text = (folder / "TransformParameters.0.txt").read_text()
+    (tmp_path / "2d.txt").write_text(text.replace("(FixedImageDimension 3)", "(FixedImageDimension 2)")
+                                     .replace("(MovingImageDimension 3)", "(MovingImageDimension 2)"))
+    with pytest.raises(InputError, match="an elastix transform of a 2-D registration"):
+        read_transform(tmp_path / "2d.txt")
 
 
 def test_a_large_grid_is_sampled_coarser_and_still_maps_within_a_tenth_of_a_mm(elastix_output):

@@ -718,7 +718,7 @@ def test_an_image_saved_without_its_header_is_named_instead_of_mapped_elsewhere(
 def test_a_nested_dicom_export_and_a_single_dicom_slice_name_the_folder_to_give(tmp_path):
     image = chest_crop(depth=8)
     write_dicom_series(image, tmp_path / "export" / "PATIENT" / "STUDY" / "SERIES", f"{UID_ROOT}.40", "chest")
-    with pytest.raises(InputError, match=r"holds no DICOM series itself; it holds series deeper down, in "
+    with pytest.raises(InputError, match=r"holds no DICOM series itself; it holds DICOM files deeper down, in "
                                          r".*PATIENT/STUDY/SERIES'.*give one of those folders"):
         read_image(tmp_path / "export", "fixed image")
     one = sorted((tmp_path / "export" / "PATIENT" / "STUDY" / "SERIES").iterdir())[0]

@@ -162,3 +162,23 @@ def test_the_config_asks_for_one_positive_bank_weight_per_setting():
     for weights in ((3,), (3, 0)):
         with pytest.raises(ValueError, match="bank_weights .* one positive weight per bank_registrations"):
             TrainConfig(**bank, bank_weights=weights)
+
+
+def test_a_mirrored_pair_still_holds_its_registration(chest, tmp_path):
+    """D(x) = F(x + r(x)) (the registered image reads the fixed one at x plus the residual): a pair shifted by
+    +2 mm along x, mirrored left-right, reads it at x - 2 mm, and its residual must say -2."""
+    bank = RegistrationBank([chest], ("affine",), 1, tmp_path, DEFAULT_CONFIG)
+    case = bank.cases[0]
+    fixed = np.random.default_rng(0).integers(-900, 300, (24, 20, 28)).astype(np.int16)
+    deformed = np.concatenate([fixed[..., 2:], fixed[..., -2:]], axis=-1)  # D[..., i] = F[..., i + 2]
+    residual = torch.zeros((3, *fixed.shape), dtype=torch.float16)
+    residual[0] = 2.0
+    torch.save({"fixed": torch.from_numpy(fixed), "deformed": torch.from_numpy(deformed), "residual": residual,
+                "supervised": torch.ones(fixed.shape, dtype=torch.bool), "seed": case.seed, "phase": case.phase},
+               case.path(tmp_path, "affine"))
+    plain, mirrored = bank.pair(case, "affine"), bank.pair(case, "affine", mirrored=True)
+    for pair, step in ((plain, 2), (mirrored, -2)):
+        assert torch.all(pair.dvf[0] == step) and not pair.dvf[1:].any()
+        images = pair.pyramid[1]  # (fixed, registered), normalised
+        inner = slice(2, -2)
+        assert torch.equal(images[1][..., inner], images[0][..., 2 + step : fixed.shape[-1] - 2 + step])

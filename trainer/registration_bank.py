@@ -149,8 +149,9 @@ class RegistrationBank:
         """The pair of ``case`` registered with ``setting``: fixed = the lungs' box, moving = the registered image,
         DVF = the residual (3, D, H, W) mm, supervised = the body where the registered image shows real anatomy
         (``shown``), and with region "lungs" only its lungs (where the judge and the protocol score).
-        ``mirrored``: the whole pair mirrored left-right (the x axis; the residual's x component negated), a
-        patient as plausible as the scanned one, before its pyramid is built."""
+        ``mirrored``: the whole pair mirrored left-right (the x axis; the residual's x component negated) before
+        its pyramid is built: a mirror-image anatomy (the heart on the right), new local patterns of vessels and
+        breathing for the network, the registration's residual unchanged but for its side."""
         entry = torch.load(case.path(self.folder, setting), weights_only=True)
         fixed, deformed = entry["fixed"].float().numpy(), entry["deformed"].float().numpy()
         residual, supervised = entry["residual"].float(), entry["supervised"].numpy()
