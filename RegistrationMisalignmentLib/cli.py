@@ -169,9 +169,9 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         labelmap = read_image(args.labelmap, "labelmap")
         notes = labelmap.GetMetaData(FILE_NOTES_KEY) if labelmap.HasMetaDataKey(FILE_NOTES_KEY) else ""
         if not notes.startswith(LABELMAP_NOTE.split(":")[0]):
-            say(f"note: {args.labelmap} does not say it is a misalignment map of RegistrationMisalignment (its file "
-                "notes, NIfTI descrip); scoring it as one (1 correct, 2 poor, 3 wrong): make sure it is not a "
-                "segmentation")
+            say(f"note: {args.labelmap} does not say it is a misalignment map (its file notes, NIfTI descrip, as "
+                "regmis predict writes since 2026-12; Slicer's saved labelmaps do not): scoring it as one (1 correct, "
+                "2 poor, 3 wrong); make sure it is not a segmentation")
     else:
         from RegistrationMisalignmentLib.inference import predict
 
