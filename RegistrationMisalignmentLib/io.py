@@ -22,6 +22,7 @@ import numpy as np
 import SimpleITK as sitk
 
 from RegistrationMisalignmentLib.errors import InputError
+from RegistrationMisalignmentLib.nifti_header import orientation_disagreement
 
 MIN_SPACING_MM = 0.05
 """Spacings at or below this are almost always metres or a broken header, not a real CT."""
@@ -252,6 +253,9 @@ def read_image(path: str | os.PathLike, name: str = "image", *, series: str | No
             f"{name}: '{path}' could not be read as an image ({_sitk_reason(error)}); give a "
             "NIfTI, NRRD, MHA or other SimpleITK-readable file, or a DICOM folder."
         ) from error
+    disagreement = orientation_disagreement(path)
+    if disagreement and log is not None:
+        log(disagreement)
     if image.GetDimension() == 2 or image.GetSize()[2:] == (1,):
         if _is_dicom_file(path):
             raise InputError(f"{name}: '{path}' is a single DICOM slice; give the folder that holds the whole "

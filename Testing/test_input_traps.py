@@ -745,3 +745,21 @@ def test_the_same_image_twice_dirlab_indices_and_a_labelmap_of_unknown_origin_ar
     assert main(["evaluate", "--labelmap", str(tmp_path / "body.nii.gz"), "--fixed-landmarks", str(tmp_path / "f.txt"),
                  "--moving-landmarks", str(tmp_path / "m.txt")]) == 0
     assert "body.nii.gz does not say it is a misalignment map" in capsys.readouterr().err
+
+
+def test_a_nifti_whose_qform_and_sform_disagree_is_noted(tmp_path):
+    """ITK reads the sform without a word; a header where one of the two was edited puts the image elsewhere."""
+    import struct
+
+    image = chest_crop(depth=20)
+    sitk.WriteImage(image, str(tmp_path / "both.nii"))
+    notes = []
+    read_image(tmp_path / "both.nii", "fixed image", log=notes.append)
+    assert notes == []  # ITK writes the two alike
+    header = bytearray((tmp_path / "both.nii").read_bytes())
+    assert struct.unpack("<2h", header[252:256]) != (0, 0)
+    srow_x = struct.unpack("<4f", header[280:296])
+    header[280:296] = struct.pack("<4f", *srow_x[:3], srow_x[3] + 30.0)  # the sform moved 30 mm along x
+    (tmp_path / "edited.nii").write_bytes(bytes(header))
+    read_image(tmp_path / "edited.nii", "fixed image", log=notes.append)
+    assert len(notes) == 1 and "two orientations that place the image up to 30.0 mm apart" in notes[0]
