@@ -41,7 +41,8 @@ def elastix_output(tmp_path_factory):
         parameters.SetParameter(i, "MaximumNumberOfIterations", "40")
     itk.elastix_registration_method(_image(fixed), _image(moving), parameter_object=parameters,
                                     log_to_console=False, output_directory=str(folder))
-    (folder / "points.txt").write_text("point\n%d\n" % len(POINTS) + "".join("%f %f %f\n" % tuple(p) for p in POINTS))
+    points = "point\n%d\n" % len(POINTS) + "".join("%f %f %f\n" % tuple(p) for p in POINTS)
+    (folder / "points.txt").write_text(points, encoding="utf-8")
     transformed = itk.ParameterObject.New()
     transformed.AddParameterFile(str(folder / "TransformParameters.1.txt"))
     transformix = itk.TransformixFilter.New(_image(np.zeros((2, 2, 2), np.float32)))
@@ -51,7 +52,7 @@ def elastix_output(tmp_path_factory):
     transformix.SetComputeDeformationField(False)
     transformix.SetLogToConsole(False)
     transformix.Update()
-    rows = re.findall(r"OutputPoint = \[([^\]]*)\]", (folder / "outputpoints.txt").read_text())
+    rows = re.findall(r"OutputPoint = \[([^\]]*)\]", (folder / "outputpoints.txt").read_text(encoding="utf-8"))
     return folder, np.array([[float(v) for v in row.split()] for row in rows])
 
 
@@ -73,13 +74,14 @@ def test_a_moved_elastix_folder_finds_its_initial_transform_beside_the_file(elas
     folder, expected = elastix_output
     moved = tmp_path / "moved"
     shutil.copytree(folder, moved)  # the absolute path elastix wrote still names the original folder
-    text = (moved / "TransformParameters.1.txt").read_text()
-    (moved / "TransformParameters.1.txt").write_text(text.replace(str(folder), str(tmp_path / "gone")))
+    text = (moved / "TransformParameters.1.txt").read_text(encoding="utf-8")
+    (moved / "TransformParameters.1.txt").write_text(text.replace(str(folder), str(tmp_path / "gone")),
+                                                     encoding="utf-8")
     assert np.abs(_mapped(read_transform(moved / "TransformParameters.1.txt")) - expected).max() < 0.02
     # elastix 4's key (SimpleElastix, older SlicerElastix), written on Windows
     old = text.replace("InitialTransformParameterFileName", "InitialTransformParametersFileName")
     old = old.replace(str(folder / "TransformParameters.0.txt"), "C:\\elastix\\out\\TransformParameters.0.txt")
-    (moved / "TransformParameters.1.txt").write_text(old)
+    (moved / "TransformParameters.1.txt").write_text(old, encoding="utf-8")
     assert np.abs(_mapped(read_transform(moved / "TransformParameters.1.txt")) - expected).max() < 0.02
     (moved / "TransformParameters.0.txt").unlink()
     with pytest.raises(InputError, match="initial transform .*TransformParameters.0.txt is missing"):
@@ -89,9 +91,9 @@ def test_a_moved_elastix_folder_finds_its_initial_transform_beside_the_file(elas
 def test_a_2d_elastix_file_is_refused_before_transformix(elastix_output, tmp_path):
     """transformix given a 2-D file and a 3-D image ends the process (a segmentation fault)."""
     folder, _ = elastix_output
-    text = (folder / "TransformParameters.0.txt").read_text()
+    text = (folder / "TransformParameters.0.txt").read_text(encoding="utf-8")
     (tmp_path / "2d.txt").write_text(text.replace("(FixedImageDimension 3)", "(FixedImageDimension 2)")
-                                     .replace("(MovingImageDimension 3)", "(MovingImageDimension 2)"))
+                                     .replace("(MovingImageDimension 3)", "(MovingImageDimension 2)"), encoding="utf-8")
     with pytest.raises(InputError, match="an elastix transform of a 2-D registration"):
         read_transform(tmp_path / "2d.txt")
 

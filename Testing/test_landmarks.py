@@ -219,9 +219,10 @@ def test_a_csv_from_a_comma_decimal_locale_and_a_capitalised_header_read(tmp_pat
 
 
 def test_an_empty_landmark_file_is_refused(tmp_path):
-    (tmp_path / "empty.fcsv").write_text("# Markups fiducial file version = 4.11\n# CoordinateSystem = LPS\n")
-    (tmp_path / "empty.mrk.json").write_text(_markups([], "LPS"))
-    (tmp_path / "empty.csv").write_text("label,x,y,z\n")
+    (tmp_path / "empty.fcsv").write_text("# Markups fiducial file version = 4.11\n# CoordinateSystem = LPS\n",
+                                         encoding="utf-8")
+    (tmp_path / "empty.mrk.json").write_text(_markups([], "LPS"), encoding="utf-8")
+    (tmp_path / "empty.csv").write_text("label,x,y,z\n", encoding="utf-8")
     for name in ("empty.fcsv", "empty.mrk.json", "empty.csv"):
         with pytest.raises(InputError, match="holds no landmark"):
             read_landmarks(tmp_path / name)
@@ -231,12 +232,12 @@ def test_a_markups_file_is_read_for_its_one_point_list(tmp_path):
     line = {"type": "Line", "coordinateSystem": "LPS", "controlPoints": [
         {"label": "L-1", "position": [0, 0, 0]}, {"label": "L-2", "position": [1, 1, 1]}]}
     points = json.loads(_markups(LPS, "LPS"))
-    (tmp_path / "mixed.mrk.json").write_text(json.dumps({"markups": [line, points["markups"][0]]}))
+    (tmp_path / "mixed.mrk.json").write_text(json.dumps({"markups": [line, points["markups"][0]]}), encoding="utf-8")
     assert read_landmarks(tmp_path / "mixed.mrk.json").labels == ["F-0", "F-1"]  # the line's ends are not landmarks
-    (tmp_path / "line.mrk.json").write_text(json.dumps({"markups": [line]}))
+    (tmp_path / "line.mrk.json").write_text(json.dumps({"markups": [line]}), encoding="utf-8")
     with pytest.raises(InputError, match="no point list among its markups .*Line \\(2 points\\)"):
         read_landmarks(tmp_path / "line.mrk.json")
-    (tmp_path / "two.mrk.json").write_text(json.dumps({"markups": [points["markups"][0]] * 2}))
+    (tmp_path / "two.mrk.json").write_text(json.dumps({"markups": [points["markups"][0]] * 2}), encoding="utf-8")
     with pytest.raises(InputError, match="2 point lists"):
         read_landmarks(tmp_path / "two.mrk.json")
 
