@@ -93,16 +93,14 @@ def _model_for(args: argparse.Namespace):
 
 def cmd_predict(args: argparse.Namespace) -> int:
     from RegistrationMisalignmentLib.inference import predict
-    from RegistrationMisalignmentLib.io import check_nifti_grid, read_image, write_image
+    from RegistrationMisalignmentLib.io import read_image, write_image
 
     outputs = [Output("--out", args.out, "image"), Output("--probabilities", args.probabilities, "image"),
                Output("--confidence", args.confidence, "image"), Output("--entropy", args.entropy, "image")]
     check_outputs(outputs, inputs=[args.fixed, args.moving, args.mask, args.model])
     model = _model_for(args)
     fixed, moving = _read_pair(args)
-    for output in outputs:
-        if output.path:  # before the work: the outputs lie on the fixed grid
-            check_nifti_grid(fixed, output.path, output.option)
+    check_grid_outputs(fixed, outputs)
     mask = read_image(args.mask, "mask") if args.mask else None
     with progress_bar(model.name) as update:
         prediction = predict(fixed, moving, model, mask=mask, device=args.device,
@@ -133,6 +131,15 @@ def _array(image):
     import SimpleITK as sitk
 
     return sitk.GetArrayViewFromImage(image)
+
+
+def check_grid_outputs(fixed, outputs: list[Output]) -> None:
+    """``io.check_nifti_grid`` for every image output given, before the work: they all lie on the fixed grid."""
+    from RegistrationMisalignmentLib.io import check_nifti_grid
+
+    for output in outputs:
+        if output.path:
+            check_nifti_grid(fixed, output.path, output.option)
 
 
 def _read_pair(args: argparse.Namespace):

@@ -537,10 +537,14 @@ def _check_overlap(fixed: sitk.Image, moving: sitk.Image) -> None:
         )
 
 
+def _has_unit_grid(image: sitk.Image) -> bool:
+    """Spacing 1 mm and identity directions (any origin)."""
+    return np.allclose(image.GetSpacing(), 1.0) and np.allclose(image.GetDirection(), np.eye(3).ravel())
+
+
 def _has_default_header(image: sitk.Image) -> bool:
     """Spacing 1 mm, origin 0 and identity directions: what an array saved without its geometry gets."""
-    return (np.allclose(image.GetSpacing(), 1.0) and np.allclose(image.GetOrigin(), 0.0)
-            and np.allclose(image.GetDirection(), np.eye(3).ravel()))
+    return _has_unit_grid(image) and np.allclose(image.GetOrigin(), 0.0)
 
 
 def _check_lost_header(fixed: sitk.Image, moving: sitk.Image) -> None:
@@ -551,8 +555,7 @@ def _check_lost_header(fixed: sitk.Image, moving: sitk.Image) -> None:
     if fixed.GetSize() != moving.GetSize():
         return
     for lost, kept, lost_name in ((moving, fixed, "moving image"), (fixed, moving, "fixed image")):
-        other_scale = not (np.allclose(kept.GetSpacing(), 1.0) and np.allclose(kept.GetDirection(), np.eye(3).ravel()))
-        if _has_default_header(lost) and other_scale:  # origins alone differ in real pairs too (_check_overlap)
+        if _has_default_header(lost) and not _has_unit_grid(kept):  # origins alone differ in real pairs too
             raise InputError(
                 f"the {lost_name} has the other image's size {lost.GetSize()} but a default header (spacing 1 mm, "
                 f"origin 0, identity directions), the other spacing {_fmt(kept.GetSpacing())} mm and origin "

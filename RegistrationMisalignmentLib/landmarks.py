@@ -558,24 +558,35 @@ def field_grid(transform: sitk.Transform) -> FieldGrid | None:
     return FieldGrid(parameters[0:3], parameters[3:6], parameters[6:9], parameters[9:18].reshape(3, 3))
 
 
+def _continuous_index(points_lps: np.ndarray, origin, direction, spacing) -> np.ndarray:
+    """(N, 3) continuous x, y, z index of (N, 3) LPS points on the grid of ``origin``, ``direction`` (3 x 3 or 9
+    values, row-major as ITK gives it) and ``spacing``."""
+    matrix = np.asarray(direction, dtype=np.float64).reshape(3, 3) * np.asarray(spacing, dtype=np.float64)
+    points = np.asarray(points_lps, dtype=np.float64).reshape(-1, 3)
+    return np.linalg.solve(matrix, (points - np.asarray(origin, dtype=np.float64)).T).T
+
+
+def _on_field_grid(grid: FieldGrid, points_lps: np.ndarray) -> np.ndarray:
+    index = _continuous_index(points_lps, grid.origin, grid.direction, grid.spacing)
+    return np.all((index >= -0.5) & (index <= grid.size - 0.5), axis=1)
+
+
 def inside_field_grid(transform: sitk.Transform, points_lps: np.ndarray) -> np.ndarray | None:
     """(N,) bool: which points (LPS mm) lie on a displacement-field transform's grid, where its displacement is the
     registration's (beyond it ITK applies none: the identity); None for other transforms, defined everywhere."""
     grid = field_grid(transform)
-    if grid is None:
-        return None
-    index = np.linalg.solve(grid.direction * grid.spacing,
-                            (np.asarray(points_lps, dtype=np.float64).reshape(-1, 3) - grid.origin).T).T
-    return np.all((index >= -0.5) & (index <= grid.size - 0.5), axis=1)
+    return None if grid is None else _on_field_grid(grid, points_lps)
 
 
 def check_field_covers(transform: sitk.Transform, fixed: Landmarks) -> None:
     """Raise ``InputError`` when fixed landmarks lie outside a displacement-field transform's grid
     (``inside_field_grid``): there it maps them to themselves, and their TRE would be the raw distance."""
-    inside = inside_field_grid(transform, fixed.points_lps)
-    if inside is None or inside.all():
-        return
     grid = field_grid(transform)
+    if grid is None:
+        return
+    inside = _on_field_grid(grid, fixed.points_lps)
+    if inside.all():
+        return
     labels = [label for label, kept in zip(fixed.labels, inside) if not kept]
     raise InputError(f"{len(labels)} of the {len(fixed)} fixed landmarks ({_some(labels)}) lie outside the "
                      f"displacement field's grid (origin {np.round(grid.origin, 1).tolist()}, extent "
@@ -587,10 +598,8 @@ def check_field_covers(transform: sitk.Transform, fixed: Landmarks) -> None:
 def nearest_voxels(image: sitk.Image, points_lps: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """(N, 3) x, y, z index of the voxel nearest each point (ITK rounding, half up) and whether it lies in
     the 3-D ``image``."""
-    points = np.asarray(points_lps, dtype=np.float64).reshape(-1, 3)
-    origin = np.array(image.GetOrigin())
-    matrix = np.array(image.GetDirection()).reshape(3, 3) * np.array(image.GetSpacing())
-    index = np.floor(np.linalg.solve(matrix, (points - origin).T).T + 0.5).astype(np.int64)
+    index = np.floor(_continuous_index(points_lps, image.GetOrigin(), image.GetDirection(), image.GetSpacing())
+                     + 0.5).astype(np.int64)
     return index, np.all((index >= 0) & (index < np.array(image.GetSize())), axis=1)
 
 

@@ -83,8 +83,8 @@ def _dest(flag: str) -> str:
 def cmd_qa(args: argparse.Namespace) -> int:
     from RegistrationMisalignmentLib.checks.maps import MAPS
     from RegistrationMisalignmentLib.checks.run import MAPS_OF, default_checks, parse_checks, run_checks
-    from RegistrationMisalignmentLib.cli import _model_for, _read_pair, progress_bar, say
-    from RegistrationMisalignmentLib.io import check_nifti_grid, read_image, write_image
+    from RegistrationMisalignmentLib.cli import _model_for, _read_pair, check_grid_outputs, progress_bar, say
+    from RegistrationMisalignmentLib.io import read_image, write_image
     from RegistrationMisalignmentLib.landmarks import read_landmark_pair, read_transform
     from RegistrationMisalignmentLib.outputs import Output, check_outputs
 
@@ -110,9 +110,7 @@ def cmd_qa(args: argparse.Namespace) -> int:
 
     model = _model_for(args) if {"learned", "confidence"} & set(checks) else None
     fixed, moving = _read_pair(args)
-    for output in outputs:
-        if output.path:  # before the work: the maps lie on the fixed grid
-            check_nifti_grid(fixed, output.path, output.option)
+    check_grid_outputs(fixed, outputs)
     mask = read_image(args.mask, "mask") if args.mask else None
     transform = read_transform(args.transform, log=note) if args.transform else None
     inverse = read_transform(args.inverse_transform, log=note) if args.inverse_transform else None
