@@ -283,8 +283,11 @@ class Trainer:
         return self._bank
 
     def log(self, message: str) -> None:
+        """A line of progress on stdout, flushed: a run's log is usually a file (``>> run.log``), which Python
+        would otherwise hand over in 8 KB blocks, hours apart."""
         if self.main:
             tqdm.write(message)
+            sys.stdout.flush()
 
     # ---- checkpoints ----------------------------------------------------------------------
     @property
