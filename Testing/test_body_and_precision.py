@@ -12,7 +12,7 @@ import SimpleITK as sitk
 import torch
 
 from RegistrationMisalignmentLib.body_mask import body_mask
-from RegistrationMisalignmentLib.inference import cpu_has_native_bf16, predict
+from RegistrationMisalignmentLib.inference import cpu_has_native_bf16, network_precision, predict
 from RegistrationMisalignmentLib.synthetic.deform import deform_pair
 from RegistrationMisalignmentLib.weights import load_model
 from conftest import SHARED_DATA, ct_like
@@ -95,7 +95,8 @@ def test_bf16_on_the_cpu_gives_the_float32_labels_on_a_real_chest_ct():
     respiratory field: >= 98.5 % of the body's labels equal, class shares within 1 point. The defaults since
     2026-12-01 were trained under bf16 autocast with frozen batch-norm statistics; epoch 115 sat closer to its
     class boundaries (99.0 % here, 96.8 / 99.4 % on the two regions of
-    benchmarks/results/precision_agreement_cpu.md), epoch 215 99.3 / 99.8 % there, epoch 224 (the default since 2026-12-02) 98.9 / 99.7 %;
+    benchmarks/results/precision_agreement_cpu.md), epoch 215 99.3 / 99.8 % there, epoch 224 98.9 / 99.7 %
+    (epoch 255, the default since 2026-12-02's third update, was exported on a CPU without native bf16);
     the GPU model before them >= 99.8 %. Their protocol numbers are bf16's."""
     image = sitk.ReadImage(str(SHARED_DATA / "chest_ct_1.5mm.nii.gz"))[30:83, 30:83, 60:103]
     hu = torch.from_numpy(sitk.GetArrayFromImage(image).astype(np.float32))
@@ -110,3 +111,12 @@ def test_bf16_on_the_cpu_gives_the_float32_labels_on_a_real_chest_ct():
     assert (fast[inside] == exact[inside]).mean() >= 0.985
     shares = [np.bincount(labels[inside], minlength=4)[1:] / inside.sum() for labels in (fast, exact)]
     assert np.abs(shares[0] - shares[1]).max() <= 0.01
+
+
+def test_the_network_precision_follows_the_cpu_and_the_request(monkeypatch):
+    """bf16 only where the CPU computes it natively (elsewhere it is emulated and slower); float32 on request."""
+    cpu = torch.device("cpu")
+    for native, expected in ((True, "bf16"), (False, "float32")):
+        monkeypatch.setattr("RegistrationMisalignmentLib.inference.cpu_has_native_bf16", lambda: native)
+        assert network_precision(cpu) == expected
+        assert network_precision(cpu, "float32") == "float32"

@@ -17,6 +17,7 @@ import SimpleITK as sitk
 from RegistrationMisalignmentLib.cli import main
 from RegistrationMisalignmentLib.config import CLASS_NAMES, DEFAULT_CONFIG
 from RegistrationMisalignmentLib.errors import InputError
+from RegistrationMisalignmentLib.inference import cpu_has_native_bf16
 from RegistrationMisalignmentLib.landmarks import Landmarks, write_landmarks
 from RegistrationMisalignmentLib.metrics import evaluate_classes
 from RegistrationMisalignmentLib.benchmark.cases import LandmarkTruth, SyntheticTruth, sample_lung_landmarks
@@ -63,6 +64,8 @@ def test_tiny_phantom_study_writes_the_whole_report(tiny_run):
     assert "`regmis benchmark --phantom --cases 2 --landmarks 300 --tiny" in text
     assert "published (not re-measured)" in text and "| 73.1 | 77 |" in text  # LSTM row, all settings
     assert report["published"]["all"]["regnet-t"]["cw"] == 197
+    precision = report["environment"]["network_precision"]  # bf16 and float32 labels differ at ~1 % of voxels
+    assert precision == ("bf16" if cpu_has_native_bf16() else "float32") and f"network in {precision})" in text
 
 
 def _csv_rows(path: Path) -> list[dict]:

@@ -136,7 +136,8 @@ def markdown(report: dict) -> str:
     out = [f"# Misalignment benchmark on the paper's protocol: {title}", "",
            f"Produced by `{report['command']}` on {report['created']} "
            f"({report['environment']['device']}, torch {report['environment']['torch']}, "
-           f"itk-elastix {report['environment']['itk_elastix']}).", ""]
+           f"itk-elastix {report['environment']['itk_elastix']}, network in "
+           f"{report['environment'].get('network_precision', 'an unrecorded precision')}).", ""]
     if not report.get("complete", True):
         out += [f"**Unfinished: {len(report['cases'])} of {report['cases_planned']} cases.** Run the same command "
                 "with `--resume` to continue it.", ""]

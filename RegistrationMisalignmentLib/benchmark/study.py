@@ -200,6 +200,8 @@ def run_case(case: Case, options: BenchmarkOptions, runner: ElastixRunner, model
 def _environment(device) -> dict:
     import torch
 
+    from RegistrationMisalignmentLib.inference import network_precision
+
     try:
         from importlib.metadata import version
 
@@ -208,7 +210,7 @@ def _environment(device) -> dict:
         elastix = "unknown"
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU ({os.cpu_count()} cores)"
     return {"device": name, "torch": torch.__version__, "itk_elastix": elastix, "python": platform.python_version(),
-            "threads": torch.get_num_threads()}
+            "threads": torch.get_num_threads(), "network_precision": network_precision(device)}
 
 
 def _tiny_changes(synthetic: bool) -> list[str]:
