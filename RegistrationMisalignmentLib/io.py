@@ -611,27 +611,42 @@ MAX_MASK_LABELS = 1000
 """A label image with more distinct values than this is a grey-value image (segmentations hold up to ~120)."""
 PROBABILITY_SLACK = 0.05
 """A soft segmentation's values may stray this far outside [0, 1] (smoothing, interpolation overshoot)."""
+SCALED_PROBABILITY_RANGES = (255, 65535)
+"""Full scales of probability maps stored as unsigned integers (MONAI's ``SaveImage(scale=255 | 65535)``)."""
+MIN_SCALED_LEVELS = 64
+"""A scaled probability map shows at least this many distinct values (its soft borders); a label image whose
+labels reach exactly 255 or 65535 (an "ignore" label) holds a few."""
 
 
-def _mask_kind(values: np.ndarray, name: str) -> str:
-    """"labels" or "probabilities" (a soft segmentation: non-integer values within [0, 1] give or take
-    ``PROBABILITY_SLACK``). Raises ``InputError`` for a grey-value image (a CT given as the mask): negative values,
-    or more than ``MAX_MASK_LABELS`` distinct ones above 1 (counted on at most ~4 M voxels)."""
+def _probability_scale(values: np.ndarray, name: str) -> float | None:
+    """How ``values`` encode a mask: None for labels (every non-zero value is inside), 1.0 for a soft segmentation
+    (non-integer values within [0, 1], give or take ``PROBABILITY_SLACK``), 255 or 65535 for probabilities scaled
+    to an unsigned integer range (``SCALED_PROBABILITY_RANGES``: from 0 to its full scale in at least
+    ``MIN_SCALED_LEVELS`` levels, 90 % of the voxels within a tenth of either end, as outside and inside an organ
+    are, and at least 1 % near the top; a CT's stored values gather in the bottom tenth of 0..65535).
+
+    Raises ``InputError`` for a grey-value image (a CT given as the mask): negative values, or more than
+    ``MAX_MASK_LABELS`` distinct ones above 1 that are no scaled probabilities (counted on at most ~4 M voxels)."""
     sample = values.ravel()[:: max(1, values.size >> 22)]
     sample = sample[np.isfinite(sample)]
     if not sample.size:
-        return "labels"
+        return None
     distinct = np.unique(sample)
     low, high = float(distinct[0]), float(distinct[-1])
-    if -PROBABILITY_SLACK <= low and high <= 1 + PROBABILITY_SLACK and np.any(distinct != np.round(distinct)):
-        return "probabilities"
+    integral = not np.any(distinct != np.round(distinct))
+    if -PROBABILITY_SLACK <= low and high <= 1 + PROBABILITY_SLACK and not integral:
+        return 1.0
+    if integral and low == 0 and high in SCALED_PROBABILITY_RANGES and len(distinct) >= MIN_SCALED_LEVELS:
+        near_one = np.count_nonzero(sample >= 0.9 * high)
+        if near_one >= 0.01 * sample.size and near_one + np.count_nonzero(sample <= 0.1 * high) >= 0.9 * sample.size:
+            return high
     if low < 0 or (len(distinct) > MAX_MASK_LABELS and high > 1):
         raise InputError(
             f"{name} holds values from {low:g} to {high:g} (at least {len(distinct)} distinct): a grey-value image "
             "(a CT?), not a label image; give a mask with 0 outside and non-zero labels inside (e.g. a lung "
             "segmentation)."
         )
-    return "labels"
+    return None
 
 
 def prepare_mask(
@@ -642,20 +657,24 @@ def prepare_mask(
     log: Callable[[str], None] | None = None,
 ) -> sitk.Image:
     """Any label image -> uint8 0/1 on the fixed grid (every non-zero label counts as inside); a probability map
-    (soft segmentation, ``_mask_kind``) counts where it is at least 0.5, with a note to ``log``.
+    (soft segmentation in [0, 1] or scaled to 0..255 / 0..65535, ``_probability_scale``) counts where it is at
+    least 0.5, with a note to ``log``.
 
-    Raises ``InputError`` for a 2-D or vector image, a grey-value image (``_mask_kind``) and a mask with no
+    Raises ``InputError`` for a 2-D or vector image, a grey-value image (``_probability_scale``) and a mask with no
     voxel inside the fixed image."""
     if mask.GetDimension() != 3:
         raise InputError(f"{name} is {mask.GetDimension()}-D; a 3-D label image is required.")
     if mask.GetNumberOfComponentsPerPixel() != 1 or mask.GetPixelID() in _COMPLEX_TYPES:
         raise InputError(f"{name} has vector/complex voxels; give a scalar label image (0 = outside).")
     values = sitk.GetArrayViewFromImage(mask)
-    if _mask_kind(values, name) == "probabilities":
-        inside = sitk.GetImageFromArray((np.isfinite(values) & (values >= 0.5)).astype(np.uint8))
+    scale = _probability_scale(values, name)
+    if scale is not None:
+        inside = sitk.GetImageFromArray((np.isfinite(values) & (values >= 0.5 * scale)).astype(np.uint8))
         if log is not None:
-            log(f"{name} holds probabilities (values from {np.nanmin(values):g} to {np.nanmax(values):g}): inside "
-                "where at least 0.5")
+            scaled = f" scaled to 0..{scale:g}" if scale > 1 else ""
+            stored = f" (a stored value of at least {0.5 * scale:g})" if scale > 1 else ""
+            log(f"{name} holds probabilities{scaled} (values from {np.nanmin(values):g} to {np.nanmax(values):g}): "
+                f"inside where at least 0.5{stored}")
     else:
         inside = sitk.GetImageFromArray((np.isfinite(values) & (values != 0)).astype(np.uint8))
     inside.CopyInformation(mask)

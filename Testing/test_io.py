@@ -258,6 +258,29 @@ def test_a_ct_given_as_the_mask_is_refused_and_probabilities_are_not():
     assert notes == ["lung mask holds probabilities (values from -0.0015 to 1.02): inside where at least 0.5"]
 
 
+def test_probabilities_scaled_to_unsigned_integers_count_from_one_half_and_ignore_labels_stay_labels():
+    """MONAI's SaveImage(scale=255 | 65535) stores a soft segmentation as uint8 / uint16: read as labels, every
+    voxel of its faint halo would count as inside; a uint16 map would be refused as a CT."""
+    fixed = _ct()
+    z = np.abs(np.arange(24) - 11.5)[:, None, None] + np.zeros((24, 24, 24))
+    soft = 1 / (1 + np.exp((z - 6) * 5))  # a slab 12 voxels thick, its borders soft
+    for dtype, scale in ((np.uint8, 255), (np.uint16, 65535)):
+        stored = np.rint(soft * scale).astype(dtype)
+        stored[0].flat[:256] = np.linspace(0, scale, 256)  # every level somewhere
+        notes: list[str] = []
+        inside = sitk.GetArrayFromImage(prepare_mask(sitk.GetImageFromArray(stored), fixed, log=notes.append))
+        np.testing.assert_array_equal(inside[1:], np.broadcast_to((z < 6)[1:], inside[1:].shape))
+        assert np.count_nonzero(stored[1:]) > inside[1:].sum()  # the halo is not inside
+        assert notes == [f"mask holds probabilities scaled to 0..{scale} (values from 0 to {scale}): inside where "
+                         f"at least 0.5 (a stored value of at least {scale / 2:g})"]
+    labels = np.zeros((24, 24, 24), dtype=np.uint8)
+    labels[2:20, 2:20, 2:20] = 255  # an "ignore" label around 20 labelled structures
+    for label in range(1, 21):
+        labels[4 + label // 5 * 3, 4 + label % 5 * 3, 4:8] = label
+    inside = sitk.GetArrayFromImage(prepare_mask(sitk.GetImageFromArray(labels), fixed))
+    np.testing.assert_array_equal(inside, labels != 0)
+
+
 # --- write_image --------------------------------------------------------------------------------
 
 
