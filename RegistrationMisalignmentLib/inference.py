@@ -124,10 +124,13 @@ def stages_on_device(device: torch.device) -> bool:
     return device.type == "cuda"
 
 
-def memory_format(device: torch.device) -> torch.memory_format:
-    """Channels-last 3-D on CUDA: cuDNN's bf16 3-D convolutions run 1.6x faster in it on an H100
-    (benchmarks/network_variants.py); the CPU keeps the layout its numbers were measured with."""
-    return torch.channels_last_3d if device.type == "cuda" else torch.contiguous_format
+NETWORK_MEMORY_FORMAT = torch.channels_last_3d
+"""The layout of the network's weights and input blocks on every device (benchmarks/network_variants.py):
+cuDNN's bf16 3-D convolutions run 1.6x faster in it on an H100; on the CPU oneDNN's float32 ones 1.35x at a
+tile of 128 (40.9 -> 30.2 s) on a 2-core AMD EPYC without AVX-512 (benchmarks/results/network_variants_cpu/),
+and 1.5x (float32) and 1.3x (bf16 autocast) at 64^3 on one with AVX-512 BF16 (issue 22). Probabilities move by
+< 1e-6 in float32. Training keeps the default layout: there it was no faster (a 141^3 block's float32 step
+15.0 s against 15.6 s in channels-last on the EPYC without AVX-512)."""
 
 
 def host_storage_dtype(decoder: str) -> torch.dtype:
@@ -200,7 +203,7 @@ def network_probabilities(module: torch.jit.ScriptModule, decoder: str, pyramid:
     for first in range(0, len(starts), batch):
         group = starts[first : first + batch]
         blocks = [scale_blocks(pyramid, p0, tile, config, scales) for p0 in group]
-        x = {s: torch.stack([b[s] for b in blocks]).float().contiguous(memory_format=memory_format(device))
+        x = {s: torch.stack([b[s] for b in blocks]).float().contiguous(memory_format=NETWORK_MEMORY_FORMAT)
              if s in scales else empty for s in config.scales}
         with torch.inference_mode(), _autocast(device, precision):
             probs = module.probabilities(x[1], x[2], x[4]).float().to(out.device)
@@ -424,7 +427,7 @@ def predict(fixed: sitk.Image, moving: sitk.Image, model: LoadedModel | None = N
     model = model or load_model(device=dev)
     module = model.module.to(dev)
     if model.decoder != "regnet-t":  # RegNet-t's blocks are cut elsewhere (dense_dvf) and stay as measured
-        module = module.to(memory_format=memory_format(dev))
+        module = module.to(memory_format=NETWORK_MEMORY_FORMAT)
     config = model.config
     t = lap("prepare", start)
 

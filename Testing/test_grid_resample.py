@@ -48,9 +48,11 @@ def test_resampling_refuses_a_volume_of_another_grid():
 
 @pytest.mark.parametrize("name", ["test_lstm", "test_regnet_t"])
 def test_stages_on_device_give_the_host_paths_outputs(model_dir, small_pair, monkeypatch, name):
-    """CUDA keeps every stage on the device, in channels-last tensors; forced here on the CPU, that path must
-    reproduce the SimpleITK one (host storage and the network in float32 here, so that only the stages differ)."""
+    """CUDA keeps every stage on the device; forced here on the CPU, that path must reproduce the SimpleITK one
+    (host storage and the network in float32 here, so that only the stages differ), and the network's
+    channels-last layout (every device) the default layout's outputs."""
     monkeypatch.setattr(inference, "host_storage_dtype", lambda decoder: torch.float32)
+    monkeypatch.setattr(inference, "NETWORK_MEMORY_FORMAT", torch.contiguous_format)
     fixed, moving = small_pair
     model = load_model(model_dir / f"{name}.pt")
     mask = sitk.Image(fixed.GetSize(), sitk.sitkUInt8)
@@ -59,7 +61,7 @@ def test_stages_on_device_give_the_host_paths_outputs(model_dir, small_pair, mon
     host = predict(fixed, moving, model, mask=mask, tile_size=16, with_probabilities=True, device="cpu",
                    precision="float32")
     monkeypatch.setattr(inference, "stages_on_device", lambda device: True)
-    monkeypatch.setattr(inference, "memory_format", lambda device: torch.channels_last_3d)
+    monkeypatch.setattr(inference, "NETWORK_MEMORY_FORMAT", torch.channels_last_3d)
     on_device = predict(fixed, moving, model, mask=mask, tile_size=16, with_probabilities=True, device="cpu",
                         precision="float32")
     expected = sitk.GetArrayFromImage(host.probabilities)

@@ -8,6 +8,8 @@ tile size) at batch 1, median of ``--repeats`` after two warm-up calls, and repo
 probability difference to fp32 so that a fast variant that changes the output shows it.
 
     python -m benchmarks.network_variants --device cuda --tiles 192,256 --out OUT
+    python -m benchmarks.network_variants --device cpu --tiles 128 --repeats 2 --out OUT \
+        --variant "torchscript (shipped)" --variant "torchscript, channels-last"
 """
 
 from __future__ import annotations
@@ -93,6 +95,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--device", default="auto")
     p.add_argument("--tiles", default="192,256", help="comma-separated tile sizes (1 mm voxels)")
     p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--variant", action="append", help="a variant to run, by name; repeat it for more (default: all)")
     p.add_argument("--out", type=Path, required=True)
     args = p.parse_args(argv)
     device = resolve_device(args.device)
@@ -101,6 +104,12 @@ def main(argv: list[str] | None = None) -> int:
               "machine": machine_info(), "model": args.model, "repeats": args.repeats, "rows": []}
     loaded = load_model(args.model, device=device)
     table = variants(loaded, device)
+    if args.variant:
+        chosen = args.variant
+        unknown = [name for name in chosen if name not in table]
+        if unknown:
+            p.error(f"unknown variant(s) {', '.join(map(repr, unknown))}; choose from {', '.join(map(repr, table))}")
+        table = {name: table[name] for name in chosen}
     for tile_size in (int(t) for t in args.tiles.split(",")):
         tile, x = chest_inputs(loaded.config, tile_size, device)
         reference = None

@@ -46,7 +46,7 @@ import torch
 
 from RegistrationMisalignmentLib.config import round_up_encoder_output
 from RegistrationMisalignmentLib.inference import (
-    default_tile_size, memory_format, predict, resolve_device, tile_shape, tile_starts, to_fixed_grid,
+    NETWORK_MEMORY_FORMAT, default_tile_size, predict, resolve_device, tile_shape, tile_starts, to_fixed_grid,
 )
 from RegistrationMisalignmentLib.io import prepare_pair
 from RegistrationMisalignmentLib.preprocess import build_pyramid, isotropic_reference, resample_onto, scale_blocks
@@ -236,8 +236,8 @@ def tile_profile(fixed: sitk.Image, moving: sitk.Image, model: LoadedModel, devi
     tile = tile_shape(shape, tile_size)
     starts = tile_starts(shape, tile)
     blocks = [scale_blocks(pyramid, p0, tile, config) for p0 in starts[:batch]]
-    x = {s: torch.stack([b[s] for b in blocks]).contiguous(memory_format=memory_format(device)) for s in config.scales}
-    module = model.module.to(device).to(memory_format=memory_format(device))  # as predict runs it
+    x = {s: torch.stack([b[s] for b in blocks]).contiguous(memory_format=NETWORK_MEMORY_FORMAT) for s in config.scales}
+    module = model.module.to(device).to(memory_format=NETWORK_MEMORY_FORMAT)  # as predict runs it
     encoders = [(getattr(module, f"encoder{s}"), x[s]) for s in config.scales
                 if model.decoder != "singlescale" or s == 1]
     cuda_dtype = torch.bfloat16 if device.type == "cuda" and torch.cuda.is_bf16_supported() else torch.float16
