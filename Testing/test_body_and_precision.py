@@ -66,9 +66,10 @@ def test_body_mask_drops_the_table_and_outside_air():
 
 @pytest.fixture(scope="module")
 def padded_pair():
-    """A CT-like body in the middle of a wide field of air, shifted 2 voxels in the moving image."""
-    hu = np.full((40, 96, 96), -1000.0, dtype=np.float32)
-    hu[4:36, 36:60, 36:60] = ct_like((32, 24, 24), seed=3) + 200.0   # inside the middle tile column (32:64)
+    """A CT-like body in the middle of a wide field of air, shifted 2 voxels in the moving image: one layer of
+    3 x 3 tiles of 32, the body inside the middle one (32:64; one tile to compute against nine)."""
+    hu = np.full((32, 96, 96), -1000.0, dtype=np.float32)
+    hu[4:28, 36:60, 36:60] = ct_like((24, 24, 24), seed=3) + 200.0
     fixed = sitk.GetImageFromArray(hu)
     moving = sitk.GetImageFromArray(np.roll(hu, 2, axis=2))
     moving.CopyInformation(fixed)
