@@ -499,7 +499,7 @@ class Trainer:
         """Held-out blocks, every body voxel counted once (no class weights): the misalignment model's
         metrics, or a RegNet's end-point error beside the zero predictor's (the mean |DVF|)."""
         model.eval()
-        if stage == "misalignment":  # a copy in inference's layout: 1.2x faster forward passes, same numbers
+        if stage == "misalignment":  # a copy in inference's layout: 1.35x faster forward passes (network_variants_cpu_eager)
             report = self._class_report(copy.deepcopy(model).to(memory_format=NETWORK_MEMORY_FORMAT).probabilities)
             row = {"val_mean_f1": report.mean_f1, "val_kappa": report.kappa, "val_accuracy": report.accuracy,
                    "val_cw": report.cw, "val_f1": list(report.f1), "val_n": report.n,
