@@ -125,11 +125,12 @@ def stages_on_device(device: torch.device) -> bool:
 
 
 NETWORK_MEMORY_FORMAT = torch.channels_last_3d
-"""The layout of the network's weights and input blocks on every device (benchmarks/network_variants.py):
+"""The layout of the misalignment network's weights and input blocks on every device (RegNet-t's blocks stay
+contiguous, as measured; benchmarks/network_variants.py):
 cuDNN's bf16 3-D convolutions run 1.6x faster in it on an H100; on the CPU oneDNN's float32 ones 1.35x at a
 tile of 128 (40.9 -> 30.2 s) on a 2-core AMD EPYC without AVX-512 (benchmarks/results/network_variants_cpu/),
 and 1.5x (float32) and 1.3x (bf16 autocast) at 64^3 on one with AVX-512 BF16 (issue 22). Probabilities move by
-< 1e-6 in float32. Training keeps the default layout: in a one-off check its step was no faster in it."""
+< 1e-6 in float32. Training keeps the contiguous layout: in a one-off check its step was no faster in this one."""
 
 
 def host_storage_dtype(decoder: str) -> torch.dtype:

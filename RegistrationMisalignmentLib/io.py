@@ -613,17 +613,27 @@ PROBABILITY_SLACK = 0.05
 """A soft segmentation's values may stray this far outside [0, 1] (smoothing, interpolation overshoot)."""
 SCALED_PROBABILITY_RANGES = (255, 65535)
 """Full scales of probability maps stored as unsigned integers (MONAI's ``SaveImage(scale=255 | 65535)``)."""
-MIN_SCALED_LEVELS = 64
-"""A scaled probability map shows at least this many distinct values (its soft borders); a label image whose
-labels reach exactly 255 or 65535 (an "ignore" label) holds a few."""
+
+
+def _scaled_probabilities(sample: np.ndarray, distinct: np.ndarray) -> bool:
+    """Whether integer ``sample`` (``distinct``: its sorted values, from 0 to 255 or 65535) is a probability map
+    scaled to that range: 90 % of the voxels within 1 % of either end (outside and inside an organ), at least
+    1 % at the top, and soft borders that take values in every tenth of the range between. A label image (an
+    "ignore" label 255 beside labels up to ~120) leaves the upper tenths empty; a CT stored as uint16 (raw or
+    wrapped negative HU) has most of its voxels between the ends."""
+    high = float(distinct[-1])
+    top = np.count_nonzero(sample >= 0.99 * high)
+    if top < 0.01 * sample.size or top + np.count_nonzero(sample <= 0.01 * high) < 0.9 * sample.size:
+        return False
+    between = distinct[(distinct > 0.01 * high) & (distinct < 0.99 * high)]
+    tenths = np.histogram(between, bins=10, range=(0.01 * high, 0.99 * high))[0]
+    return bool(np.all(tenths > 0))
 
 
 def _probability_scale(values: np.ndarray, name: str) -> float | None:
     """How ``values`` encode a mask: None for labels (every non-zero value is inside), 1.0 for a soft segmentation
     (non-integer values within [0, 1], give or take ``PROBABILITY_SLACK``), 255 or 65535 for probabilities scaled
-    to an unsigned integer range (``SCALED_PROBABILITY_RANGES``: from 0 to its full scale in at least
-    ``MIN_SCALED_LEVELS`` levels, 90 % of the voxels within a tenth of either end, as outside and inside an organ
-    are, and at least 1 % near the top; a CT's stored values gather in the bottom tenth of 0..65535).
+    to that unsigned integer range (``_scaled_probabilities``).
 
     Raises ``InputError`` for a grey-value image (a CT given as the mask): negative values, or more than
     ``MAX_MASK_LABELS`` distinct ones above 1 that are no scaled probabilities (counted on at most ~4 M voxels)."""
@@ -636,10 +646,8 @@ def _probability_scale(values: np.ndarray, name: str) -> float | None:
     integral = not np.any(distinct != np.round(distinct))
     if -PROBABILITY_SLACK <= low and high <= 1 + PROBABILITY_SLACK and not integral:
         return 1.0
-    if integral and low == 0 and high in SCALED_PROBABILITY_RANGES and len(distinct) >= MIN_SCALED_LEVELS:
-        near_one = np.count_nonzero(sample >= 0.9 * high)
-        if near_one >= 0.01 * sample.size and near_one + np.count_nonzero(sample <= 0.1 * high) >= 0.9 * sample.size:
-            return high
+    if integral and low == 0 and high in SCALED_PROBABILITY_RANGES and _scaled_probabilities(sample, distinct):
+        return high
     if low < 0 or (len(distinct) > MAX_MASK_LABELS and high > 1):
         raise InputError(
             f"{name} holds values from {low:g} to {high:g} (at least {len(distinct)} distinct): a grey-value image "

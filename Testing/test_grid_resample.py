@@ -50,7 +50,7 @@ def test_resampling_refuses_a_volume_of_another_grid():
 def test_stages_on_device_give_the_host_paths_outputs(model_dir, small_pair, monkeypatch, name):
     """CUDA keeps every stage on the device; forced here on the CPU, that path must reproduce the SimpleITK one
     (host storage and the network in float32 here, so that only the stages differ), and the network's
-    channels-last layout (every device) the default layout's outputs."""
+    channels-last layout (every device) the contiguous layout's outputs."""
     monkeypatch.setattr(inference, "host_storage_dtype", lambda decoder: torch.float32)
     monkeypatch.setattr(inference, "NETWORK_MEMORY_FORMAT", torch.contiguous_format)
     fixed, moving = small_pair

@@ -258,27 +258,42 @@ def test_a_ct_given_as_the_mask_is_refused_and_probabilities_are_not():
     assert notes == ["lung mask holds probabilities (values from -0.0015 to 1.02): inside where at least 0.5"]
 
 
-def test_probabilities_scaled_to_unsigned_integers_count_from_one_half_and_ignore_labels_stay_labels():
+def test_probabilities_scaled_to_unsigned_integers_count_from_one_half():
     """MONAI's SaveImage(scale=255 | 65535) stores a soft segmentation as uint8 / uint16: read as labels, every
-    voxel of its faint halo would count as inside; a uint16 map would be refused as a CT."""
+    voxel of its faint halo would count as inside."""
     fixed = _ct()
-    z = np.abs(np.arange(24) - 11.5)[:, None, None] + np.zeros((24, 24, 24))
-    soft = 1 / (1 + np.exp((z - 6) * 5))  # a slab 12 voxels thick, its borders soft
+    z, y, x = np.indices((24, 24, 24), dtype=np.float64)
+    radius = np.sqrt(((z - 11.3) / 1.1) ** 2 + ((y - 11.7) / 0.9) ** 2 + (x - 11.1) ** 2)
+    soft = 1 / (1 + np.exp((radius - 7) * 5))  # an ellipsoid, its border 2 voxels wide
     for dtype, scale in ((np.uint8, 255), (np.uint16, 65535)):
         stored = np.rint(soft * scale).astype(dtype)
-        stored[0].flat[:256] = np.linspace(0, scale, 256)  # every level somewhere
         notes: list[str] = []
         inside = sitk.GetArrayFromImage(prepare_mask(sitk.GetImageFromArray(stored), fixed, log=notes.append))
-        np.testing.assert_array_equal(inside[1:], np.broadcast_to((z < 6)[1:], inside[1:].shape))
-        assert np.count_nonzero(stored[1:]) > inside[1:].sum()  # the halo is not inside
+        np.testing.assert_array_equal(inside, stored >= scale / 2)
+        assert np.count_nonzero(stored) > inside.sum() + 100  # the halo is not inside
         assert notes == [f"mask holds probabilities scaled to 0..{scale} (values from 0 to {scale}): inside where "
                          f"at least 0.5 (a stored value of at least {scale / 2:g})"]
+
+
+def test_labels_with_an_ignore_label_and_cts_stored_unsigned_are_no_scaled_probabilities():
+    fixed = _ct()
+    rng = np.random.default_rng(4)
     labels = np.zeros((24, 24, 24), dtype=np.uint8)
-    labels[2:20, 2:20, 2:20] = 255  # an "ignore" label around 20 labelled structures
-    for label in range(1, 21):
-        labels[4 + label // 5 * 3, 4 + label % 5 * 3, 4:8] = label
+    labels[:2] = 255  # an "ignore" label on 8 % of the voxels
+    for label in range(1, 71):  # 70 small structures
+        z, y, x = rng.integers(4, 22, 3)
+        labels[z, y, x : x + 2] = label
     inside = sitk.GetArrayFromImage(prepare_mask(sitk.GetImageFromArray(labels), fixed))
-    np.testing.assert_array_equal(inside, labels != 0)
+    np.testing.assert_array_equal(inside, labels != 0)  # every label, not only the ignore label's voxels
+    hu = sitk.GetArrayFromImage(_ct())
+    raw = np.clip(hu + 1024, 0, 4095).astype(np.uint16)  # stored values without the HU rescale
+    raw[:, :, :1] = 0
+    raw[:1, :1] = 65535  # a saturated corner
+    wrapped = np.rint(hu).astype(np.int16).astype(np.uint16)  # negative HU wrapped to 64536..65535
+    wrapped[0, 0, :2] = (0, 65535)
+    for image in (raw, wrapped):
+        with pytest.raises(InputError, match="not a label image"):
+            prepare_mask(sitk.GetImageFromArray(image), fixed)
 
 
 # --- write_image --------------------------------------------------------------------------------

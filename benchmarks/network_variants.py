@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shlex
 import statistics
 import sys
 import time
@@ -100,7 +101,7 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     device = resolve_device(args.device)
     args.out.mkdir(parents=True, exist_ok=True)
-    report = {"command": "python -m benchmarks.network_variants " + " ".join(sys.argv[1:] if argv is None else argv),
+    report = {"command": "python -m benchmarks.network_variants " + shlex.join(sys.argv[1:] if argv is None else argv),
               "machine": machine_info(), "model": args.model, "repeats": args.repeats, "rows": []}
     loaded = load_model(args.model, device=device)
     table = variants(loaded, device)
