@@ -122,7 +122,7 @@ class RegistrationBank:
 
     def build(self) -> None:
         """Register every case whose files are missing, saving them as it goes: on 2 cores 1.5-3.5 minutes a case
-        of the 1.5 mm crop with AVX-512, 6-10 without it; 14-32 a LIDC case without it, beside other work."""
+        of the 1.5 mm crop with AVX-512, 6-10 without it; 11.5 a LIDC case without it, up to 32 beside other work."""
         missing = [case for case in self.cases if not all(case.path(self.folder, s).exists() for s in self.settings)]
         self.folder.mkdir(parents=True, exist_ok=True)
         for number, case in enumerate(missing, 1):
