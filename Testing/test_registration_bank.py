@@ -182,3 +182,42 @@ def test_a_mirrored_pair_still_holds_its_registration(chest, tmp_path):
         images = pair.pyramid[1]  # (fixed, registered), normalised
         inner = slice(2, -2)
         assert torch.equal(images[1][..., inner], images[0][..., 2 + step : fixed.shape[-1] - 2 + step])
+
+
+def test_kept_transforms_give_a_new_machine_the_same_pairs_without_registering(chest, tmp_path, monkeypatch):
+    """The bank keeps each registration's elastix transform; a bank on a new machine (empty folder) applies them by
+    transformix: the same registered image (float32 parameters: within 0.01 HU before int16 rounding), residual
+    and supervised voxels, and no elastix registration."""
+    kept = tmp_path / "transforms"
+    first = RegistrationBank([chest], ("affine", "bspline20"), 1, tmp_path / "a", DEFAULT_CONFIG, threads=1,
+                             transforms=kept)
+    first.build()
+    case = first.cases[0]
+    assert sorted(p.name for p in kept.iterdir()) == [f"{case.key}_affine.npz", f"{case.key}_bspline20.npz"]
+    monkeypatch.setattr(trainer.registration_bank, "register_breathing",
+                        lambda *a, **k: pytest.fail("registered although its transforms are kept"))
+    again = RegistrationBank([chest], ("affine", "bspline20"), 1, tmp_path / "b", DEFAULT_CONFIG, threads=1,
+                             transforms=kept)
+    again.build()
+    for setting in ("affine", "bspline20"):
+        old, new = (torch.load(case.path(bank.folder, setting), weights_only=True) for bank in (first, again))
+        assert torch.equal(old["fixed"], new["fixed"]) and torch.equal(old["supervised"], new["supervised"])
+        assert (old["deformed"] - new["deformed"]).abs().max() <= 1  # rounding to int16 HU
+        assert torch.allclose(old["residual"].float(), new["residual"].float(), atol=0.01)  # float16 on disk
+    (kept / f"{case.key}_bspline20.npz").unlink()  # one transform missing: the case is registered again
+    monkeypatch.undo()
+    RegistrationBank([chest], ("affine", "bspline20"), 1, tmp_path / "c", DEFAULT_CONFIG, threads=1,
+                     transforms=kept).build()
+    assert (kept / f"{case.key}_bspline20.npz").exists()
+
+
+def test_an_applied_registration_has_no_transform_to_map_points_with(chest, tmp_path):
+    from RegistrationMisalignmentLib.benchmark.elastix import ElastixRunner, load_parameters, save_parameters
+
+    made = register_breathing(chest, ("affine",), threads=1)
+    save_parameters(made.registrations["affine"].parameters, tmp_path / "affine.npz")
+    applied = ElastixRunner(threads=1).apply(made.fixed, made.moving, load_parameters(tmp_path / "affine.npz"))
+    assert np.abs(sitk.GetArrayFromImage(applied.deformed)
+                  - sitk.GetArrayFromImage(made.registrations["affine"].deformed)).max() < 0.01
+    with pytest.raises(ValueError, match="kept transform parameters"):
+        applied.map_points(np.zeros((1, 3)))

@@ -11,7 +11,9 @@ training scans, made as the judge's are (``register_breathing``), never of the h
 Each case (scan, breathing seed, phase) is registered once with every setting and kept on disk (``folder``, one
 file per setting: HU as int16, residual as float16, about 0.2 GB for a lung box of 19 M voxels), named by a
 hash of everything it is made from, so that a resumed run reads the same pairs and a larger ``cases`` only
-registers the new ones.
+registers the new ones. Each registration's elastix transform is kept too (``transforms``, 0.2-0.5 MB a pair,
+committed with the canonical run): a new machine applies it again by transformix instead of registering (the
+registration is most of a case's minutes), and gets the very pairs the run trained on.
 """
 
 from __future__ import annotations
@@ -30,7 +32,8 @@ import SimpleITK as sitk
 import torch
 
 from RegistrationMisalignmentLib.benchmark.cases import CHEST_MARGIN_MM
-from RegistrationMisalignmentLib.benchmark.elastix import ELASTIX_DIR, setting_files
+from RegistrationMisalignmentLib.benchmark.elastix import (ELASTIX_DIR, ElastixRunner, load_parameters,
+                                                           save_parameters, setting_files)
 from RegistrationMisalignmentLib.config import MisalignmentConfig
 from RegistrationMisalignmentLib.errors import InputError
 from RegistrationMisalignmentLib.preprocess import build_pyramid
@@ -38,7 +41,8 @@ from RegistrationMisalignmentLib.synthetic.breathing import chest_anatomy
 from RegistrationMisalignmentLib.synthetic.images import TrainingImage, scan_stem
 from trainer.config import BANK_REGIONS
 from trainer.dataset import DeformedPair
-from trainer.registration_judge import JUDGE_SEED, JUDGE_VERSION, register_breathing
+from trainer.registration_judge import (JUDGE_SEED, JUDGE_VERSION, BreathingRegistrations, breathing_case,
+                                        register_breathing)
 
 BANK_SEED = JUDGE_SEED + 1
 """The bank's breathing seeds are drawn from this, the scan's name and the case number."""
@@ -60,8 +64,8 @@ class BankCase:
     """1: the moved image at exhale (as the protocol's), -1: at inhale."""
     key: str
 
-    def path(self, folder: Path, setting: str) -> Path:
-        return folder / f"{self.key}_{setting}.pt"
+    def path(self, folder: Path, setting: str, suffix: str = ".pt") -> Path:
+        return folder / f"{self.key}_{setting}{suffix}"
 
 
 def case_seed(image: TrainingImage, index: int) -> int:
@@ -84,7 +88,8 @@ def chest_lungs(image: TrainingImage) -> np.ndarray | None:
 
 class RegistrationBank:
     """``cases`` breathing cases of every training chest CT, registered by elastix with ``settings``, supervised
-    on ``region`` (``trainer.config.BANK_REGIONS``).
+    on ``region`` (``trainer.config.BANK_REGIONS``). ``transforms``: the folder of the registrations' kept elastix
+    transforms (``benchmark.elastix.save_parameters``, one .npz per case and setting); None: not kept.
 
     Raises ``ValueError`` for another region or grid, ``InputError`` when no image is a chest CT, and what
     ``register_breathing`` raises (a setting without a parameter file, no itk-elastix).
@@ -92,13 +97,13 @@ class RegistrationBank:
 
     def __init__(self, images: Sequence[TrainingImage], settings: Sequence[str], cases: int, folder: Path,
                  config: MisalignmentConfig, threads: int | None = None, log: Callable[[str], None] = print,
-                 region: str = "body"):
+                 region: str = "body", transforms: Path | None = None):
         if config.spacing_mm != 1.0:
             raise ValueError(f"the registration bank works on the 1 mm grid, not {config.spacing_mm} mm")
         if region not in BANK_REGIONS:
             raise ValueError(f"bank region {region!r}: give one of {', '.join(BANK_REGIONS)}")
         self.settings, self.folder, self.config, self.threads, self.log = tuple(settings), folder, config, threads, log
-        self.region = region
+        self.region, self.transforms = region, transforms
         self.lungs = {image.name: lungs for image in images if (lungs := chest_lungs(image)) is not None}
         chest = [image for image in images if image.name in self.lungs]
         if not chest:
@@ -121,13 +126,23 @@ class RegistrationBank:
         return [(case, setting) for case in self.cases for setting in self.settings]
 
     def build(self) -> None:
-        """Register every case whose files are missing, saving them as it goes: on 2 cores 1.5-3.5 minutes a case
-        of the 1.5 mm crop with AVX-512, 6-10 without it; 11.5 a LIDC case without it, up to 32 beside other work."""
+        """Make every case whose files are missing, saving them as it goes: applied from its kept transforms
+        when ``transforms`` holds them all, else registered (on 2 cores 1.5-3.5 minutes a case of the 1.5 mm crop
+        with AVX-512, 6-10 without it; 11.5 a LIDC case without it, up to 32 beside other work) and its
+        transforms kept."""
         missing = [case for case in self.cases if not all(case.path(self.folder, s).exists() for s in self.settings)]
         self.folder.mkdir(parents=True, exist_ok=True)
         for number, case in enumerate(missing, 1):
             started = time.perf_counter()
-            made = register_breathing(case.image, self.settings, case.seed, self.threads, phase=case.phase)
+            made, how = self._kept(case), "applied from its kept elastix transforms"
+            if made is None:
+                made = register_breathing(case.image, self.settings, case.seed, self.threads, phase=case.phase)
+                how = "registered"
+                if self.transforms is not None:
+                    self.transforms.mkdir(parents=True, exist_ok=True)
+                    for setting in self.settings:
+                        _replace(case.path(self.transforms, setting, ".npz"),
+                                 lambda part: save_parameters(made.registrations[setting].parameters, part))
             fixed = torch.from_numpy(np.rint(sitk.GetArrayFromImage(made.fixed)).astype(np.int16))
             box = ((0, 0, 0), tuple(n - 1 for n in made.body.shape))
             for setting in self.settings:
@@ -138,12 +153,22 @@ class RegistrationBank:
                 deformed = np.rint(sitk.GetArrayFromImage(registration.deformed)).astype(np.int16)
                 entry = {"fixed": fixed, "deformed": torch.from_numpy(deformed), "residual": residual.half(),
                          "supervised": torch.from_numpy(supervised), "seed": case.seed, "phase": case.phase}
-                path = case.path(self.folder, setting)
-                part = path.with_name(f"{path.name}.{os.getpid()}.part")  # whole files only, whoever writes them
-                torch.save(entry, part)
-                os.replace(part, path)
+                _replace(case.path(self.folder, setting), lambda part: torch.save(entry, part))
             self.log(f"registration bank: case {number}/{len(missing)} ({case.image.name}, breathing {case.seed}, "
-                     f"{'exhale' if case.phase > 0 else 'inhale'}) registered in {time.perf_counter() - started:.0f} s")
+                     f"{'exhale' if case.phase > 0 else 'inhale'}) {how} in {time.perf_counter() - started:.0f} s")
+
+    def _kept(self, case: BankCase) -> BreathingRegistrations | None:
+        """``case`` moved and its registrations applied again from their kept transforms; None unless all are kept."""
+        if self.transforms is None:
+            return None
+        paths = [case.path(self.transforms, setting, ".npz") for setting in self.settings]
+        if not all(path.exists() for path in paths):
+            return None
+        made = breathing_case(case.image, case.seed, case.phase)
+        runner = ElastixRunner(threads=self.threads)
+        made.registrations.update({setting: runner.apply(made.fixed, made.moving, load_parameters(path))
+                                   for setting, path in zip(self.settings, paths)})
+        return made
 
     def pair(self, case: BankCase, setting: str, device: str | torch.device = "cpu",
              mirrored: bool = False) -> DeformedPair:
@@ -188,6 +213,13 @@ class RegistrationBank:
         drawn = rng.choice(len(entries), size=count, replace=False, p=chance)
         mirrored = rng.random(count) < mirror_share if mirror_share else np.zeros(count, dtype=bool)
         return [self.pair(*entries[int(i)], device, bool(m)) for i, m in zip(drawn, mirrored)]
+
+
+def _replace(path: Path, write: Callable[[Path], None]) -> None:
+    """``write`` to a part file beside ``path``, then rename: whole files only, whoever writes them."""
+    part = path.with_name(f"{path.name}.{os.getpid()}.part")
+    write(part)
+    os.replace(part, path)
 
 
 def shown(displacement: np.ndarray, bounds: tuple[tuple[int, int, int], tuple[int, int, int]]) -> np.ndarray:

@@ -70,27 +70,31 @@ class BreathingRegistrations:
         return compose(torch.from_numpy(t), self.field.dvf.float(), (1.0, 1.0, 1.0))
 
 
-def register_breathing(image: TrainingImage, settings: Sequence[str], seed: int = JUDGE_SEED,
-                       threads: int | None = None, tiny: bool = False, phase: int = 1) -> BreathingRegistrations:
-    """``image`` (a chest CT on the 1 mm grid) cut to its lungs' box (+ ``CHEST_MARGIN_MM``), moved by breathing
+def breathing_case(image: TrainingImage, seed: int = JUDGE_SEED, phase: int = 1) -> BreathingRegistrations:
+    """``image`` (a chest CT on the 1 mm grid) cut to its lungs' box (+ ``CHEST_MARGIN_MM``) and moved by breathing
     field ``seed`` (read beyond the box; ``phase`` 1: the moved image at exhale, as the protocol's, -1: at
-    inhale) and registered back by elastix with ``settings`` (``benchmark.elastix.SETTINGS``); ``tiny``: with
-    the protocol's --tiny changes (tests).
-
-    Raises ``InputError`` for a setting without a parameter file in ``benchmarks/elastix`` or without
-    itk-elastix (``ElastixRunner``).
-    """
-    spacing = (1.0, 1.0, 1.0)
-    anatomy = chest_anatomy(image.hu, spacing)
+    inhale), not registered yet (``registrations`` empty)."""
+    anatomy = chest_anatomy(image.hu, (1.0, 1.0, 1.0))
     start, stop = anatomy.lung_box(CHEST_MARGIN_MM)
     box = anatomy.crop(start, stop)
     fixed_hu = np.ascontiguousarray(image.hu[tuple(slice(a, b) for a, b in zip(start, stop))], dtype=np.float32)
     moved, field = breathe(fixed_hu, box, seed, phase=phase, whole=(image.hu, anatomy.lung))
-    fixed, moving = _image(fixed_hu), _image(moved)
-    registrations = ElastixRunner(tiny=tiny, threads=threads).run_settings(fixed, moving, settings)
     scan_box = (tuple(-a for a in start), tuple(n - 1 - a for n, a in zip(image.hu.shape, start)))
-    return BreathingRegistrations(fixed, moving, field, np.asarray(box.lung, dtype=bool), np.asarray(box.body, dtype=bool),
-                                  registrations, scan_box)
+    return BreathingRegistrations(_image(fixed_hu), _image(moved), field, np.asarray(box.lung, dtype=bool),
+                                  np.asarray(box.body, dtype=bool), {}, scan_box)
+
+
+def register_breathing(image: TrainingImage, settings: Sequence[str], seed: int = JUDGE_SEED,
+                       threads: int | None = None, tiny: bool = False, phase: int = 1) -> BreathingRegistrations:
+    """``breathing_case`` registered back by elastix with ``settings`` (``benchmark.elastix.SETTINGS``); ``tiny``:
+    with the protocol's --tiny changes (tests).
+
+    Raises ``InputError`` for a setting without a parameter file in ``benchmarks/elastix`` or without
+    itk-elastix (``ElastixRunner``).
+    """
+    case = breathing_case(image, seed, phase)
+    case.registrations.update(ElastixRunner(tiny=tiny, threads=threads).run_settings(case.fixed, case.moving, settings))
+    return case
 
 
 def registration_pairs(image: TrainingImage, settings: Sequence[str], config: MisalignmentConfig,
@@ -113,4 +117,5 @@ def registration_pairs(image: TrainingImage, settings: Sequence[str], config: Mi
     return pairs
 
 
-__all__ = ["JUDGE_SEED", "JUDGE_VERSION", "BreathingRegistrations", "register_breathing", "registration_pairs"]
+__all__ = ["JUDGE_SEED", "JUDGE_VERSION", "BreathingRegistrations", "breathing_case", "register_breathing",
+           "registration_pairs"]

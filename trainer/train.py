@@ -276,11 +276,12 @@ class Trainer:
     @property
     def bank(self) -> RegistrationBank:
         """The registration bank of the real training chest CTs (``bank_registrations``; phantoms are variety, not
-        real anatomy), built when first drawn from."""
+        real anatomy), built when first drawn from; its elastix transforms kept in ``out``/bank_transforms (the
+        canonical run commits them: a new machine applies them instead of registering again)."""
         if self._bank is None:
             self._bank = RegistrationBank(self.train_scans, self.cfg.bank_registrations, self.cfg.bank_cases,
                                           self.out / "bank", self.config, self.cfg.num_threads or None, self.log,
-                                          self.cfg.bank_region)
+                                          self.cfg.bank_region, self.out / "bank_transforms")
         return self._bank
 
     def log(self, message: str) -> None:
