@@ -157,12 +157,16 @@ class RegistrationBank:
             self.log(f"registration bank: case {number}/{len(missing)} ({case.image.name}, breathing {case.seed}, "
                      f"{'exhale' if case.phase > 0 else 'inhale'}) {how} in {time.perf_counter() - started:.0f} s")
 
-    def _kept(self, case: BankCase) -> BreathingRegistrations | None:
-        """``case`` moved and its registrations applied again from their kept transforms; None unless all are kept."""
+    def kept_transforms(self, case: BankCase) -> list[Path] | None:
+        """The files of ``case``'s kept elastix transforms, one per setting; None unless all are kept."""
         if self.transforms is None:
             return None
         paths = [case.path(self.transforms, setting, ".npz") for setting in self.settings]
-        if not all(path.exists() for path in paths):
+        return paths if all(path.exists() for path in paths) else None
+
+    def _kept(self, case: BankCase) -> BreathingRegistrations | None:
+        """``case`` moved and its registrations applied again from their kept transforms; None unless all are kept."""
+        if (paths := self.kept_transforms(case)) is None:
             return None
         made = breathing_case(case.image, case.seed, case.phase)
         runner = ElastixRunner(threads=self.threads)
