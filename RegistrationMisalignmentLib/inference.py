@@ -67,10 +67,16 @@ class Prediction:
 
 
 def resolve_device(device: str | torch.device = "auto") -> torch.device:
-    """'auto' -> CUDA when present, else CPU; refuses 'cuda' on a machine without it."""
+    """'auto' -> CUDA when present, else CPU; refuses 'cuda' on a machine without it and any other device ('tpu',
+    'gpu', 'mps') with ``InputError``."""
     if str(device) == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    dev = torch.device(device)
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError):
+        dev = None
+    if dev is None or dev.type not in ("cpu", "cuda"):
+        raise InputError(f"device {device!r}: the network runs on auto, cpu, cuda or cuda:N (an NVIDIA GPU)")
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise InputError("device 'cuda' was asked for but no CUDA GPU is available; use --device cpu or auto")
     return dev

@@ -22,7 +22,8 @@ import numpy as np
 import SimpleITK as sitk
 
 from RegistrationMisalignmentLib.errors import InputError
-from RegistrationMisalignmentLib.nifti_header import orientation_disagreement
+from RegistrationMisalignmentLib.nifti_header import (nifti_stem, nifti_twins, nonfinite_voxels,
+                                                       orientation_disagreement)
 
 MIN_SPACING_MM = 0.05
 """Spacings at or below this are almost always metres or a broken header, not a real CT."""
@@ -34,6 +35,19 @@ MIN_OVERLAP_FRACTION = 0.10
 """Below this share of the fixed volume, the pair is almost certainly not the same anatomy."""
 
 _COMPLEX_TYPES = (sitk.sitkComplexFloat32, sitk.sitkComplexFloat64)
+
+def _read_file(path: Path) -> sitk.Image:
+    """``sitk.ReadImage`` of exactly ``path``: beside a NIfTI twin (``nifti_header.nifti_twins``) through a link of
+    its own name in a temporary folder (a copy where links are not allowed), since ITK would read the twin."""
+    if not nifti_twins(path):
+        return sitk.ReadImage(str(path))
+    with tempfile.TemporaryDirectory(prefix="regmis_read_") as folder:
+        alone = Path(folder) / ("image" + path.name[len(nifti_stem(path).name):])
+        try:
+            alone.symlink_to(path.resolve())
+        except OSError:
+            shutil.copyfile(path, alone)
+        return sitk.ReadImage(str(alone))
 
 
 def _sitk_reason(error: Exception) -> str:
@@ -235,7 +249,8 @@ def read_image(path: str | os.PathLike, name: str = "image", *, series: str | No
     files, such as scouts, are ignored and named through ``log``); with several, ``series`` (a Series
     Instance UID) chooses one. Its slices must lie on a regular grid: a gantry tilt, missing slices
     or mixed orientations raise ``InputError`` instead of giving voxels in the wrong place.
-    Geometry is ITK's: LPS mm.
+    Geometry is ITK's: LPS mm. A NIfTI file is read as named even beside its twin (``X.nii`` beside ``X.nii.gz``,
+    which ITK would read instead), and its NaN / Inf voxels raise ``InputError`` (ITK would read them as 0).
     """
     path = Path(path).expanduser()
     if not path.exists():
@@ -247,13 +262,17 @@ def read_image(path: str | os.PathLike, name: str = "image", *, series: str | No
                          "drop the series option or give the folder.")
     _check_gzip(path, name)
     try:
-        image = sitk.ReadImage(str(path))
+        image = _read_file(path)
     except RuntimeError as error:
         raise InputError(
             f"{name}: '{path}' could not be read as an image ({_sitk_reason(error)}); give a "
             "NIfTI, NRRD, MHA or other SimpleITK-readable file, or a DICOM folder."
         ) from error
-    disagreement = orientation_disagreement(path)
+    nan, inf = nonfinite_voxels(path)
+    if nan or inf:
+        raise InputError(f"{name}: '{path}' holds {nan} NaN and {inf} Inf voxels, which ITK's NIfTI reader turns into 0 "
+                         "(water in HU); replace them (e.g. with -1000 HU) and save it again.")
+    disagreement = orientation_disagreement(path, image)
     if disagreement and log is not None:
         log(disagreement)
     if image.GetDimension() == 2 or image.GetSize()[2:] == (1,):
@@ -333,8 +352,17 @@ def fill_region(moving: sitk.Image, fixed: sitk.Image) -> tuple[sitk.Image, floa
     return mask, value
 
 
+def require_sitk(image: object, name: str) -> None:
+    """Raise ``InputError`` unless ``image`` is a ``SimpleITK.Image`` (what the library's functions take)."""
+    if not isinstance(image, sitk.Image):
+        raise InputError(f"{name} is a {type(image).__module__}.{type(image).__qualname__}, not a SimpleITK.Image: read "
+                         "a file with RegistrationMisalignmentLib.io.read_image (or SimpleITK.ReadImage); make one of a "
+                         "numpy array with SimpleITK.GetImageFromArray and set its spacing, origin and direction.")
+
+
 def validate_image(image: sitk.Image, name: str) -> None:
     """Raise ``InputError`` unless ``image`` is a finite, non-constant, scalar 3-D CT of usable size."""
+    require_sitk(image, name)
     dimension = image.GetDimension()
     if dimension == 4:
         phases = image.GetSize()[3]
@@ -350,6 +378,10 @@ def validate_image(image: sitk.Image, name: str) -> None:
     size = image.GetSize()
     if 0 in size:
         raise InputError(f"{name} is empty (size {size}); give an image that contains voxels.")
+    if 1 in size:
+        axis = "xyz"[size.index(1)]
+        raise InputError(f"{name} is a single slice along {axis} (size {size}, {image.GetSpacing()[size.index(1)]:g} mm "
+                         "thick): a 2-D image, not a volume; give the whole 3-D series.")
     spacing = image.GetSpacing()
     for axis, value in zip("xyz", spacing):
         if not MIN_SPACING_MM < value <= MAX_SPACING_MM:
@@ -386,6 +418,8 @@ FAT_HU = (-150.0, -50.0)
 """Fat in Hounsfield units: an image in HU without air (a crop inside the body) still holds some."""
 MIN_AIR_FRACTION = 0.01
 """Below this share of voxels in ``AIR_HU`` the values are not HU (padding rims stay well under it)."""
+DEEP_AIR_HU = (-2600.0, -1500.0)
+"""Below air: nothing in a CT in HU but a scanner's constant padding (-2048, -3024); air of HU - 1024 lies here."""
 _HU_SAMPLE_VOXELS = 1 << 22
 """The HU check looks at a regular subsample of at most about this many voxels."""
 
@@ -405,19 +439,23 @@ def _hu_problem(image: sitk.Image, name: str, hu_offset: float) -> tuple[str, fl
     sample = values[::stride, ::stride, ::stride]
     low, high = AIR_HU[0] - hu_offset, AIR_HU[1] - hu_offset
     fraction = np.count_nonzero((sample >= low) & (sample <= high)) / sample.size
-    if fraction >= MIN_AIR_FRACTION:
-        return None
     shifted = sample.astype(np.float64) + hu_offset
-    if np.count_nonzero((shifted >= FAT_HU[0]) & (shifted <= FAT_HU[1])) / sample.size >= MIN_AIR_FRACTION:
+    deep = shifted[(shifted > DEEP_AIR_HU[0]) & (shifted < DEEP_AIR_HU[1])]
+    eight_bit = image.GetPixelID() in (sitk.sitkUInt8, sitk.sitkInt8)  # windowed exports: no HU fits in 8 bits
+    below = _air_below_hu(deep, sample.size)
+    if fraction >= MIN_AIR_FRACTION and not eight_bit and not below:
+        return None
+    fat = np.count_nonzero((shifted >= FAT_HU[0]) & (shifted <= FAT_HU[1])) / sample.size
+    if not eight_bit and not below and fat >= MIN_AIR_FRACTION:
         return None  # fat: HU without air, a crop inside the body (stored as HU + 1024, fat would lie near 924)
     above_padding = shifted[shifted > AIR_HU[0]]
     air = float(np.percentile(above_padding, 1.0)) if above_padding.size else float(shifted.min())
     positive = sample[sample > 0]
     if shifted.max() - shifted.min() <= 10:
         cause, offset = "its values span only a few units: a normalised or windowed image, not HU", None
-    elif image.GetPixelID() in (sitk.sitkUInt8, sitk.sitkInt8) or (sample.min() >= 0 and sample.max() <= 255):
-        cause, offset = ("its values fit in 8 bits: a display export (windowed to 0..255), not HU; export the CT "
-                         "itself (int16 or float, in HU)"), None
+    elif eight_bit or (sample.min() >= 0 and sample.max() <= 255):
+        cause, offset = ("its values fit in 8 bits: a display export (windowed to 0..255 or -128..127), not HU; "
+                         "export the CT itself (int16 or float, in HU)"), None
     elif (sample.min() == 0 and np.count_nonzero(sample == 0) >= 0.05 * sample.size and positive.size
           and np.count_nonzero((positive >= 900) & (positive <= 1200)) < 0.05 * positive.size):
         # stored as HU + 1024, soft tissue lies at 900..1200 (45-63 % of the shared CTs' non-zero voxels); with
@@ -427,15 +465,29 @@ def _hu_problem(image: sitk.Image, name: str, hu_offset: float) -> tuple[str, fl
                          "(air, lung, fat) were clamped to 0, as an unsigned output type does (e.g. elastix "
                          "ResultImagePixelType \"unsigned short\"); write it again as a signed type (short or "
                          "float): no offset brings the lost values back"), None
+    elif below:
+        cause = (f"its air and lung lie near {float(np.percentile(deep, 5)):.0f}..{float(np.percentile(deep, 95)):.0f}: "
+                 "likely HU - 1024 (the rescale intercept applied twice, or a hu offset given for an image already "
+                 "in HU)")
+        offset = hu_offset + 1024.0
     elif -300 <= air <= 300:
         cause = f"its air lies near {air:.0f}: likely HU + 1024 stored without its rescale intercept"
         offset = hu_offset - 1024.0
     else:
         cause, offset = f"its air lies near {air:.0f}", hu_offset + round(-1000.0 - air)
     applied = f", hu offset {hu_offset:g} added" if hu_offset else ""
-    return (f"{name} does not look like a CT in Hounsfield units: {100 * fraction:.2f}% of its voxels lie in "
-            f"air/lung ({AIR_HU[0]:g}..{AIR_HU[1]:g} HU; at least {100 * MIN_AIR_FRACTION:g}% expected), values "
+    evidence = (f"{100 * deep.size / sample.size:.1f}% of its voxels lie below air ({DEEP_AIR_HU[0]:g}.."
+                f"{DEEP_AIR_HU[1]:g} HU, where a CT holds nothing but constant padding)" if below and not eight_bit else
+                f"{100 * fraction:.2f}% of its voxels lie in air/lung ({AIR_HU[0]:g}..{AIR_HU[1]:g} HU; at least "
+                f"{100 * MIN_AIR_FRACTION:g}% expected)")
+    return (f"{name} does not look like a CT in Hounsfield units: {evidence}, values "
             f"{shifted.min():g}..{shifted.max():g} ({image.GetPixelIDTypeAsString()}{applied}); {cause}."), offset
+
+
+def _air_below_hu(deep: np.ndarray, voxels: int) -> bool:
+    """Whether ``deep`` (the sampled values in ``DEEP_AIR_HU``) is air, not padding: at least 5 % of the ``voxels``
+    and noisy (padding is one constant value)."""
+    return deep.size >= 0.05 * voxels and np.unique(deep).size >= 50
 
 
 def check_hu(image: sitk.Image, name: str, hu_offset: float = 0.0) -> None:
@@ -552,18 +604,22 @@ def _check_lost_header(fixed: sitk.Image, moving: sitk.Image) -> None:
     ``GetImageFromArray`` without ``CopyInformation``, or nibabel with an identity affine) and the other another
     spacing or directions: read by geometry, it would lie elsewhere and at another scale, and the map would call
     the misplacement misalignment."""
-    if fixed.GetSize() != moving.GetSize():
-        return
-    for lost, kept, lost_name in ((moving, fixed, "moving image"), (fixed, moving, "fixed image")):
-        if _has_default_header(lost) and not _has_unit_grid(kept):  # origins alone differ in real pairs too
-            raise InputError(
-                f"the {lost_name} has the other image's size {lost.GetSize()} but a default header (spacing 1 mm, "
-                f"origin 0, identity directions), the other spacing {_fmt(kept.GetSpacing())} mm and origin "
-                f"{_fmt(kept.GetOrigin())} mm: its geometry was likely lost when it was saved (an array written "
-                "without its header, e.g. SimpleITK GetImageFromArray without CopyInformation, or nibabel with an "
-                "identity affine). Copy the other image's header onto it (SimpleITK: image.CopyInformation(other)) "
-                "and save it again."
-            )
+    _check_header_kept(moving, "moving image", fixed, "fixed image")
+    _check_header_kept(fixed, "fixed image", moving, "moving image")
+
+
+def _check_header_kept(image: sitk.Image, name: str, other: sitk.Image, other_name: str) -> None:
+    """Raise ``InputError`` when ``image`` has ``other``'s size but a default header and ``other`` another spacing or
+    directions (``_check_lost_header``)."""
+    if image.GetSize() == other.GetSize() and _has_default_header(image) and not _has_unit_grid(other):
+        raise InputError(  # origins alone differ in real pairs too
+            f"the {name} has the {other_name}'s size {image.GetSize()} but a default header (spacing 1 mm, origin 0, "
+            f"identity directions), the {other_name} spacing {_fmt(other.GetSpacing())} mm and origin "
+            f"{_fmt(other.GetOrigin())} mm: its geometry was likely lost when it was saved (an array written "
+            "without its header, e.g. SimpleITK GetImageFromArray without CopyInformation, or nibabel with an "
+            f"identity affine). Copy the {other_name}'s header onto it (SimpleITK: image.CopyInformation(other)) "
+            "and save it again."
+        )
 
 
 def prepare_pair(
@@ -668,12 +724,15 @@ def prepare_mask(
     (soft segmentation in [0, 1] or scaled to 0..255 / 0..65535, ``_probability_scale``) counts where it is at
     least 0.5, with a note to ``log``.
 
-    Raises ``InputError`` for a 2-D or vector image, a grey-value image (``_probability_scale``) and a mask with no
-    voxel inside the fixed image."""
+    Raises ``InputError`` for a 2-D or vector image, a grey-value image (``_probability_scale``), a mask with the
+    fixed image's size but a default header (``_check_lost_header``) and a mask with no voxel inside the fixed
+    image."""
+    require_sitk(mask, name)
     if mask.GetDimension() != 3:
         raise InputError(f"{name} is {mask.GetDimension()}-D; a 3-D label image is required.")
     if mask.GetNumberOfComponentsPerPixel() != 1 or mask.GetPixelID() in _COMPLEX_TYPES:
         raise InputError(f"{name} has vector/complex voxels; give a scalar label image (0 = outside).")
+    _check_header_kept(mask, name, fixed, "fixed image")
     values = sitk.GetArrayViewFromImage(mask)
     scale = _probability_scale(values, name)
     if scale is not None:
@@ -705,9 +764,10 @@ def prepare_mask(
 def shear_degrees(image: sitk.Image) -> float:
     """How far the image's axes are from perpendicular: the largest |90 deg - angle| between two of them (0 for
     the orthonormal directions ITK, NIfTI and DICOM volumes normally have)."""
-    axes = np.array(image.GetDirection(), dtype=np.float64).reshape(3, 3).T
+    n = image.GetDimension()
+    axes = np.array(image.GetDirection(), dtype=np.float64).reshape(n, n).T
     axes /= np.linalg.norm(axes, axis=1, keepdims=True)
-    cosines = [abs(float(axes[i] @ axes[j])) for i, j in ((0, 1), (0, 2), (1, 2))]
+    cosines = [abs(float(axes[i] @ axes[j])) for i in range(n) for j in range(i + 1, n)]
     return float(np.degrees(np.arcsin(min(max(cosines), 1.0))))
 
 

@@ -1,16 +1,23 @@
-"""A NIfTI-1 header's two orientations, qform and sform, compared: when both are set and disagree, ITK reads the
-sform without a word (FSL, SPM and ANTs users meet files where one of them was edited and the other not), and the
-image may lie elsewhere than its author saw it. The header layout is the NIfTI-1 standard's (nifti1.h)."""
+"""What ITK's NIfTI reader does not say: a header's two orientations, qform and sform, compared (when both are set
+and disagree, ITK reads one of them without a word; FSL, SPM and ANTs users meet files where one was edited and
+the other not, and the image may lie elsewhere than its author saw it), and float voxels that are NaN or Inf in the
+file (ITK reads them as 0). The layout is the NIfTI-1 standard's (nifti1.h)."""
 
 from __future__ import annotations
 
 import gzip
 import struct
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
+if TYPE_CHECKING:
+    import SimpleITK as sitk
+
 HEADER_BYTES = 348
+FLOAT_DATATYPES = {16: "f4", 64: "f8"}
+"""NIfTI datatype codes of float voxels (DT_FLOAT32, DT_FLOAT64): the ones that can hold NaN and Inf."""
 MAX_AGREEMENT_MM = 0.5
 """The two orientations agree when they place every corner of the image within this distance of each other."""
 
@@ -35,10 +42,32 @@ def _affines(header: bytes, endian: str) -> tuple[np.ndarray, np.ndarray, int, i
     return qform, sform, qform_code, sform_code
 
 
-def orientation_disagreement(path: str | Path) -> str | None:
-    """A sentence when ``path`` is a NIfTI-1 file whose qform and sform are both set and place the image's corners
-    more than ``MAX_AGREEMENT_MM`` apart (ITK then uses the sform); None otherwise (or for any other file)."""
-    path = Path(path)
+NIFTI_SUFFIXES = (".nii.gz", ".nii", ".hdr.gz", ".hdr", ".img.gz", ".img")
+"""Names NIfTI/Analyze readers take for one another: asked for ``X.nii.gz`` ITK reads ``X.nii`` when both exist,
+and ``X.hdr`` / ``X.img`` are one image's two files."""
+
+
+def nifti_stem(path: Path) -> Path | None:
+    """``path`` without its NIfTI/Analyze suffix (the name its readers look under), or None for another format."""
+    name = path.name.lower()
+    for suffix in NIFTI_SUFFIXES:
+        if name.endswith(suffix):
+            return path.with_name(path.name[: -len(suffix)])
+    return None
+
+
+def nifti_twins(path: Path) -> list[Path]:
+    """Existing files beside ``path`` that NIfTI readers may read in its place (``X.nii`` for ``X.nii.gz`` and the
+    other way round, ``X.hdr``); an Analyze pair's other half is not a twin."""
+    stem = nifti_stem(path)
+    if stem is None or path.name.lower().endswith((".hdr", ".img", ".hdr.gz", ".img.gz")):
+        return []
+    return [twin for suffix in (".nii.gz", ".nii", ".hdr", ".hdr.gz")
+            if (twin := stem.with_name(stem.name + suffix)).name != path.name and twin.exists()]
+
+
+def _header(path: Path) -> tuple[bytes, str] | None:
+    """(the 348 header bytes, their byte order "<" or ">") of a NIfTI-1 file (.nii, .nii.gz), else None."""
     name = path.name.lower()
     if not name.endswith((".nii", ".nii.gz")):
         return None
@@ -51,21 +80,74 @@ def orientation_disagreement(path: str | Path) -> str | None:
         return None
     for endian in ("<", ">"):
         if struct.unpack(endian + "i", header[:4])[0] == HEADER_BYTES:
-            break
-    else:
-        return None  # NIfTI-2 or not NIfTI: ITK says what it is
+            return header, endian
+    return None  # NIfTI-2 or not NIfTI: ITK says what it is
+
+
+def _corners(affine: np.ndarray, size: list[int]) -> np.ndarray:
+    """(8, 3) RAS mm of the corner voxels' centres under a 4x4 voxel-to-world ``affine``."""
+    corners = np.array([[i, j, k, 1.0] for i in (0, size[0] - 1) for j in (0, size[1] - 1) for k in (0, size[2] - 1)])
+    return (corners @ affine.T)[:, :3]
+
+
+def orientation_disagreement(path: str | Path, image: "sitk.Image | None" = None) -> str | None:
+    """A sentence when ``path`` is a NIfTI-1 file whose qform and sform are both set and place the image's corners
+    more than ``MAX_AGREEMENT_MM`` apart; None otherwise (or for any other file). ``image``: what ITK read from it,
+    to say which of the two ITK used (the sform, unless it is sheared or otherwise no rotation and scale)."""
+    path = Path(path)
+    found = _header(path)
+    if found is None:
+        return None
+    header, endian = found
     qform, sform, qform_code, sform_code = _affines(header, endian)
     if qform_code <= 0 or sform_code <= 0:
         return None
     dim = struct.unpack(endian + "8h", header[40:56])
     size = [max(int(n), 1) for n in dim[1:4]]
-    corners = np.array([[i, j, k, 1.0] for i in (0, size[0] - 1) for j in (0, size[1] - 1) for k in (0, size[2] - 1)])
-    apart = float(np.linalg.norm((corners @ qform.T - corners @ sform.T)[:, :3], axis=1).max())
+    apart = float(np.linalg.norm(_corners(qform, size) - _corners(sform, size), axis=1).max())
     if apart <= MAX_AGREEMENT_MM:
         return None
+    used = "sform"
+    if image is not None and image.GetDimension() >= 3:
+        extra = [0] * (image.GetDimension() - 3)
+        read = np.array([image.TransformIndexToPhysicalPoint([i, j, k, *extra])[:3]
+                         for i in (0, size[0] - 1) for j in (0, size[1] - 1) for k in (0, size[2] - 1)])
+        read[:, :2] *= -1  # ITK's LPS to NIfTI's RAS
+        used = min(("qform", qform), ("sform", sform),
+                   key=lambda form: np.linalg.norm(_corners(form[1], size) - read, axis=1).max())[0]
     return (f"{path.name}: its NIfTI header holds two orientations that place the image up to {apart:.1f} mm apart "
-            f"(qform code {qform_code}, sform code {sform_code}); ITK used the sform. If the image lies wrong, fix "
+            f"(qform code {qform_code}, sform code {sform_code}); ITK used the {used}. If the image lies wrong, fix "
             "the header (e.g. fslorient, or nibabel's set_qform / set_sform) so that both agree.")
 
 
-__all__ = ["MAX_AGREEMENT_MM", "orientation_disagreement"]
+def nonfinite_voxels(path: str | Path) -> tuple[int, int]:
+    """(NaN, Inf) voxel counts of a NIfTI-1 file with float voxels, read from the file itself (ITK's reader turns
+    them into 0); (0, 0) for integer voxels and other formats (whose readers keep them for ``validate_image``)."""
+    path = Path(path)
+    found = _header(path)
+    if found is None:
+        return 0, 0
+    header, endian = found
+    datatype = struct.unpack(endian + "h", header[70:72])[0]
+    if datatype not in FLOAT_DATATYPES or header[344:347] != b"n+1":  # "ni1": the voxels lie in a separate .img
+        return 0, 0
+    dtype = np.dtype(endian + FLOAT_DATATYPES[datatype])
+    dim = struct.unpack(endian + "8h", header[40:56])
+    remaining = int(np.prod([max(int(n), 1) for n in dim[1 : 1 + max(1, min(int(dim[0]), 7))]])) * dtype.itemsize
+    offset = int(struct.unpack(endian + "f", header[108:112])[0])
+    nan = inf = 0
+    with (gzip.open(path, "rb") if path.name.lower().endswith(".gz") else open(path, "rb")) as f:
+        f.read(offset)
+        while remaining > 0:
+            chunk = f.read(min(remaining, dtype.itemsize << 22))
+            if not chunk:
+                break  # a short file: the gzip check and ITK say so
+            remaining -= len(chunk)
+            values = np.frombuffer(chunk[: len(chunk) - len(chunk) % dtype.itemsize], dtype=dtype)
+            nan += int(np.count_nonzero(np.isnan(values)))
+            inf += int(np.count_nonzero(np.isinf(values)))
+    return nan, inf
+
+
+__all__ = ["FLOAT_DATATYPES", "MAX_AGREEMENT_MM", "NIFTI_SUFFIXES", "nifti_stem", "nifti_twins", "nonfinite_voxels",
+           "orientation_disagreement"]

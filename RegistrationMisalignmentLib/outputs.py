@@ -3,9 +3,10 @@
 A labelmap or probability map is 3-D: it is refused in a format that holds one slice (PNG, JPEG...)
 or in one SimpleITK cannot write. An output that resolves to one of the inputs (or lands inside an
 input DICOM folder) is refused, so a user's CT is never overwritten, and so is one that a reader would take
-for an input (``X.nii`` beside the input ``X.nii.gz``). An existing folder where a file is
-asked for, a file where a folder is asked for, a parent that is a file or not writable, and two outputs
-on one path are refused too. Every refusal is an ``InputError`` naming the option and the fix.
+for an input or another file (``X.nii`` beside the input, output or existing ``X.nii.gz``: ITK reads the one for
+the other). An existing folder where a file is asked for, a file where a folder is asked for, a parent that is a
+file or not writable, two outputs on one path and an upper-case image suffix (``.NII.GZ``: ITK's writers know
+only lower case) are refused too. Every refusal is an ``InputError`` naming the option and the fix.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from RegistrationMisalignmentLib.errors import InputError
+from RegistrationMisalignmentLib.nifti_header import nifti_stem, nifti_twins
 
 IMAGE_SUFFIXES = (".nii.gz", ".nii", ".nrrd", ".nhdr", ".mha", ".mhd")
 """Formats that hold a 3-D image (and a 3-component vector image) with its geometry."""
@@ -36,20 +38,6 @@ class Output:
 def _suffix(path: Path) -> str:
     name = path.name.lower()
     return ".nii.gz" if name.endswith(".nii.gz") else path.suffix.lower()
-
-
-NIFTI_SUFFIXES = (".nii.gz", ".nii", ".hdr.gz", ".hdr", ".img.gz", ".img")
-"""Names NIfTI/Analyze readers take for one another: asked for ``X.nii.gz`` they may read ``X.nii`` (ITK
-does), and ``X.hdr`` / ``X.img`` are one image's two files."""
-
-
-def _nifti_twin(path: Path) -> Path | None:
-    """``path`` without its NIfTI/Analyze suffix (the name its readers look under), or None for another format."""
-    name = path.name.lower()
-    for suffix in NIFTI_SUFFIXES:
-        if name.endswith(suffix):
-            return path.with_name(path.name[: -len(suffix)])
-    return None
 
 
 def _writable_parent(path: Path, option: str) -> None:
@@ -81,6 +69,14 @@ def _check_one(output: Output, path: Path) -> None:
     if suffix not in KINDS[kind]:
         raise InputError(f"{option}: '{path.name}' has {f'the extension {suffix}' if suffix else 'no extension'}; "
                          f"use {accepted}.")
+    stale = [twin for twin in nifti_twins(path) if kind == "image"]
+    if stale:
+        raise InputError(f"{option}: '{stale[0]}' already lies beside '{path.name}'; NIfTI readers (ITK's, Slicer's) "
+                         f"would read it in place of the new file. Delete or rename it, or choose another name.")
+    if kind == "image" and not path.name.endswith(suffix):
+        raise InputError(f"{option}: '{path.name}' has an upper-case extension, which ITK's writers do not recognise "
+                         f"(they would write another format or fail after the work); name it "
+                         f"'{path.name[: -len(suffix)]}{suffix}'.")
     _writable_parent(path, option)
 
 
@@ -89,6 +85,7 @@ def check_outputs(outputs: Iterable[Output], inputs: Iterable[str | os.PathLike 
     given = [o for o in outputs if o.path]
     sources = [Path(p).expanduser().resolve() for p in inputs if p]
     seen: dict[Path, str] = {}
+    twins: dict[Path, str] = {}
     for output in given:
         path = Path(output.path).expanduser()
         resolved = path.resolve()
@@ -96,8 +93,8 @@ def check_outputs(outputs: Iterable[Output], inputs: Iterable[str | os.PathLike 
             if resolved == source:
                 raise InputError(f"{output.option}: '{path}' is an input of this command; writing it would overwrite "
                                  "that input. Choose another output path.")
-            twin = _nifti_twin(resolved)
-            if twin is not None and twin == _nifti_twin(source):
+            twin = nifti_stem(resolved)
+            if twin is not None and twin == nifti_stem(source):
                 raise InputError(f"{output.option}: '{path.name}' differs from the input '{source.name}' only by its "
                                  "suffix; NIfTI readers (ITK's) may then read the one for the other, and the input "
                                  "would seem changed. Choose another output name.")
@@ -106,5 +103,11 @@ def check_outputs(outputs: Iterable[Output], inputs: Iterable[str | os.PathLike 
                                  "change that input (a DICOM folder). Choose a path outside it.")
         if resolved in seen:
             raise InputError(f"{output.option} and {seen[resolved]} name the same file '{path}'; give two paths.")
+        stem = nifti_stem(resolved) if output.kind == "image" else None
+        if stem is not None and stem in twins:
+            raise InputError(f"{output.option} and {twins[stem]} differ only by their NIfTI suffix ('{path.name}'); "
+                             "NIfTI readers (ITK's, Slicer's) would then read the one for the other. Give two names.")
         seen[resolved] = output.option
+        if stem is not None:
+            twins[stem] = output.option
         _check_one(output, path)

@@ -707,12 +707,16 @@ def test_an_image_saved_without_its_header_is_named_instead_of_mapped_elsewhere(
     another scale, and the map called 69 % of the pair wrong with notes that never said why."""
     fixed = chest_crop(depth=40)
     bare = sitk.GetImageFromArray(sitk.GetArrayFromImage(fixed))
-    with pytest.raises(InputError, match=r"the moving image has the other image's size \(80, 80, 40\) but a default "
+    with pytest.raises(InputError, match=r"the moving image has the fixed image's size \(80, 80, 40\) but a default "
                                          r"header .*spacing \(1.5, 1.5, 1.5\) mm.*CopyInformation"):
         prepare_pair(fixed, bare)
-    with pytest.raises(InputError, match="the fixed image has the other image's size"):
+    with pytest.raises(InputError, match="the fixed image has the moving image's size"):
         prepare_pair(bare, fixed)
     prepare_pair(bare, bare)  # both bare: the same grid, nothing lost between them
+    lungs = sitk.Cast(fixed < -500, sitk.sitkUInt8)  # a mask written the same way: it lay elsewhere, 1 mm voxels
+    with pytest.raises(InputError, match="the mask has the fixed image's size .* default header"):
+        prepare_mask(sitk.GetImageFromArray(sitk.GetArrayFromImage(lungs)), fixed)
+    assert sitk.GetArrayViewFromImage(prepare_mask(lungs, fixed)).any()
 
 
 def test_a_nested_dicom_export_and_a_single_dicom_slice_name_the_folder_to_give(tmp_path):
@@ -763,3 +767,130 @@ def test_a_nifti_whose_qform_and_sform_disagree_is_noted(tmp_path):
     (tmp_path / "edited.nii").write_bytes(bytes(header))
     read_image(tmp_path / "edited.nii", "fixed image", log=notes.append)
     assert len(notes) == 1 and "two orientations that place the image up to 30.0 mm apart" in notes[0]
+    assert "ITK used the sform" in notes[0]
+
+
+# ---- traps from a review of 2026-12-02 (issue 22's session): ITK's quiet habits ----------------
+def _write_float(image: sitk.Image, path: Path, bad: float) -> None:
+    values = sitk.GetArrayFromImage(image).astype(np.float32)
+    values[2, 3, 4:9] = bad
+    out = sitk.GetImageFromArray(values)
+    out.CopyInformation(image)
+    sitk.WriteImage(out, str(path))
+
+
+@pytest.mark.parametrize("suffix", [".nii.gz", ".nii"])
+def test_nan_and_inf_in_a_nifti_are_refused_not_read_as_water(tmp_path, suffix):
+    """ITK's NIfTI reader turns NaN and Inf into 0 (water): scattered, they passed unnoticed; an .mha kept them."""
+    image = chest_crop(depth=20)
+    for bad, word in ((np.nan, "5 NaN and 0 Inf"), (np.inf, "0 NaN and 5 Inf")):
+        _write_float(image, tmp_path / f"moving{suffix}", bad)
+        assert not np.isnan(sitk.GetArrayViewFromImage(sitk.ReadImage(str(tmp_path / f"moving{suffix}")))).any()
+        with pytest.raises(InputError, match=f"holds {word} voxels, which ITK's NIfTI reader turns into 0"):
+            read_image(tmp_path / f"moving{suffix}", "moving image")
+    _write_float(image, tmp_path / f"fine{suffix}", -1000.0)
+    read_image(tmp_path / f"fine{suffix}", "moving image")
+
+
+def test_a_nifti_beside_its_twin_is_read_as_named(tmp_path):
+    """Asked for ct.nii.gz beside a stale ct.nii, ITK read ct.nii: a pair of the two was "100 % correct"."""
+    image = chest_crop(depth=20)
+    stale = sitk.GetImageFromArray(np.zeros(sitk.GetArrayViewFromImage(image).shape, np.int16))
+    sitk.WriteImage(image, str(tmp_path / "ct.nii.gz"))
+    sitk.WriteImage(stale, str(tmp_path / "ct.nii"))
+    assert not sitk.GetArrayViewFromImage(sitk.ReadImage(str(tmp_path / "ct.nii.gz"))).any()  # ITK's habit
+    np.testing.assert_array_equal(sitk.GetArrayFromImage(read_image(tmp_path / "ct.nii.gz")),
+                                  sitk.GetArrayFromImage(image))
+    assert read_image(tmp_path / "ct.nii.gz").GetSpacing() == image.GetSpacing()
+    assert not sitk.GetArrayViewFromImage(read_image(tmp_path / "ct.nii")).any()
+
+
+def test_twin_outputs_a_stale_twin_and_upper_case_suffixes_are_refused_before_the_work(tmp_path):
+    with pytest.raises(InputError, match="--probabilities and --out differ only by their NIfTI suffix"):
+        check_outputs([Output("--out", tmp_path / "map.nii", "image"),
+                       Output("--probabilities", tmp_path / "map.nii.gz", "image")])
+    (tmp_path / "old.nii").write_bytes(b"")
+    with pytest.raises(InputError, match="old.nii' already lies beside 'old.nii.gz'"):
+        check_outputs([Output("--out", tmp_path / "old.nii.gz", "image")])
+    for name, fixed in (("LAB.MHA", "LAB.mha"), ("LAB.NII.GZ", "LAB.nii.gz"), ("lab.Nrrd", "lab.nrrd")):
+        with pytest.raises(InputError, match=f"upper-case extension.*name it '{fixed}'"):
+            check_outputs([Output("--out", tmp_path / name, "image")])
+    check_outputs([Output("--out", tmp_path / "map.nii.gz", "image"), Output("--csv", tmp_path / "MAP.CSV", "csv"),
+                   Output("--probabilities", tmp_path / "map_p.nii.gz", "image")])
+
+
+def test_hu_minus_1024_is_refused_with_the_offset_that_mends_it_and_padding_is_not():
+    """The rescale intercept applied twice (or --hu-offset -1024 for a pair in HU) puts air near -2048 and soft
+    tissue near -1000, in the air band: it passed, and the map called a still pair 15 % poor."""
+    hu = chest_crop()
+    twice = sitk.Cast(hu, sitk.sitkInt16) - 1024
+    with pytest.raises(InputError, match=r"fixed image does not look like.*below air.*HU - 1024.*hu-offset=1024,0"):
+        prepare_pair(twice, hu)
+    with pytest.raises(InputError, match=r"below air.*hu offset -1024 added"):
+        prepare_pair(hu, hu, hu_offset=-1024)
+    prepare_pair(twice, twice, hu_offset=1024)
+    padded = sitk.GetArrayFromImage(hu)
+    padded[:, :, :12] = -2048  # a scanner's outside-field padding: one constant value below air
+    image = sitk.GetImageFromArray(padded)
+    image.CopyInformation(hu)
+    prepare_pair(image, hu)
+
+
+def test_a_signed_8_bit_windowed_export_is_refused():
+    """Windowed lung read as fat (-128..-50), so the export passed as a CT inside the body."""
+    hu = chest_crop()
+    window = np.clip((sitk.GetArrayFromImage(hu) + 1000.0) / 1400.0 * 255.0 - 128.0, -128, 127).astype(np.int8)
+    image = sitk.GetImageFromArray(window)
+    image.CopyInformation(hu)
+    with pytest.raises(InputError, match="8-bit signed integer.*fit in 8 bits: a display export"):
+        prepare_pair(image, image)
+
+
+def test_2d_and_4d_fixed_images_and_a_single_slice_are_refused_as_such(tmp_path, model_dir, capsys):
+    """A 2-D or 4-D fixed image crashed in the output check (a 3 x 3 direction) with an internal error."""
+    crop = chest_crop(depth=20)
+    sitk.WriteImage(crop, str(tmp_path / "moving.nii.gz"))
+    sitk.WriteImage(crop[:, :, 10], str(tmp_path / "slice.nii.gz"))
+    sitk.WriteImage(sitk.JoinSeries([crop, crop]), str(tmp_path / "phases.nii.gz"))
+    for fixed, message in (("slice.nii.gz", "fixed image is 2-D"),
+                           ("phases.nii.gz", "fixed image is 4-D with 2 volumes")):
+        assert main(["predict", "--fixed", str(tmp_path / fixed), "--moving", str(tmp_path / "moving.nii.gz"),
+                     "--out", str(tmp_path / "map.nii.gz"), "--model", str(model_dir / "test_singlescale.pt"),
+                     "--device", "cpu"]) == 2
+        assert message in capsys.readouterr().err
+    thick = crop[:, :, 10:11]
+    thick.SetSpacing((1.5, 1.5, 17.0))
+    with pytest.raises(InputError, match=r"fixed image is a single slice along z \(size \(80, 80, 1\), 17 mm thick\)"):
+        prepare_pair(thick, thick)
+
+
+def test_the_library_names_what_it_takes_and_the_devices_it_runs_on():
+    from RegistrationMisalignmentLib.inference import resolve_device
+
+    crop = chest_crop(depth=20)
+    with pytest.raises(InputError, match="fixed image is a numpy.ndarray, not a SimpleITK.Image.*GetImageFromArray"):
+        prepare_pair(sitk.GetArrayFromImage(crop), crop)
+    with pytest.raises(InputError, match="mask is a builtins.str, not a SimpleITK.Image"):
+        prepare_mask("lungs.nii.gz", crop)
+    for device in ("tpu", "gpu", "mps"):
+        with pytest.raises(InputError, match=f"device '{device}': the network runs on auto, cpu, cuda"):
+            resolve_device(device)
+
+
+def test_a_sheared_sform_is_noted_as_the_qform_itk_reads():
+    """ITK reads the qform when the sform holds a shear; the note said it read the sform."""
+    import struct
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as folder:
+        path = Path(folder) / "sheared.nii"
+        sitk.WriteImage(chest_crop(depth=20), str(path))
+        header = bytearray(path.read_bytes())
+        srow_x = list(struct.unpack("<4f", header[280:296]))
+        srow_x[1] += 0.3 * abs(srow_x[0])  # x leans on y: no rotation and scale
+        header[280:296] = struct.pack("<4f", *srow_x)
+        path.write_bytes(bytes(header))
+        notes = []
+        image = read_image(path, "moving image", log=notes.append)
+        assert len(notes) == 1 and "ITK used the qform" in notes[0]
+        assert image.GetDirection() == pytest.approx(chest_crop(depth=20).GetDirection())
