@@ -101,7 +101,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
     model = _model_for(args)
     fixed, moving = _read_pair(args)
     check_grid_outputs(fixed, outputs)
-    mask = read_image(args.mask, "mask") if args.mask else None
+    mask = read_image(args.mask, "mask", finite=False) if args.mask else None
     with progress_bar(model.name) as update:
         prediction = predict(fixed, moving, model, mask=mask, device=args.device,
                              with_probabilities=bool(args.probabilities or args.confidence or args.entropy),

@@ -242,7 +242,7 @@ def _read_dicom_folder(folder: Path, name: str, series: str | None = None,
 
 
 def read_image(path: str | os.PathLike, name: str = "image", *, series: str | None = None,
-               log: Callable[[str], None] | None = None) -> sitk.Image:
+               log: Callable[[str], None] | None = None, finite: bool = True) -> sitk.Image:
     """Read any image file SimpleITK understands, or a folder holding a DICOM series.
 
     A DICOM folder must hold one CT series (series beside it with fewer than ``MIN_VOLUME_SLICES``
@@ -250,7 +250,8 @@ def read_image(path: str | os.PathLike, name: str = "image", *, series: str | No
     Instance UID) chooses one. Its slices must lie on a regular grid: a gantry tilt, missing slices
     or mixed orientations raise ``InputError`` instead of giving voxels in the wrong place.
     Geometry is ITK's: LPS mm. A NIfTI file is read as named even beside its twin (``X.nii`` beside ``X.nii.gz``,
-    which ITK would read instead), and its NaN / Inf voxels raise ``InputError`` (ITK would read them as 0).
+    which ITK would read instead), and its NaN / Inf voxels raise ``InputError`` (ITK would read them as 0) unless
+    ``finite`` is False (a mask: there 0 means outside, as NaN did).
     """
     path = Path(path).expanduser()
     if not path.exists():
@@ -268,7 +269,7 @@ def read_image(path: str | os.PathLike, name: str = "image", *, series: str | No
             f"{name}: '{path}' could not be read as an image ({_sitk_reason(error)}); give a "
             "NIfTI, NRRD, MHA or other SimpleITK-readable file, or a DICOM folder."
         ) from error
-    nan, inf = nonfinite_voxels(path)
+    nan, inf = nonfinite_voxels(path) if finite else (0, 0)
     if nan or inf:
         raise InputError(f"{name}: '{path}' holds {nan} NaN and {inf} Inf voxels, which ITK's NIfTI reader turns into 0 "
                          "(water in HU); replace them (e.g. with -1000 HU) and save it again.")

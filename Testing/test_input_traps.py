@@ -788,6 +788,7 @@ def test_nan_and_inf_in_a_nifti_are_refused_not_read_as_water(tmp_path, suffix):
         assert not np.isnan(sitk.GetArrayViewFromImage(sitk.ReadImage(str(tmp_path / f"moving{suffix}")))).any()
         with pytest.raises(InputError, match=f"holds {word} voxels, which ITK's NIfTI reader turns into 0"):
             read_image(tmp_path / f"moving{suffix}", "moving image")
+        read_image(tmp_path / f"moving{suffix}", "mask", finite=False)  # a mask: 0 is outside, as NaN was
     _write_float(image, tmp_path / f"fine{suffix}", -1000.0)
     read_image(tmp_path / f"fine{suffix}", "moving image")
 

@@ -111,7 +111,7 @@ def cmd_qa(args: argparse.Namespace) -> int:
     model = _model_for(args) if {"learned", "confidence"} & set(checks) else None
     fixed, moving = _read_pair(args)
     check_grid_outputs(fixed, outputs)
-    mask = read_image(args.mask, "mask") if args.mask else None
+    mask = read_image(args.mask, "mask", finite=False) if args.mask else None
     transform = read_transform(args.transform, log=note) if args.transform else None
     inverse = read_transform(args.inverse_transform, log=note) if args.inverse_transform else None
     pairs = None
