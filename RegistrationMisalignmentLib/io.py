@@ -420,7 +420,12 @@ FAT_HU = (-150.0, -50.0)
 MIN_AIR_FRACTION = 0.01
 """Below this share of voxels in ``AIR_HU`` the values are not HU (padding rims stay well under it)."""
 DEEP_AIR_HU = (-2600.0, -1500.0)
-"""Below air: nothing in a CT in HU but a scanner's constant padding (-2048, -3024); air of HU - 1024 lies here."""
+"""Below air: nothing in a CT in HU but a scanner's padding (-2048, -3024; smoothed where a tool resampled it); air of
+HU - 1024 lies here."""
+SOFT_TISSUE_HU = (-100.0, 100.0)
+MAX_SOFT_SHARE_BELOW_HU = 0.02
+"""HU - 1024 leaves almost no voxel at soft tissue (0.02-0.2 % of the shared CTs so stored, 28-46 % in HU): what
+tells its air from a resampled CT's padding."""
 _HU_SAMPLE_VOXELS = 1 << 22
 """The HU check looks at a regular subsample of at most about this many voxels."""
 
@@ -443,7 +448,8 @@ def _hu_problem(image: sitk.Image, name: str, hu_offset: float) -> tuple[str, fl
     shifted = sample.astype(np.float64) + hu_offset
     deep = shifted[(shifted > DEEP_AIR_HU[0]) & (shifted < DEEP_AIR_HU[1])]
     eight_bit = image.GetPixelID() in (sitk.sitkUInt8, sitk.sitkInt8)  # windowed exports: no HU fits in 8 bits
-    below = _air_below_hu(deep, sample.size)
+    soft = np.count_nonzero((shifted >= SOFT_TISSUE_HU[0]) & (shifted <= SOFT_TISSUE_HU[1])) / sample.size
+    below = _air_below_hu(deep, sample.size) and soft < MAX_SOFT_SHARE_BELOW_HU
     if fraction >= MIN_AIR_FRACTION and not eight_bit and not below:
         return None
     fat = np.count_nonzero((shifted >= FAT_HU[0]) & (shifted <= FAT_HU[1])) / sample.size
@@ -486,8 +492,8 @@ def _hu_problem(image: sitk.Image, name: str, hu_offset: float) -> tuple[str, fl
 
 
 def _air_below_hu(deep: np.ndarray, voxels: int) -> bool:
-    """Whether ``deep`` (the sampled values in ``DEEP_AIR_HU``) is air, not padding: at least 5 % of the ``voxels``
-    and noisy (padding is one constant value)."""
+    """Whether ``deep`` (the sampled values in ``DEEP_AIR_HU``) may be air: at least 5 % of the ``voxels`` and noisy
+    (padding as the scanner wrote it is one constant value; ``MAX_SOFT_SHARE_BELOW_HU`` tells resampled padding)."""
     return deep.size >= 0.05 * voxels and np.unique(deep).size >= 50
 
 

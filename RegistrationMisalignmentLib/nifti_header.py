@@ -6,6 +6,7 @@ file (ITK reads them as 0). The layout is the NIfTI-1 standard's (nifti1.h)."""
 from __future__ import annotations
 
 import gzip
+import os
 import struct
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -57,22 +58,44 @@ def nifti_stem(path: Path) -> Path | None:
 
 
 def nifti_twins(path: Path) -> list[Path]:
-    """Existing files beside ``path`` that NIfTI readers may read in its place (``X.nii`` for ``X.nii.gz`` and the
-    other way round, ``X.hdr``); an Analyze pair's other half is not a twin."""
+    """The other of ``X.nii`` / ``X.nii.gz`` when both exist beside each other: ITK, asked for ``X.nii.gz``, reads
+    ``X.nii`` (an Analyze ``X.hdr`` beside them it leaves alone); [] for other names."""
     stem = nifti_stem(path)
-    if stem is None or path.name.lower().endswith((".hdr", ".img", ".hdr.gz", ".img.gz")):
+    if stem is None or not path.name.lower().endswith((".nii", ".nii.gz")):
         return []
-    return [twin for suffix in (".nii.gz", ".nii", ".hdr", ".hdr.gz")
-            if (twin := stem.with_name(stem.name + suffix)).name != path.name and twin.exists()]
+    twins = []
+    for suffix in (".nii.gz", ".nii"):
+        twin = stem.with_name(stem.name + suffix)
+        if twin.exists() and not (path.exists() and os.path.samefile(twin, path)) and twin.name != path.name:
+            twins.append(twin)  # samefile: on a case-insensitive disk CT.NII.GZ finds itself as CT.nii.gz
+    return twins
+
+
+def _open(path: Path):
+    """``path`` opened for reading, through gzip when its content is gzip whatever its name says (as ITK does)."""
+    with open(path, "rb") as f:
+        compressed = f.read(2) == b"\x1f\x8b"
+    return gzip.open(path, "rb") if compressed else open(path, "rb")
+
+
+def _files(path: Path) -> tuple[Path, Path] | None:
+    """(header file, voxel file) of the NIfTI-1 or Analyze image ``path`` names (.nii / .nii.gz: one file; .hdr /
+    .img, each perhaps .gz: a pair); None for other formats or a pair with a half missing."""
+    name = path.name.lower()
+    if name.endswith((".nii", ".nii.gz")):
+        return path, path
+    if not name.endswith((".hdr", ".hdr.gz", ".img", ".img.gz")):
+        return None
+    stem = nifti_stem(path)
+    halves = [next((f for s in suffixes if (f := stem.with_name(stem.name + s)).exists()), None)
+              for suffixes in ((".hdr", ".hdr.gz"), (".img", ".img.gz"))]
+    return (halves[0], halves[1]) if all(halves) else None
 
 
 def _header(path: Path) -> tuple[bytes, str] | None:
-    """(the 348 header bytes, their byte order "<" or ">") of a NIfTI-1 file (.nii, .nii.gz), else None."""
-    name = path.name.lower()
-    if not name.endswith((".nii", ".nii.gz")):
-        return None
+    """(the 348 header bytes, their byte order "<" or ">") of a NIfTI-1 or Analyze header file, else None."""
     try:
-        with (gzip.open(path, "rb") if name.endswith(".gz") else open(path, "rb")) as f:
+        with _open(path) as f:
             header = f.read(HEADER_BYTES)
     except (OSError, EOFError):
         return None
@@ -95,8 +118,9 @@ def orientation_disagreement(path: str | Path, image: "sitk.Image | None" = None
     more than ``MAX_AGREEMENT_MM`` apart; None otherwise (or for any other file). ``image``: what ITK read from it,
     to say which of the two ITK used (the sform, unless it is sheared or otherwise no rotation and scale)."""
     path = Path(path)
-    found = _header(path)
-    if found is None:
+    files = _files(path)
+    found = _header(files[0]) if files else None
+    if found is None or found[0][344:347] not in (b"n+1", b"ni1"):  # Analyze holds no qform / sform
         return None
     header, endian = found
     qform, sform, qform_code, sform_code = _affines(header, endian)
@@ -107,7 +131,7 @@ def orientation_disagreement(path: str | Path, image: "sitk.Image | None" = None
     apart = float(np.linalg.norm(_corners(qform, size) - _corners(sform, size), axis=1).max())
     if apart <= MAX_AGREEMENT_MM:
         return None
-    used = "sform"
+    used = "sform, unless it is sheared (then the qform)"
     if image is not None and image.GetDimension() >= 3:
         extra = [0] * (image.GetDimension() - 3)
         read = np.array([image.TransformIndexToPhysicalPoint([i, j, k, *extra])[:3]
@@ -121,31 +145,35 @@ def orientation_disagreement(path: str | Path, image: "sitk.Image | None" = None
 
 
 def nonfinite_voxels(path: str | Path) -> tuple[int, int]:
-    """(NaN, Inf) voxel counts of a NIfTI-1 file with float voxels, read from the file itself (ITK's reader turns
-    them into 0); (0, 0) for integer voxels and other formats (whose readers keep them for ``validate_image``)."""
-    path = Path(path)
-    found = _header(path)
+    """(NaN, Inf) voxel counts of a NIfTI-1 or Analyze image with float voxels, read from its file (ITK's reader
+    turns them into 0); (0, 0) for integer voxels and other formats (whose readers keep them for
+    ``validate_image``)."""
+    files = _files(Path(path))
+    found = _header(files[0]) if files else None
     if found is None:
         return 0, 0
     header, endian = found
     datatype = struct.unpack(endian + "h", header[70:72])[0]
-    if datatype not in FLOAT_DATATYPES or header[344:347] != b"n+1":  # "ni1": the voxels lie in a separate .img
+    if datatype not in FLOAT_DATATYPES:
         return 0, 0
     dtype = np.dtype(endian + FLOAT_DATATYPES[datatype])
     dim = struct.unpack(endian + "8h", header[40:56])
     remaining = int(np.prod([max(int(n), 1) for n in dim[1 : 1 + max(1, min(int(dim[0]), 7))]])) * dtype.itemsize
-    offset = int(struct.unpack(endian + "f", header[108:112])[0])
+    offset = max(0, int(struct.unpack(endian + "f", header[108:112])[0]))  # into the .nii, or the pair's .img
     nan = inf = 0
-    with (gzip.open(path, "rb") if path.name.lower().endswith(".gz") else open(path, "rb")) as f:
-        f.read(offset)
-        while remaining > 0:
-            chunk = f.read(min(remaining, dtype.itemsize << 22))
-            if not chunk:
-                break  # a short file: the gzip check and ITK say so
-            remaining -= len(chunk)
-            values = np.frombuffer(chunk[: len(chunk) - len(chunk) % dtype.itemsize], dtype=dtype)
-            nan += int(np.count_nonzero(np.isnan(values)))
-            inf += int(np.count_nonzero(np.isinf(values)))
+    try:
+        with _open(files[1]) as f:
+            f.read(offset)
+            while remaining > 0:
+                chunk = f.read(min(remaining, dtype.itemsize << 22))
+                if not chunk:
+                    break  # a short file: the gzip check and ITK say so
+                remaining -= len(chunk)
+                values = np.frombuffer(chunk[: len(chunk) - len(chunk) % dtype.itemsize], dtype=dtype)
+                nan += int(np.count_nonzero(np.isnan(values)))
+                inf += int(np.count_nonzero(np.isinf(values)))
+    except (OSError, EOFError):
+        pass  # damaged: ITK and the gzip check say so
     return nan, inf
 
 

@@ -5,8 +5,9 @@ or in one SimpleITK cannot write. An output that resolves to one of the inputs (
 input DICOM folder) is refused, so a user's CT is never overwritten, and so is one that a reader would take
 for an input or another file (``X.nii`` beside the input, output or existing ``X.nii.gz``: ITK reads the one for
 the other). An existing folder where a file is asked for, a file where a folder is asked for, a parent that is a
-file or not writable, two outputs on one path and an upper-case image suffix (``.NII.GZ``: ITK's writers know
-only lower case) are refused too. Every refusal is an ``InputError`` naming the option and the fix.
+file or not writable, two outputs on one path and an upper-case NIfTI or MetaImage suffix (``.NII.GZ``,
+``.MHA``: ITK's writers know only lower case) are refused too. Every refusal is an ``InputError`` naming the
+option and the fix.
 """
 
 from __future__ import annotations
@@ -23,6 +24,8 @@ IMAGE_SUFFIXES = (".nii.gz", ".nii", ".nrrd", ".nhdr", ".mha", ".mhd")
 """Formats that hold a 3-D image (and a 3-component vector image) with its geometry."""
 SLICE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff")
 """Formats that hold one 2-D slice: SimpleITK would write the middle slice and drop the rest."""
+CASE_SENSITIVE_SUFFIXES = (".nii.gz", ".nii", ".mha", ".mhd")
+"""ITK's writers for these take only lower case (its NRRD writer takes any)."""
 KINDS = {"image": IMAGE_SUFFIXES, "csv": (".csv",), "json": (".json",), "folder": ()}
 
 
@@ -69,13 +72,14 @@ def _check_one(output: Output, path: Path) -> None:
     if suffix not in KINDS[kind]:
         raise InputError(f"{option}: '{path.name}' has {f'the extension {suffix}' if suffix else 'no extension'}; "
                          f"use {accepted}.")
-    stale = [twin for twin in nifti_twins(path) if kind == "image"]
+    stale = nifti_twins(path) if kind == "image" else []
     if stale:
-        raise InputError(f"{option}: '{stale[0]}' already lies beside '{path.name}'; NIfTI readers (ITK's, Slicer's) "
-                         f"would read it in place of the new file. Delete or rename it, or choose another name.")
-    if kind == "image" and not path.name.endswith(suffix):
-        raise InputError(f"{option}: '{path.name}' has an upper-case extension, which ITK's writers do not recognise "
-                         f"(they would write another format or fail after the work); name it "
+        raise InputError(f"{option}: '{stale[0]}' already lies beside '{path.name}'; ITK (and Slicer), asked for the "
+                         ".nii.gz of the two, reads the .nii, so one would be read for the other. Delete or rename it, "
+                         "or choose another name.")
+    if suffix in CASE_SENSITIVE_SUFFIXES and not path.name.endswith(suffix):
+        raise InputError(f"{option}: '{path.name}' has an upper-case extension, which ITK's NIfTI and MetaImage "
+                         f"writers do not recognise (they fail after the work, or write .mhd + .raw); name it "
                          f"'{path.name[: -len(suffix)]}{suffix}'.")
     _writable_parent(path, option)
 

@@ -779,12 +779,17 @@ def _write_float(image: sitk.Image, path: Path, bad: float) -> None:
     sitk.WriteImage(out, str(path))
 
 
-@pytest.mark.parametrize("suffix", [".nii.gz", ".nii"])
+@pytest.mark.parametrize("suffix", [".nii.gz", ".nii", ".hdr", ".img.gz", "plain .nii.gz"])
 def test_nan_and_inf_in_a_nifti_are_refused_not_read_as_water(tmp_path, suffix):
-    """ITK's NIfTI reader turns NaN and Inf into 0 (water): scattered, they passed unnoticed; an .mha kept them."""
+    """ITK's NIfTI reader (also for .hdr / .img pairs) turns NaN and Inf into 0 (water): scattered, they passed
+    unnoticed; an .mha kept them. "plain .nii.gz": an uncompressed file under a .gz name, which ITK reads."""
     image = chest_crop(depth=20)
+    plain = suffix.startswith("plain")
+    suffix = suffix.split()[-1]
     for bad, word in ((np.nan, "5 NaN and 0 Inf"), (np.inf, "0 NaN and 5 Inf")):
-        _write_float(image, tmp_path / f"moving{suffix}", bad)
+        _write_float(image, tmp_path / ("written.nii" if plain else f"moving{suffix}"), bad)
+        if plain:
+            (tmp_path / "written.nii").replace(tmp_path / f"moving{suffix}")
         assert not np.isnan(sitk.GetArrayViewFromImage(sitk.ReadImage(str(tmp_path / f"moving{suffix}")))).any()
         with pytest.raises(InputError, match=f"holds {word} voxels, which ITK's NIfTI reader turns into 0"):
             read_image(tmp_path / f"moving{suffix}", "moving image")
@@ -813,11 +818,17 @@ def test_twin_outputs_a_stale_twin_and_upper_case_suffixes_are_refused_before_th
     (tmp_path / "old.nii").write_bytes(b"")
     with pytest.raises(InputError, match="old.nii' already lies beside 'old.nii.gz'"):
         check_outputs([Output("--out", tmp_path / "old.nii.gz", "image")])
-    for name, fixed in (("LAB.MHA", "LAB.mha"), ("LAB.NII.GZ", "LAB.nii.gz"), ("lab.Nrrd", "lab.nrrd")):
+    with pytest.raises(InputError, match="old.nii.gz' already lies beside 'old.nii'"):  # a reader of it gets ours
+        (tmp_path / "old.nii").rename(tmp_path / "old.nii.gz")
+        check_outputs([Output("--out", tmp_path / "old.nii", "image")])
+    for name, fixed in (("LAB.MHA", "LAB.mha"), ("LAB.NII.GZ", "LAB.nii.gz"), ("lab.Nii", "lab.nii")):
         with pytest.raises(InputError, match=f"upper-case extension.*name it '{fixed}'"):
             check_outputs([Output("--out", tmp_path / name, "image")])
+    (tmp_path / "scan.hdr").write_bytes(b"")  # an Analyze header: ITK reads scan.nii.gz as named beside it
     check_outputs([Output("--out", tmp_path / "map.nii.gz", "image"), Output("--csv", tmp_path / "MAP.CSV", "csv"),
-                   Output("--probabilities", tmp_path / "map_p.nii.gz", "image")])
+                   Output("--probabilities", tmp_path / "map_p.nii.gz", "image"),
+                   Output("--jacobian", tmp_path / "jac.NRRD", "image"),
+                   Output("--x", tmp_path / "scan.nii.gz", "image")])
 
 
 def test_hu_minus_1024_is_refused_with_the_offset_that_mends_it_and_padding_is_not():
@@ -835,6 +846,9 @@ def test_hu_minus_1024_is_refused_with_the_offset_that_mends_it_and_padding_is_n
     image = sitk.GetImageFromArray(padded)
     image.CopyInformation(hu)
     prepare_pair(image, hu)
+    resampled = sitk.SmoothingRecursiveGaussian(sitk.Cast(image, sitk.sitkFloat32), 3.0)  # as a tool's resampling
+    assert np.unique(sitk.GetArrayViewFromImage(resampled)[:, :, :16]).size > 1000  # no longer one padding value
+    prepare_pair(resampled, hu)
 
 
 def test_a_signed_8_bit_windowed_export_is_refused():
