@@ -4,7 +4,9 @@ against registering it, and whether it gets the same pairs.
 For up to --cases cases whose transforms the run keeps (``OUT/bank_transforms/``, ``trainer.registration_bank``),
 rebuilds the case into a temporary folder as a new machine would (``RegistrationBank.build``: breathing field,
 transformix, residual), times it, and compares each pair with the run's own file in ``OUT/bank/`` where present:
-largest difference of the registered image (int16 HU) and of the residual (mm), supervised voxels equal.
+largest difference of the registered image (int16 HU) and of the residual (mm), and how many voxels differ: the
+registered image by more than 1 HU (rounding), the supervised mask (a point a hair inside or outside the image's
+edge under float32 parameters).
 Registration times come from the run's log (``--log``, its ``registration bank: case ... registered in N s``
 lines). Pause the run first (``kill -STOP``): the times are the CPU's.
 
@@ -62,18 +64,22 @@ def main(argv: list[str] | None = None) -> int:
             started = time.perf_counter()
             bank.build()
             seconds = time.perf_counter() - started
-            hu, mm, same = 0.0, 0.0, True
+            hu, mm, off, flipped, voxels = 0.0, 0.0, 0, 0, 0
             for setting in bank.settings:
                 own = case.path(out / "bank", setting)
                 if not own.exists():
                     continue
                 old, new = (torch.load(p, weights_only=True) for p in (own, case.path(Path(folder), setting)))
-                hu = max(hu, float((old["deformed"].int() - new["deformed"].int()).abs().max()))
+                difference = (old["deformed"].int() - new["deformed"].int()).abs()
+                hu = max(hu, float(difference.max()))
                 mm = max(mm, float((old["residual"].float() - new["residual"].float()).abs().max()))
-                same &= torch.equal(old["supervised"], new["supervised"])
+                off += int((difference > 1).sum())
+                flipped += int((old["supervised"] != new["supervised"]).sum())
+                voxels += difference.numel()
             rows.append({"case": case.key, "scan": case.image.name, "seed": case.seed, "box": list(case.image.hu.shape),
                          "restored_s": round(seconds, 1), "registered_s": registered.get(case.seed),
-                         "max_deformed_hu": hu, "max_residual_mm": mm, "supervised_equal": same})
+                         "max_deformed_hu": hu, "max_residual_mm": mm, "voxels": voxels,
+                         "deformed_over_1_hu": off, "supervised_flipped": flipped})
             print(rows[-1], flush=True)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.with_suffix(".json").write_text(json.dumps({"torch": torch.__version__, "threads": args.threads,
@@ -83,10 +89,11 @@ def main(argv: list[str] | None = None) -> int:
              f"{args.threads} threads. Registered: the run's log line for the case; restored: breathing field, "
              "transformix for every setting, residual, files written (`RegistrationBank.build`). Differences "
              "against the run's own bank files (int16 HU, float16 residual).", "",
-             "| case | scan | registered s | restored s | max registered-image diff HU | max residual diff mm | "
-             "supervised equal |", "|---|---|---|---|---|---|---|"]
-    lines += [f"| {r['case']} | {r['scan']} | {r['registered_s'] or '–'} | {r['restored_s']} | {r['max_deformed_hu']:.0f} "
-              f"| {r['max_residual_mm']:.4f} | {r['supervised_equal']} |" for r in rows]
+             "| case | scan | registered s | restored s | voxels (all settings) | registered image: max diff HU, "
+             "voxels > 1 HU | max residual diff mm | supervised voxels flipped |", "|---|---|---|---|---|---|---|---|"]
+    lines += [f"| {r['case']} | {r['scan']} | {r['registered_s'] or '–'} | {r['restored_s']} | {r['voxels']:,} | "
+              f"{r['max_deformed_hu']:.0f}, {r['deformed_over_1_hu']:,} | {r['max_residual_mm']:.4f} | "
+              f"{r['supervised_flipped']:,} |" for r in rows]
     args.out.with_suffix(".md").write_text("\n".join(lines) + "\n", encoding="utf-8")
     return 0
 
