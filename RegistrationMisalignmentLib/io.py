@@ -214,12 +214,24 @@ def _check_slice_geometry(reader: sitk.ImageSeriesReader, image: sitk.Image, fol
     else:
         cause = (f"the slice spacing varies from {np.abs(along).min():.3g} to {np.abs(along).max():.3g} mm "
                  "(missing or uneven slices)")
+        unread = _unread_dicom_files(folder)
+        if unread:
+            cause += (f"; {len(unread)} DICOM file(s) of the folder belong to no series GDCM could read (damaged or "
+                      f"cut short?): {', '.join(f.name for f in unread[:3])}{' and more' if len(unread) > 3 else ''}")
     raise InputError(
         f"{name}: in the DICOM series in '{folder}' {cause}; read as a regular grid, voxels would lie up to "
         f"{offset:.1f} mm from where the headers put them. Resample the series onto a regular grid in a DICOM "
         "tool first (e.g. 3D Slicer's DICOM import with acquisition geometry regularization, hardened and saved "
         "as NRRD)."
     )
+
+
+def _unread_dicom_files(folder: Path) -> list[Path]:
+    """Files of ``folder`` that start as DICOM but belong to no series GDCM lists: it drops unreadable slices
+    without a word, leaving a gap in the series."""
+    listed = {Path(f).resolve() for uid in sitk.ImageSeriesReader.GetGDCMSeriesIDs(str(folder))
+              for f in sitk.ImageSeriesReader.GetGDCMSeriesFileNames(str(folder), uid)}
+    return sorted(f for f in folder.iterdir() if f.is_file() and f.resolve() not in listed and _is_dicom_file(f))
 
 
 def _read_dicom_folder(folder: Path, name: str, series: str | None = None,

@@ -909,3 +909,13 @@ def test_a_sheared_sform_is_noted_as_the_qform_itk_reads():
         image = read_image(path, "moving image", log=notes.append)
         assert len(notes) == 1 and "ITK used the qform" in notes[0]
         assert image.GetDirection() == pytest.approx(chest_crop(depth=20).GetDirection())
+
+
+def test_a_dicom_slice_cut_short_is_named_not_only_the_gap_it_leaves(tmp_path):
+    """GDCM drops an unreadable slice without a word: the series had a gap, and the message did not say why."""
+    write_dicom_series(chest_crop(depth=8), tmp_path / "series", f"{UID_ROOT}.50", "chest")
+    broken = tmp_path / "series" / "chest_004.dcm"
+    broken.write_bytes(broken.read_bytes()[:4000])
+    with pytest.raises(InputError, match=r"missing or uneven slices\); 1 DICOM file\(s\) of the folder belong to no "
+                                         r"series GDCM could read \(damaged or cut short\?\): chest_004.dcm"):
+        read_image(tmp_path / "series", "fixed image")
