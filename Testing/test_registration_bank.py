@@ -9,6 +9,7 @@ import SimpleITK as sitk
 import torch
 
 import trainer.registration_bank
+from RegistrationMisalignmentLib.benchmark.elastix import ElastixRunner
 from RegistrationMisalignmentLib.config import DEFAULT_CONFIG
 from RegistrationMisalignmentLib.errors import InputError
 from RegistrationMisalignmentLib.synthetic.images import TrainingImage
@@ -194,7 +195,7 @@ def test_kept_transforms_give_a_new_machine_the_same_pairs_without_registering(c
     first.build()
     case = first.cases[0]
     assert sorted(p.name for p in kept.iterdir()) == [f"{case.key}_affine.npz", f"{case.key}_bspline20.npz"]
-    monkeypatch.setattr(trainer.registration_bank, "register_breathing",
+    monkeypatch.setattr(ElastixRunner, "run_settings",
                         lambda *a, **k: pytest.fail("registered although its transforms are kept"))
     again = RegistrationBank([chest], ("affine", "bspline20"), 1, tmp_path / "b", DEFAULT_CONFIG, threads=1,
                              transforms=kept)
@@ -212,7 +213,7 @@ def test_kept_transforms_give_a_new_machine_the_same_pairs_without_registering(c
 
 
 def test_an_applied_registration_has_no_transform_to_map_points_with(chest, tmp_path):
-    from RegistrationMisalignmentLib.benchmark.elastix import ElastixRunner, load_parameters, save_parameters
+    from RegistrationMisalignmentLib.benchmark.elastix import load_parameters, save_parameters
 
     made = register_breathing(chest, ("affine",), threads=1)
     save_parameters(made.registrations["affine"].parameters, tmp_path / "affine.npz")

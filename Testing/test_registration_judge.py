@@ -50,6 +50,22 @@ def test_one_registered_pair_per_setting_supervised_in_the_lungs(image):
         assert not np.array_equal(pair.pyramid[1][0].numpy(), pair.pyramid[1][1].numpy())
 
 
+def test_kept_exact_transforms_give_the_judge_again_without_registering(image, tmp_path, monkeypatch):
+    """A new machine's judge: its registrations applied from the transforms the first kept (float64), the very
+    same pairs (its blocks' fingerprint keeps the run's selection comparable), and no elastix registration."""
+    from RegistrationMisalignmentLib.benchmark.elastix import ElastixRunner
+
+    first = registration_pairs(image, SETTINGS, DEFAULT_CONFIG, threads=1, tiny=True, transforms=tmp_path)
+    assert len(list(tmp_path.glob("phantom_*.npz"))) == len(SETTINGS)
+    monkeypatch.setattr(ElastixRunner, "run_settings", lambda *a, **k: pytest.fail("registered again"))
+    again = registration_pairs(image, SETTINGS, DEFAULT_CONFIG, threads=1, tiny=True, transforms=tmp_path)
+    for old, new in zip(first, again):
+        assert old.name == new.name and torch.equal(old.dvf, new.dvf) and np.array_equal(old.body, new.body)
+        assert all(torch.equal(old.pyramid[k], new.pyramid[k]) for k in old.pyramid)
+    with pytest.raises(pytest.fail.Exception, match="registered again"):  # another field: not the kept transforms
+        registration_pairs(image, SETTINGS, DEFAULT_CONFIG, seed=12, threads=1, tiny=True, transforms=tmp_path)
+
+
 def test_the_judge_takes_only_the_protocols_settings_and_seeds():
     with pytest.raises(ValueError, match="val_registrations"):
         TrainConfig(val_registrations=("bspline42",))

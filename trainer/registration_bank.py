@@ -32,8 +32,7 @@ import SimpleITK as sitk
 import torch
 
 from RegistrationMisalignmentLib.benchmark.cases import CHEST_MARGIN_MM
-from RegistrationMisalignmentLib.benchmark.elastix import (ELASTIX_DIR, ElastixRunner, load_parameters,
-                                                           save_parameters, setting_files)
+from RegistrationMisalignmentLib.benchmark.elastix import ELASTIX_DIR, setting_files
 from RegistrationMisalignmentLib.config import MisalignmentConfig
 from RegistrationMisalignmentLib.errors import InputError
 from RegistrationMisalignmentLib.preprocess import build_pyramid
@@ -41,8 +40,7 @@ from RegistrationMisalignmentLib.synthetic.breathing import chest_anatomy
 from RegistrationMisalignmentLib.synthetic.images import TrainingImage, scan_stem
 from trainer.config import BANK_REGIONS
 from trainer.dataset import DeformedPair
-from trainer.registration_judge import (JUDGE_SEED, JUDGE_VERSION, BreathingRegistrations, breathing_case,
-                                        register_breathing)
+from trainer.registration_judge import JUDGE_SEED, JUDGE_VERSION, register_breathing
 
 BANK_SEED = JUDGE_SEED + 1
 """The bank's breathing seeds are drawn from this, the scan's name and the case number."""
@@ -134,15 +132,11 @@ class RegistrationBank:
         self.folder.mkdir(parents=True, exist_ok=True)
         for number, case in enumerate(missing, 1):
             started = time.perf_counter()
-            made, how = self._kept(case), "applied from its kept elastix transforms"
-            if made is None:
-                made = register_breathing(case.image, self.settings, case.seed, self.threads, phase=case.phase)
-                how = "registered"
-                if self.transforms is not None:
-                    self.transforms.mkdir(parents=True, exist_ok=True)
-                    for setting in self.settings:
-                        _replace(case.path(self.transforms, setting, ".npz"),
-                                 lambda part: save_parameters(made.registrations[setting].parameters, part))
+            how = "applied from its kept elastix transforms" if self.kept_transforms(case) else "registered"
+            transforms = (None if self.transforms is None else
+                          {setting: case.path(self.transforms, setting, ".npz") for setting in self.settings})
+            made = register_breathing(case.image, self.settings, case.seed, self.threads, phase=case.phase,
+                                      transforms=transforms)
             fixed = torch.from_numpy(np.rint(sitk.GetArrayFromImage(made.fixed)).astype(np.int16))
             box = ((0, 0, 0), tuple(n - 1 for n in made.body.shape))
             for setting in self.settings:
@@ -163,16 +157,6 @@ class RegistrationBank:
             return None
         paths = [case.path(self.transforms, setting, ".npz") for setting in self.settings]
         return paths if all(path.exists() for path in paths) else None
-
-    def _kept(self, case: BankCase) -> BreathingRegistrations | None:
-        """``case`` moved and its registrations applied again from their kept transforms; None unless all are kept."""
-        if (paths := self.kept_transforms(case)) is None:
-            return None
-        made = breathing_case(case.image, case.seed, case.phase)
-        runner = ElastixRunner(threads=self.threads)
-        made.registrations.update({setting: runner.apply(made.fixed, made.moving, load_parameters(path))
-                                   for setting, path in zip(self.settings, paths)})
-        return made
 
     def pair(self, case: BankCase, setting: str, device: str | torch.device = "cpu",
              mirrored: bool = False) -> DeformedPair:

@@ -16,20 +16,25 @@ r = t(x) + u(x + t(x)) (``spatial.compose(t, u)``), on the fixed grid.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import hashlib
+import json
+import os
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import SimpleITK as sitk
 import torch
 
 from RegistrationMisalignmentLib.benchmark.cases import CHEST_MARGIN_MM, CHEST_SEED, MAX_CHEST_CASES
-from RegistrationMisalignmentLib.benchmark.elastix import ElastixRunner, Registration
+from RegistrationMisalignmentLib.benchmark.elastix import (ELASTIX_DIR, ElastixRunner, Registration, load_parameters,
+                                                           save_parameters, setting_files)
 from RegistrationMisalignmentLib.config import MisalignmentConfig
 from RegistrationMisalignmentLib.preprocess import build_pyramid
 from RegistrationMisalignmentLib.spatial import compose
 from RegistrationMisalignmentLib.synthetic.breathing import BreathingField, breathe, chest_anatomy
-from RegistrationMisalignmentLib.synthetic.images import TrainingImage
+from RegistrationMisalignmentLib.synthetic.images import TrainingImage, scan_stem
 from trainer.dataset import DeformedPair
 
 JUDGE_SEED = CHEST_SEED + MAX_CHEST_CASES
@@ -85,29 +90,56 @@ def breathing_case(image: TrainingImage, seed: int = JUDGE_SEED, phase: int = 1)
 
 
 def register_breathing(image: TrainingImage, settings: Sequence[str], seed: int = JUDGE_SEED,
-                       threads: int | None = None, tiny: bool = False, phase: int = 1) -> BreathingRegistrations:
+                       threads: int | None = None, tiny: bool = False, phase: int = 1,
+                       transforms: Mapping[str, Path] | None = None, dtype: type = np.float32) -> BreathingRegistrations:
     """``breathing_case`` registered back by elastix with ``settings`` (``benchmark.elastix.SETTINGS``); ``tiny``:
-    with the protocol's --tiny changes (tests).
+    with the protocol's --tiny changes (tests). ``transforms``: a file per setting for its elastix transform
+    (``save_parameters``, parameters as ``dtype``): when all exist they are applied by transformix instead of
+    registering (the same registration, on any machine, in a fraction of the time), else they are written.
 
     Raises ``InputError`` for a setting without a parameter file in ``benchmarks/elastix`` or without
     itk-elastix (``ElastixRunner``).
     """
     case = breathing_case(image, seed, phase)
-    case.registrations.update(ElastixRunner(tiny=tiny, threads=threads).run_settings(case.fixed, case.moving, settings))
+    runner = ElastixRunner(tiny=tiny, threads=threads)
+    if transforms is not None and all(transforms[s].exists() for s in settings):
+        case.registrations.update({s: runner.apply(case.fixed, case.moving, load_parameters(transforms[s]))
+                                   for s in settings})
+        return case
+    case.registrations.update(runner.run_settings(case.fixed, case.moving, settings))
+    for setting, path in (transforms or {}).items():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        part = path.with_name(f"{path.name}.{os.getpid()}.part")  # whole files only, whoever writes them
+        save_parameters(case.registrations[setting].parameters, part, dtype)
+        os.replace(part, path)
     return case
 
 
+def kept_transforms(image: TrainingImage, settings: Sequence[str], seed: int, folder: Path, phase: int = 1,
+                    tiny: bool = False) -> dict[str, Path]:
+    """Where ``register_breathing`` keeps the transforms of ``image`` moved by breathing ``seed``: ``folder``, one
+    file per setting, named by a hash of everything the registration is made from (the scan's voxels, the seed,
+    the phase, the elastix parameter files), so that a changed input never meets an old transform."""
+    files = b"".join((ELASTIX_DIR / name).read_bytes() for s in settings for name in setting_files(s))
+    scan = hashlib.sha256(memoryview(np.ascontiguousarray(image.hu, dtype=np.float32)).cast("B")).hexdigest()
+    key = hashlib.sha256(json.dumps([JUDGE_VERSION, scan, image.hu.shape, seed, phase, tiny]).encode() + files)
+    return {s: folder / f"{scan_stem(image.name)}_{key.hexdigest()[:12]}_{s}.npz" for s in settings}
+
+
 def registration_pairs(image: TrainingImage, settings: Sequence[str], config: MisalignmentConfig,
-                       seed: int = JUDGE_SEED, threads: int | None = None, tiny: bool = False) -> list[DeformedPair]:
+                       seed: int = JUDGE_SEED, threads: int | None = None, tiny: bool = False,
+                       transforms: Path | None = None) -> list[DeformedPair]:
     """One pair per elastix setting of ``register_breathing``: fixed = the box, moving = the registered image,
     DVF = the residual (3, D, H, W) mm, supervised voxels = the lungs (every lung voxel; the protocol scores
-    landmarks in them).
+    landmarks in them). ``transforms``: a folder where the registrations' transforms are kept exactly (float64,
+    ``kept_transforms``) and applied again, so that the judge is the same on every machine.
 
     Raises ``ValueError`` off the 1 mm grid, and what ``register_breathing`` raises.
     """
     if config.spacing_mm != 1.0:
         raise ValueError(f"the registration judge works on the 1 mm grid, not {config.spacing_mm} mm")
-    case = register_breathing(image, settings, seed, threads, tiny)
+    kept = None if transforms is None else kept_transforms(image, settings, seed, transforms, tiny=tiny)
+    case = register_breathing(image, settings, seed, threads, tiny, transforms=kept, dtype=np.float64)
     fixed_hu = sitk.GetArrayFromImage(case.fixed)
     pairs = []
     for setting in settings:
@@ -117,5 +149,5 @@ def registration_pairs(image: TrainingImage, settings: Sequence[str], config: Mi
     return pairs
 
 
-__all__ = ["JUDGE_SEED", "JUDGE_VERSION", "BreathingRegistrations", "breathing_case", "register_breathing",
-           "registration_pairs"]
+__all__ = ["JUDGE_SEED", "JUDGE_VERSION", "BreathingRegistrations", "breathing_case", "kept_transforms",
+           "register_breathing", "registration_pairs"]

@@ -44,7 +44,7 @@ from trainer.export import export_misalignment, export_regnet_t
 from trainer.history import HISTORY_FILE, read_events, read_history, record_event
 from trainer.ledger import write_ledger
 from trainer.registration_bank import RegistrationBank
-from trainer.registration_judge import JUDGE_SEED, JUDGE_VERSION, registration_pairs
+from trainer.registration_judge import JUDGE_SEED, JUDGE_VERSION, kept_transforms, registration_pairs
 
 LIVE_KEYS = ("val_mean_f1", "val_kappa", "val_f1", "val_endpoint_error_mm")
 """Validation numbers also recorded for the last step's weights when the run keeps their average."""
@@ -227,7 +227,8 @@ class Trainer:
 
     def _judge_cache(self) -> Path:
         """Where the registration judge's blocks are kept (OUT/judge/, 0.6 GB per 12 blocks, not committed): a restart
-        reads them instead of registering again (4 minutes), and always judges on the very same blocks. The name
+        reads them instead of making them again (4 minutes of registration; on a new machine the transforms kept in
+        OUT/judge_transforms/, committed, are applied instead), and always judges on the very same blocks. The name
         hashes everything they are made from: the held-out scans, the elastix files, the seeds and the sizes."""
         key = hashlib.sha256(json.dumps([JUDGE_VERSION, JUDGE_SEED, self.cfg.seed, self.cfg.val_patches,
                                          self.cfg.block_input, self.cfg.val_centre_sampling,
@@ -266,10 +267,15 @@ class Trainer:
             raise InputError("val_registrations needs a real held-out chest CT: name it in holdout (e.g. "
                              "holdout = [\"popi_00_chest_ct.nii.gz\"]) and give its folder in data")
         started = time.perf_counter()
+        kept = self.out / "judge_transforms"
+        how = "registered by elastix"
+        if all(p.exists() for image in real for p in kept_transforms(image, self.cfg.val_registrations, JUDGE_SEED,
+                                                                      kept).values()):
+            how = "applied from their kept elastix transforms"
         pairs = [pair for image in real
                  for pair in registration_pairs(image, self.cfg.val_registrations, self.config,
-                                                threads=self.cfg.num_threads or None)]
-        self.log(f"registration judge: {len(pairs)} held-out pairs registered by elastix "
+                                                threads=self.cfg.num_threads or None, transforms=kept)]
+        self.log(f"registration judge: {len(pairs)} held-out pairs {how} "
                  f"({', '.join(self.cfg.val_registrations)}) in {time.perf_counter() - started:.0f} s")
         return pairs
 

@@ -90,13 +90,14 @@ class Registration:
                          for p in np.asarray(points_lps, dtype=np.float64).reshape(-1, 3)]).reshape(-1, 3)
 
 
-def save_parameters(parameters: Any, path: Path) -> None:
+def save_parameters(parameters: Any, path: Path, dtype: type = np.float32) -> None:
     """Keeps an elastix transform parameter object (initial transforms included) in ``path`` (.npz): each map's
-    entries as JSON, its TransformParameters as float32 (a B-spline's coefficients in mm, 0.2-0.5 MB for a
-    chest CT's lungs at the protocol's 10 mm grid; float32 moves a point by less than 1e-4 mm)."""
+    entries as JSON, its TransformParameters as ``dtype``: float32 (a B-spline's coefficients in mm, 0.2-0.5 MB
+    for a chest CT's lungs at the protocol's 10 mm grid; it moves a point by less than 1e-4 mm) or float64 (twice
+    that; transformix then gives elastix's own result, voxel for voxel)."""
     maps = [{key: list(values) for key, values in dict(parameters.GetParameterMap(i)).items()}
             for i in range(parameters.GetNumberOfParameterMaps())]
-    values = {f"map{i}": np.array([float(v) for v in m.pop("TransformParameters", [])], dtype=np.float32)
+    values = {f"map{i}": np.array([float(v) for v in m.pop("TransformParameters", [])], dtype=dtype)
               for i, m in enumerate(maps)}
     with open(path, "wb") as file:  # np.savez would append ".npz" to another suffix
         np.savez_compressed(file, maps=np.array(json.dumps(maps)), **values)
