@@ -94,3 +94,25 @@ def test_a_run_judged_on_registrations_builds_its_judge_when_stage_2_first_asks(
     restarted = Trainer(TrainConfig.smoke(**common, val_registrations=("affine",)))
     assert restarted.val_judge == judged.val_judge  # the very same blocks, read back
     assert torch.equal(restarted.val_batch.inputs[1], judged.val_batch.inputs[1])
+
+
+def test_the_judge_is_built_in_float32_inside_the_validations_autocast(image, tmp_path):
+    """Validation first asks for the judge inside bf16 autocast: the judge was then built in bf16 on CPUs that
+    compute it natively and in float32 elsewhere, and its truth (and fingerprint) differed by machine. With the
+    held-out transforms kept, the judge asked for inside autocast is the one asked for outside it."""
+    from trainer.train import Trainer
+
+    data = tmp_path / "data"
+    data.mkdir()
+    sitk.WriteImage(sitk.GetImageFromArray(image.hu), str(data / "held_out_chest.nii.gz"))
+    judges = []
+    for run, autocast in (("plain", False), ("autocast", True)):
+        cfg = TrainConfig.smoke(data=str(data), holdout=("held_out_chest.nii.gz",), out=str(tmp_path / run),
+                                val_registrations=("bspline20",))
+        if judges:  # the second run applies the first's kept transforms: the same registration
+            (tmp_path / run).mkdir()
+            (tmp_path / "plain" / "judge_transforms").rename(tmp_path / run / "judge_transforms")
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            judges.append(Trainer(cfg).judge)
+    assert judges[0].fingerprint == judges[1].fingerprint
+    assert torch.equal(judges[0].batch.inputs[1], judges[1].batch.inputs[1])

@@ -208,22 +208,29 @@ class Trainer:
     @property
     def judge(self) -> HeldOutJudge:
         """Stage 2's held-out blocks: of the synthetic pairs, or (``val_registrations``) of the held-out scan
-        registered by elastix, built on first use (about 4 minutes: not for stage 1 or an export)."""
+        registered by elastix, built on first use (about 4 minutes: not for stage 1 or an export), in float32
+        whatever the caller's autocast (validation asks inside it: built in bf16 on CPUs with native bf16, the
+        truth differed by machine)."""
         if self._judge is None:
-            cached = self._judge_cache()
-            if cached.exists():
-                self._judge = torch.load(cached, weights_only=False)
-                self.log(f"registration judge {self._judge.fingerprint}: its blocks read from {cached}")
-            else:
-                sampler = BlockSampler(self._registration_pool(), self.config,
-                                       np.random.default_rng(self.cfg.seed + 100_000), self.cfg.block_input,
-                                       centres=self.cfg.val_centre_sampling)
-                settings = ",".join(self.cfg.val_registrations)
-                self._judge = self._held_out_judge(sampler, f", elastix {settings}", f"elastix {settings}")
-                if self.main:
-                    cached.parent.mkdir(parents=True, exist_ok=True)
-                    torch.save(self._judge, cached)
+            with torch.autocast(self.device.type, enabled=False):
+                self._judge = self._load_or_build_judge()
         return self._judge
+
+    def _load_or_build_judge(self) -> HeldOutJudge:
+        """The registration judge: read from its cache (``_judge_cache``), else built and cached."""
+        cached = self._judge_cache()
+        if cached.exists():
+            judge = torch.load(cached, weights_only=False)
+            self.log(f"registration judge {judge.fingerprint}: its blocks read from {cached}")
+            return judge
+        sampler = BlockSampler(self._registration_pool(), self.config, np.random.default_rng(self.cfg.seed + 100_000),
+                               self.cfg.block_input, centres=self.cfg.val_centre_sampling)
+        settings = ",".join(self.cfg.val_registrations)
+        judge = self._held_out_judge(sampler, f", elastix {settings}", f"elastix {settings}")
+        if self.main:
+            cached.parent.mkdir(parents=True, exist_ok=True)
+            torch.save(judge, cached)
+        return judge
 
     def _judge_cache(self) -> Path:
         """Where the registration judge's blocks are kept (OUT/judge/, 0.6 GB per 12 blocks, not committed): a restart
