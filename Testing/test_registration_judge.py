@@ -112,7 +112,8 @@ def test_the_judge_is_built_in_float32_inside_the_validations_autocast(image, tm
         if judges:  # the second run applies the first's kept transforms: the same registration
             (tmp_path / run).mkdir()
             (tmp_path / "plain" / "judge_transforms").rename(tmp_path / run / "judge_transforms")
+        trainer = Trainer(cfg)  # outside autocast: its synthetic pool smooths fields, minutes in bf16
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
-            judges.append(Trainer(cfg).judge)
+            judges.append(trainer.judge)
     assert judges[0].fingerprint == judges[1].fingerprint
     assert torch.equal(judges[0].batch.inputs[1], judges[1].batch.inputs[1])
