@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import time
 import zlib
 from collections.abc import Callable, Sequence
@@ -40,7 +39,7 @@ from RegistrationMisalignmentLib.synthetic.breathing import chest_anatomy
 from RegistrationMisalignmentLib.synthetic.images import TrainingImage, scan_stem
 from trainer.config import BANK_REGIONS
 from trainer.dataset import DeformedPair
-from trainer.registration_judge import JUDGE_SEED, JUDGE_VERSION, register_breathing
+from trainer.registration_judge import JUDGE_SEED, JUDGE_VERSION, register_breathing, write_whole
 
 BANK_SEED = JUDGE_SEED + 1
 """The bank's breathing seeds are drawn from this, the scan's name and the case number."""
@@ -132,9 +131,9 @@ class RegistrationBank:
         self.folder.mkdir(parents=True, exist_ok=True)
         for number, case in enumerate(missing, 1):
             started = time.perf_counter()
-            how = "applied from its kept elastix transforms" if self.kept_transforms(case) else "registered"
-            transforms = (None if self.transforms is None else
-                          {setting: case.path(self.transforms, setting, ".npz") for setting in self.settings})
+            transforms = self.transform_files(case)
+            kept = transforms is not None and all(path.exists() for path in transforms.values())
+            how = "applied from its kept elastix transforms" if kept else "registered"
             made = register_breathing(case.image, self.settings, case.seed, self.threads, phase=case.phase,
                                       transforms=transforms)
             fixed = torch.from_numpy(np.rint(sitk.GetArrayFromImage(made.fixed)).astype(np.int16))
@@ -147,16 +146,16 @@ class RegistrationBank:
                 deformed = np.rint(sitk.GetArrayFromImage(registration.deformed)).astype(np.int16)
                 entry = {"fixed": fixed, "deformed": torch.from_numpy(deformed), "residual": residual.half(),
                          "supervised": torch.from_numpy(supervised), "seed": case.seed, "phase": case.phase}
-                _replace(case.path(self.folder, setting), lambda part: torch.save(entry, part))
+                write_whole(case.path(self.folder, setting), lambda part: torch.save(entry, part))
             self.log(f"registration bank: case {number}/{len(missing)} ({case.image.name}, breathing {case.seed}, "
                      f"{'exhale' if case.phase > 0 else 'inhale'}) {how} in {time.perf_counter() - started:.0f} s")
 
-    def kept_transforms(self, case: BankCase) -> list[Path] | None:
-        """The files of ``case``'s kept elastix transforms, one per setting; None unless all are kept."""
+    def transform_files(self, case: BankCase) -> dict[str, Path] | None:
+        """Where ``case``'s elastix transforms are kept, a file per setting (kept or yet to be); None without
+        ``transforms``."""
         if self.transforms is None:
             return None
-        paths = [case.path(self.transforms, setting, ".npz") for setting in self.settings]
-        return paths if all(path.exists() for path in paths) else None
+        return {setting: case.path(self.transforms, setting, ".npz") for setting in self.settings}
 
     def pair(self, case: BankCase, setting: str, device: str | torch.device = "cpu",
              mirrored: bool = False) -> DeformedPair:
@@ -201,13 +200,6 @@ class RegistrationBank:
         drawn = rng.choice(len(entries), size=count, replace=False, p=chance)
         mirrored = rng.random(count) < mirror_share if mirror_share else np.zeros(count, dtype=bool)
         return [self.pair(*entries[int(i)], device, bool(m)) for i, m in zip(drawn, mirrored)]
-
-
-def _replace(path: Path, write: Callable[[Path], None]) -> None:
-    """``write`` to a part file beside ``path``, then rename: whole files only, whoever writes them."""
-    part = path.with_name(f"{path.name}.{os.getpid()}.part")
-    write(part)
-    os.replace(part, path)
 
 
 def shown(displacement: np.ndarray, bounds: tuple[tuple[int, int, int], tuple[int, int, int]]) -> np.ndarray:

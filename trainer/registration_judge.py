@@ -19,7 +19,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -109,10 +109,16 @@ def register_breathing(image: TrainingImage, settings: Sequence[str], seed: int 
     case.registrations.update(runner.run_settings(case.fixed, case.moving, settings))
     for setting, path in (transforms or {}).items():
         path.parent.mkdir(parents=True, exist_ok=True)
-        part = path.with_name(f"{path.name}.{os.getpid()}.part")  # whole files only, whoever writes them
-        save_parameters(case.registrations[setting].parameters, part, dtype)
-        os.replace(part, path)
+        write_whole(path, lambda part: save_parameters(case.registrations[setting].parameters, part, dtype))
     return case
+
+
+def write_whole(path: Path, write: Callable[[Path], None]) -> None:
+    """``write`` to a part file beside ``path``, then rename: whole files only, whoever writes them (a run stopped
+    mid-write, or two runs sharing a folder, never leave a torn file that a later run would read)."""
+    part = path.with_name(f"{path.name}.{os.getpid()}.part")
+    write(part)
+    os.replace(part, path)
 
 
 def kept_transforms(image: TrainingImage, settings: Sequence[str], seed: int, folder: Path, phase: int = 1,
