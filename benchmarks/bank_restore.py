@@ -58,8 +58,7 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory(prefix="regmis_bank_restore_") as folder:
         bank = RegistrationBank(train, cfg.bank_registrations, cfg.bank_cases, Path(folder), DEFAULT_CONFIG,
                                 args.threads, lambda line: None, cfg.bank_region, out / "bank_transforms")
-        kept = [case for case in bank.cases
-                if all(path.exists() for path in bank.transform_files(case).values())][: args.cases]
+        kept = [case for case in bank.cases if bank.has_kept_transforms(case)][: args.cases]
         for case in kept:
             bank.cases = [case]
             started = time.perf_counter()

@@ -4,8 +4,9 @@ Both studies must have classed the same landmarks (same cases, settings and trut
 ``regmis benchmark`` runs). elastix is not bit-identical from run to run (threads, CPU), so two studies of the
 same protocol may class a few landmarks' truth differently (3 of 3000 rows, one setting, for epochs 255 and 317,
 the truth 0.004 mm apart on average): those rows (up to ``MAX_TRUTH_MISMATCH`` of them) are left out of both and
-counted in the report; more, and the studies are refused as not the same. The difference in mean F1, kappa and cw (candidate minus baseline) is measured on
-all settings together and per setting, with a paired bootstrap: landmarks (labels) are drawn with replacement,
+counted in the report; more, and the studies are refused as not the same. The difference in mean F1, kappa and
+cw (candidate minus baseline) is measured on all settings together and per setting, with a paired bootstrap:
+landmarks (labels) are drawn with replacement,
 a landmark carrying its rows of every case and setting (its truth and both models' classes; the chest-CT
 study's cases are the same scan's landmarks under other breathing fields), so that the two models are always
 scored on the same draw (Efron & Tibshirani, *An Introduction to the Bootstrap*, 1993, ch. 13: percentile
@@ -106,7 +107,8 @@ def compare(baseline: Classed, candidate: Classed, resamples: int, seed: int) ->
     """Per scope (all settings, then each setting): (scope, baseline scores, candidate scores), each
     (resamples + 1, 3), the first row the measured one, on the rows whose truth agrees (``same_truth``).
 
-    Raises ``ValueError`` when the two studies did not class the same landmarks with the same truth."""
+    Raises ``ValueError`` when the two studies did not class the same landmarks, or differ in the truth of more
+    than ``MAX_TRUTH_MISMATCH`` of their rows."""
     baseline, candidate, _ = same_truth(baseline, candidate)
     rng = np.random.default_rng(seed)
     scopes = [("all settings", np.ones(len(baseline.true), dtype=bool))]

@@ -132,8 +132,7 @@ class RegistrationBank:
         for number, case in enumerate(missing, 1):
             started = time.perf_counter()
             transforms = self.transform_files(case)
-            kept = transforms is not None and all(path.exists() for path in transforms.values())
-            how = "applied from its kept elastix transforms" if kept else "registered"
+            how = "applied from its kept elastix transforms" if self.has_kept_transforms(case) else "registered"
             made = register_breathing(case.image, self.settings, case.seed, self.threads, phase=case.phase,
                                       transforms=transforms)
             fixed = torch.from_numpy(np.rint(sitk.GetArrayFromImage(made.fixed)).astype(np.int16))
@@ -156,6 +155,11 @@ class RegistrationBank:
         if self.transforms is None:
             return None
         return {setting: case.path(self.transforms, setting, ".npz") for setting in self.settings}
+
+    def has_kept_transforms(self, case: BankCase) -> bool:
+        """Whether every setting's transform of ``case`` is kept (``build`` then applies them)."""
+        transforms = self.transform_files(case)
+        return transforms is not None and all(path.exists() for path in transforms.values())
 
     def pair(self, case: BankCase, setting: str, device: str | torch.device = "cpu",
              mirrored: bool = False) -> DeformedPair:

@@ -156,4 +156,4 @@ def registration_pairs(image: TrainingImage, settings: Sequence[str], config: Mi
 
 
 __all__ = ["JUDGE_SEED", "JUDGE_VERSION", "BreathingRegistrations", "breathing_case", "kept_transforms",
-           "register_breathing", "registration_pairs"]
+           "register_breathing", "registration_pairs", "write_whole"]
