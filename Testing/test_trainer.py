@@ -509,6 +509,41 @@ def test_selection_keeps_the_best_and_starts_anew_when_the_judge_or_metric_chang
     assert trainer._select("regnet1", {"epoch": 1}, model, None) is None  # stage 1 is not selected
 
 
+def test_selection_over_the_shipped_model_keeps_only_epochs_that_beat_it_on_all_three_counts(tmp_path):
+    trainer = Trainer(TrainConfig.smoke(out=str(tmp_path), select_by="val_kappa_over_shipped"))
+    model = torch.nn.Linear(2, 1)
+    shipped = {"val_shipped_kappa": 0.36, "val_shipped_mean_f1": 0.54, "val_shipped_cw": 1000}
+
+    def row(epoch, kappa, mean_f1, cw, judge="a"):
+        return {"epoch": epoch, "val_kappa": kappa, "val_mean_f1": mean_f1, "val_cw": cw,
+                "val_blocks": "6 x class", "val_judge": judge, **shipped}
+
+    stale = {"epoch": 1, "metric": "val_kappa", "value": 0.9, "judge": "a", "since": 1, "weights": {}}
+    assert trainer._select("misalignment", row(2, 0.40, 0.55, 1200), model, stale) is None  # more cw: not kept
+    assert trainer._select("misalignment", row(3, 0.40, 0.53, 900), model, None) is None  # lower mean F1
+    assert trainer._select("misalignment", row(4, 0.36, 0.55, 900), model, None) is None  # kappa only equal
+    first = trainer._select("misalignment", row(5, 0.37, 0.55, 999), model, None)
+    assert (first["epoch"], first["since"], first["value"]) == (5, 5, 0.37)
+    higher_but_more_cw = row(6, 0.45, 0.60, 1001)
+    assert trainer._select("misalignment", higher_but_more_cw, model, first) is first
+    assert higher_but_more_cw["selected_epoch"] == 5
+    assert trainer._select("misalignment", row(7, 0.38, 0.541, 990), model, first)["epoch"] == 7
+    assert trainer._select("misalignment", row(8, 0.50, 0.60, 500, judge="b"), model, first)["since"] == 8
+    del shipped["val_shipped_kappa"]  # a row without the shipped model's numbers cannot beat it
+    assert trainer._select("misalignment", row(9, 0.5, 0.6, 10), model, None) is None
+
+
+def test_a_selection_with_no_epoch_removes_the_checkpoints_earlier_best(tmp_path):
+    model = torch.nn.Linear(2, 1)
+    optimizer = torch.optim.Adam(model.parameters())
+    best = {"epoch": 3, "metric": "val_kappa", "value": 0.5, "judge": "a", "blocks": "b", "since": 1,
+            "weights": model.state_dict()}
+    checkpoint.save(tmp_path, "misalignment", 3, model, optimizer, {"misalignment": 1.0}, best=best)
+    assert checkpoint.load(tmp_path)["bests"]["misalignment"]["epoch"] == 3
+    checkpoint.save(tmp_path, "misalignment", 4, model, optimizer, {"misalignment": 2.0}, best=None)
+    assert checkpoint.load(tmp_path)["bests"] == {}
+
+
 def test_a_resumed_run_takes_up_registered_pairs_and_counts_them(smoke_runs, tmp_path):
     import shutil
 

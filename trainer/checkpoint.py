@@ -56,13 +56,16 @@ def save(folder: Path, stage: str, epoch: int, model: torch.nn.Module, optimizer
     complete checkpoint). ``finished`` stages (weights only, e.g. RegNets reused from another run) are
     written once, when their file is missing; ``average``: the weights' running average (float32);
     ``best``: the stage's best-validated weights on the CPU (``{"epoch", "metric", "value", "judge", "blocks",
-    "since", "weights"}``), written when its epoch is this one."""
+    "since", "weights"}``), written when its epoch is this one; None removes the stage's earlier ones (a
+    selection that holds no epoch yet, e.g. none beats the shipped model on new blocks)."""
     folder.mkdir(parents=True, exist_ok=True)
     for name, weights in (finished or {}).items():
         if not (folder / f"{name}.pt").exists():
             torch.save({"epoch": None, "model": weights, "optimizer": None}, folder / f"{name}.pt")
     if best is not None and best["epoch"] == epoch:  # first, so that state.json never names an epoch it lacks
         _save_atomic(best, folder / f"{stage}{BEST_SUFFIX}")
+    elif best is None:
+        (folder / f"{stage}{BEST_SUFFIX}").unlink(missing_ok=True)
     payload = {"epoch": epoch, "model": _cpu_copy(model), "optimizer": round_moments(optimizer.state_dict()),
                "average": None if average is None else _cpu_copy(average)}
     _save_atomic(payload, folder / f"{stage}.pt")
