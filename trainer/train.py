@@ -460,8 +460,8 @@ class Trainer:
             return best
         value = _selection_value(row, metric)
         anew = best is None or (best["judge"], best["metric"]) != (row["val_judge"], metric)
-        if anew and value == -math.inf and metric == "val_kappa_over_shipped":
-            return None  # no epoch on these blocks beats the shipped model yet: nothing to export instead of it
+        if anew and value == -math.inf:
+            return None  # no epoch on these blocks qualifies yet (e.g. none beats the shipped model): nothing to keep
         if anew or value > best["value"]:
             best = {"epoch": row["epoch"], "metric": metric, "value": value, "judge": row["val_judge"],
                     "blocks": row["val_blocks"], "since": row["epoch"] if anew else best["since"],
