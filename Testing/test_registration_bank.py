@@ -15,7 +15,7 @@ from RegistrationMisalignmentLib.errors import InputError
 from RegistrationMisalignmentLib.synthetic.images import TrainingImage
 from RegistrationMisalignmentLib.synthetic.phantom import make_chest_phantom
 from trainer.config import TrainConfig
-from trainer.registration_bank import RegistrationBank, chest_lungs, shown
+from trainer.registration_bank import Augmentation, RegistrationBank, chest_lungs, shown
 from trainer.registration_judge import register_breathing
 
 pytest.importorskip("itk")
@@ -69,7 +69,7 @@ def test_a_bank_pair_is_the_judges_residual_supervised_where_the_registered_imag
     assert np.allclose(pair.magnitude, pair.dvf.square().sum(0).sqrt().numpy())
     assert pair.magnitude[pair.body].max() > 3.0  # the affine leaves misalignment to learn
     assert not torch.equal(pair.pyramid[1][0], pair.pyramid[1][1])
-    mirrored = bank.pair(case, "affine", mirrored=True)  # left-right: x reversed, the residual's x negated
+    mirrored = bank.pair(case, "affine", augmentation=Augmentation(mirrored=True))  # left-right: x reversed, the residual's x negated
     assert mirrored.name == pair.name + "/mirrored" and np.array_equal(mirrored.body, pair.body[..., ::-1])
     assert torch.equal(mirrored.dvf, pair.dvf.flip(-1) * torch.tensor([-1.0, 1, 1]).view(3, 1, 1, 1))
     assert torch.allclose(mirrored.pyramid[1], pair.pyramid[1].flip(-1))
@@ -143,7 +143,7 @@ def test_a_run_draws_bank_pairs_of_its_real_scans_beside_the_synthetic_ones(ches
 def test_bank_weights_draw_a_setting_as_often_as_its_weight_says(chest, tmp_path, monkeypatch):
     bank = RegistrationBank([chest], ("affine", "bspline500"), 2, tmp_path, DEFAULT_CONFIG)
     monkeypatch.setattr(bank, "build", lambda: None)  # no registration: only which entries are drawn
-    monkeypatch.setattr(bank, "pair", lambda case, setting, device, mirrored: (case.seed, setting, mirrored))
+    monkeypatch.setattr(bank, "pair", lambda case, setting, device, augmentation: (case.seed, setting, augmentation.mirrored))
     rng = np.random.default_rng(0)
     weighted = [s for _ in range(1000) for _, s, _ in bank.draw(1, rng, weights=(9, 1))]
     assert 0.86 < weighted.count("affine") / len(weighted) < 0.94
@@ -177,12 +177,68 @@ def test_a_mirrored_pair_still_holds_its_registration(chest, tmp_path):
     torch.save({"fixed": torch.from_numpy(fixed), "deformed": torch.from_numpy(deformed), "residual": residual,
                 "supervised": torch.ones(fixed.shape, dtype=torch.bool), "seed": case.seed, "phase": case.phase},
                case.path(tmp_path, "affine"))
-    plain, mirrored = bank.pair(case, "affine"), bank.pair(case, "affine", mirrored=True)
+    plain, mirrored = bank.pair(case, "affine"), bank.pair(case, "affine", augmentation=Augmentation(mirrored=True))
     for pair, step in ((plain, 2), (mirrored, -2)):
         assert torch.all(pair.dvf[0] == step) and not pair.dvf[1:].any()
         images = pair.pyramid[1]  # (fixed, registered), normalised
         inner = slice(2, -2)
         assert torch.equal(images[1][..., inner], images[0][..., 2 + step : fixed.shape[-1] - 2 + step])
+
+
+def test_a_zoomed_pair_still_holds_its_registration():
+    """D(x) = F(x + r(x)) must hold after a zoom by s with the residual scaled: on a linear ramp (which trilinear
+    resampling keeps exactly) a 2 mm shift along x and -3 mm along z become s times that, the registered image
+    still reads the fixed one there, and supervision shrinks only at its edge."""
+    shape = (21, 16, 25)
+    z, y, x = np.meshgrid(*(np.arange(n, dtype=np.float32) for n in shape), indexing="ij")
+    ramp = lambda dz, dx: torch.from_numpy(-500.0 + 10.0 * (x + dx) + 7.0 * (z + dz) + 3.0 * y)
+    fixed, deformed = ramp(0, 0), ramp(-3, 2)  # D(x) = F(x + (2, 0, -3))
+    residual = torch.zeros((3, *shape))
+    residual[0], residual[2] = 2.0, -3.0
+    supervised = torch.ones(shape, dtype=torch.bool)
+    supervised[:, :, :4] = False
+    for zoom in (0.8, 1.2):
+        f, d, r, s = Augmentation(zoom=zoom).apply(fixed, deformed, residual, supervised)
+        size = [round(n * zoom) for n in shape]
+        assert list(f.shape) == size and list(r.shape) == [3, *size] and s.dtype == torch.bool
+        scale = [(m - 1) / (n - 1) for m, n in zip(size, shape)]  # (z, y, x)
+        assert torch.allclose(r[0], torch.tensor(2.0 * scale[2])) and torch.allclose(r[2], torch.tensor(-3.0 * scale[0]))
+        assert not r[1].any()
+        # F' is a ramp of 10 / scale_x HU per voxel along x and 7 / scale_z along z: D' - F' = F'(y + r') - F'(y)
+        expected = 10.0 / scale[2] * r[0] + 7.0 / scale[0] * r[2]
+        assert torch.allclose(d - f, expected, atol=1e-3)
+        columns = s.all(dim=(0, 1))
+        first = int(columns.float().argmax())
+        assert columns[first:].all() and abs(first - 4 * scale[2]) <= 1  # the unsupervised 4 columns, scaled
+
+
+def test_noise_is_independent_per_image_and_reproducible():
+    shape = (30, 30, 30)
+    flat = torch.zeros(shape)
+    residual, supervised = torch.zeros((3, *shape)), torch.ones(shape, dtype=torch.bool)
+    augmentation = Augmentation(noise_hu=12.0, seed=5)
+    f, d, r, s = augmentation.apply(flat, flat, residual, supervised)
+    assert 11.5 < float(f.std()) < 12.5 and 11.5 < float(d.std()) < 12.5
+    assert abs(float(torch.corrcoef(torch.stack([f.ravel(), d.ravel()]))[0, 1])) < 0.02
+    assert torch.equal(augmentation.apply(flat, flat, residual, supervised)[0], f)
+    assert torch.equal(r, residual) and torch.equal(s, supervised)
+    assert Augmentation(True, 1.07, 12.5).suffix == "/mirrored/zoom1.07/noise12.5" and Augmentation().suffix == ""
+
+
+def test_bank_draws_zoom_and_noise_within_their_ranges_and_as_before_without_them(chest, tmp_path, monkeypatch):
+    bank = RegistrationBank([chest], ("affine", "bspline500"), 2, tmp_path, DEFAULT_CONFIG)
+    monkeypatch.setattr(bank, "build", lambda: None)
+    monkeypatch.setattr(bank, "pair", lambda case, setting, device, augmentation: augmentation)
+    varied = [a for _ in range(300) for a in bank.draw(1, np.random.default_rng(_), zoom=0.1, noise_hu=20.0)]
+    zooms, sigmas = np.array([a.zoom for a in varied]), np.array([a.noise_hu for a in varied])
+    assert 0.9 <= zooms.min() < 0.93 and 1.07 < zooms.max() <= 1.1 and 0 <= sigmas.min() < 2 and 18 < sigmas.max() <= 20
+    assert len({a.seed for a in varied}) > 290
+    before, after = np.random.default_rng(1), np.random.default_rng(1)
+    assert bank.draw(2, before, mirror_share=0.5) == bank.draw(2, after, mirror_share=0.5, zoom=0.0, noise_hu=0.0)
+    assert before.random() == after.random()  # a run without them resumes as it drew before
+    for bad in (dict(bank_zoom=0.5), dict(bank_zoom=-0.1), dict(bank_noise_hu=-1.0)):
+        with pytest.raises(ValueError, match=next(iter(bad))):
+            TrainConfig(**bad)
 
 
 def test_kept_transforms_give_a_new_machine_the_same_pairs_without_registering(chest, tmp_path, monkeypatch):

@@ -140,6 +140,13 @@ class TrainConfig:
     bank_mirror: float = 0.0
     """Chance that a pair drawn from the bank is mirrored left-right: with three training scans, twice the
     anatomies to learn from."""
+    bank_zoom: float = 0.0
+    """A pair drawn from the bank is scaled as a whole by a factor drawn uniformly from [1 - this, 1 + this]: larger
+    and smaller patients than the three training scans, the residual scaled with them
+    (``trainer.registration_bank.Augmentation``); 0: none."""
+    bank_noise_hu: float = 0.0
+    """A pair drawn from the bank gets white Gaussian noise on each image, its sigma drawn uniformly from 0 to this
+    (HU): noisier scanners than the training scans'; 0: none."""
     bank_region: str = "body"
     """Where the bank's pairs are supervised: "body" (wherever the registered image shows real anatomy) or
     "lungs" (only there; where the judge and the protocol score, and where the vessels show the residual: 71 %
@@ -208,6 +215,11 @@ class TrainConfig:
                              "or leave it empty for a uniform draw")
         if not 0.0 <= self.bank_mirror <= 1.0:
             raise ValueError(f"bank_mirror {self.bank_mirror}: give a chance from 0 to 1")
+        if not 0.0 <= self.bank_zoom < 0.5:
+            raise ValueError(f"bank_zoom {self.bank_zoom}: give a share of the size from 0 to below 0.5 (e.g. 0.1: "
+                             "scaled by 0.9 to 1.1)")
+        if self.bank_noise_hu < 0:
+            raise ValueError(f"bank_noise_hu {self.bank_noise_hu}: give a noise sigma of 0 HU or more")
         if self.bank_pairs and not (self.bank_cases and self.bank_registrations):
             raise ValueError(f"bank_pairs {self.bank_pairs} needs a registration bank: give bank_cases (e.g. 2) and "
                              "bank_registrations (e.g. [\"affine\", \"bspline500\"]), or set bank_pairs = 0")

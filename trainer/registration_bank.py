@@ -29,6 +29,7 @@ from pathlib import Path
 import numpy as np
 import SimpleITK as sitk
 import torch
+import torch.nn.functional as F
 
 from RegistrationMisalignmentLib.benchmark.cases import CHEST_MARGIN_MM
 from RegistrationMisalignmentLib.benchmark.elastix import ELASTIX_DIR, setting_files
@@ -81,6 +82,59 @@ def chest_lungs(image: TrainingImage) -> np.ndarray | None:
     if float(anatomy.lung.sum()) < MIN_LUNG_SHARE * float(anatomy.body.sum()):
         return None
     return np.ascontiguousarray(anatomy.crop(*anatomy.lung_box(CHEST_MARGIN_MM)).lung)
+
+
+@dataclass(frozen=True)
+class Augmentation:
+    """How a bank pair is varied before its pyramid is built: with three training scans, more anatomies and
+    scanners to learn from than the scans themselves show (each drift of the canonical run after epoch 255 lost
+    on the held-out scan what it gained on its training ones; mirroring, the first variation, gave its best epochs).
+
+    The pair's relation is kept: the registered image reads the fixed one at x + r(x) (``pair``), so a variation of
+    space maps the residual r with it."""
+
+    mirrored: bool = False
+    """Left-right (the x axis; the residual's x component negated): a mirror-image anatomy, the heart on the right."""
+    zoom: float = 1.0
+    """Isotropic scale of the whole pair (1: none): a larger or smaller patient, the residual in mm scaled with it
+    (F'(y) = F(y / s), D'(y) = D(y / s) = F'(y + s r(y / s)), so r'(y) = s r(y / s))."""
+    noise_hu: float = 0.0
+    """Sigma (HU) of white Gaussian noise added to each image on its own: a noisier scanner than the training
+    scans' (a 4-D CT's phase; the paper adds 5 HU to its synthetic moving images)."""
+    seed: int = 0
+    """Of the noise."""
+
+    @property
+    def suffix(self) -> str:
+        """What the pair's name gains: "/mirrored", "/zoom1.07", "/noise12.5"."""
+        return ("/mirrored" if self.mirrored else "") + (f"/zoom{self.zoom:g}" if self.zoom != 1.0 else "") + (
+            f"/noise{self.noise_hu:g}" if self.noise_hu else "")
+
+    def apply(self, fixed: torch.Tensor, deformed: torch.Tensor, residual: torch.Tensor,
+              supervised: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The pair varied: ``fixed``, ``deformed`` (D, H, W) HU float32, ``residual`` (3, D, H, W) mm (components
+        x, y, z along W, H, D), ``supervised`` (D, H, W) bool, on the 1 mm grid. A zoom resamples all four
+        trilinearly with the corner voxels kept (``align_corners``), each axis by exactly (n' - 1) / (n - 1), and
+        supervises only voxels whose every neighbour was supervised."""
+        if self.mirrored:
+            fixed, deformed, supervised = fixed.flip(-1), deformed.flip(-1), supervised.flip(-1)
+            residual = residual.flip(-1) * torch.tensor([-1.0, 1.0, 1.0]).view(3, 1, 1, 1)
+        if self.zoom != 1.0:
+            shape = fixed.shape
+            size = [max(2, round(n * self.zoom)) for n in shape]
+
+            def resample(volume: torch.Tensor) -> torch.Tensor:
+                return F.interpolate(volume[None], size=size, mode="trilinear", align_corners=True)[0]
+
+            fixed, deformed = resample(torch.stack([fixed, deformed]))
+            scale = torch.tensor([(m - 1) / (n - 1) for m, n in zip(size, shape)], dtype=torch.float32)
+            residual = resample(residual) * scale.flip(0).view(3, 1, 1, 1)  # (z, y, x) axes -> (x, y, z) components
+            supervised = resample(supervised[None].float())[0] > 1.0 - 1e-4
+        if self.noise_hu:
+            generator = torch.Generator().manual_seed(self.seed)
+            fixed = fixed + self.noise_hu * torch.randn(fixed.shape, generator=generator)
+            deformed = deformed + self.noise_hu * torch.randn(deformed.shape, generator=generator)
+        return fixed.contiguous(), deformed.contiguous(), residual.contiguous(), supervised.contiguous()
 
 
 class RegistrationBank:
@@ -162,30 +216,29 @@ class RegistrationBank:
         return transforms is not None and all(path.exists() for path in transforms.values())
 
     def pair(self, case: BankCase, setting: str, device: str | torch.device = "cpu",
-             mirrored: bool = False) -> DeformedPair:
+             augmentation: Augmentation = Augmentation()) -> DeformedPair:
         """The pair of ``case`` registered with ``setting``: fixed = the lungs' box, moving = the registered image,
         DVF = the residual (3, D, H, W) mm, supervised = the body where the registered image shows real anatomy
-        (``shown``), and with region "lungs" only its lungs (where the judge and the protocol score).
-        ``mirrored``: the whole pair mirrored left-right (the x axis; the residual's x component negated) before
-        its pyramid is built: a mirror-image anatomy (the heart on the right), new local patterns of vessels and
-        breathing for the network, the registration's residual unchanged but for its side."""
+        (``shown``), and with region "lungs" only its lungs (where the judge and the protocol score), varied by
+        ``augmentation`` (``Augmentation``) before its pyramid is built."""
         entry = torch.load(case.path(self.folder, setting), weights_only=True)
-        fixed, deformed = entry["fixed"].float().numpy(), entry["deformed"].float().numpy()
-        residual, supervised = entry["residual"].float(), entry["supervised"].numpy()
+        fixed, deformed = entry["fixed"].float(), entry["deformed"].float()
+        residual, supervised = entry["residual"].float(), entry["supervised"]
         if self.region == "lungs":
-            supervised = supervised & self.lungs[case.image.name]
-        if mirrored:
-            fixed, deformed, supervised = (np.ascontiguousarray(a[..., ::-1]) for a in (fixed, deformed, supervised))
-            residual = residual.flip(-1) * torch.tensor([-1.0, 1.0, 1.0]).view(3, 1, 1, 1)
-        pyramid = build_pyramid(fixed, deformed, self.config, device)
-        name = f"{case.image.name}/breathing{case.seed}/{setting}" + ("/mirrored" if mirrored else "")
-        return DeformedPair.of(name, pyramid, residual, supervised, registered=True, registration=setting)
+            supervised = supervised & torch.from_numpy(self.lungs[case.image.name])
+        fixed, deformed, residual, supervised = augmentation.apply(fixed, deformed, residual, supervised)
+        pyramid = build_pyramid(fixed.numpy(), deformed.numpy(), self.config, device)
+        name = f"{case.image.name}/breathing{case.seed}/{setting}{augmentation.suffix}"
+        return DeformedPair.of(name, pyramid, residual, supervised.numpy(), registered=True, registration=setting)
 
     def draw(self, count: int, rng: np.random.Generator, device: str | torch.device = "cpu",
-             weights: Sequence[float] = (), mirror_share: float = 0.0) -> list[DeformedPair]:
+             weights: Sequence[float] = (), mirror_share: float = 0.0, zoom: float = 0.0,
+             noise_hu: float = 0.0) -> list[DeformedPair]:
         """``count`` different pairs of the bank, their pyramids on ``device`` (with the synthetic pairs'); builds
         what is missing first. ``weights``: relative chance of each setting (one per ``settings``); empty: uniform.
-        ``mirror_share``: the chance that a drawn pair is mirrored left-right (``pair``).
+        Each pair's ``Augmentation``: mirrored at the chance ``mirror_share``, scaled by a factor drawn uniformly
+        from [1 - ``zoom``, 1 + ``zoom``], noise of a sigma drawn uniformly from [0, ``noise_hu``] HU (what is 0
+        draws nothing from ``rng``, so that runs without it draw as before).
 
         Raises ``InputError`` when ``count`` exceeds the bank, ``ValueError`` for weights that do not fit."""
         self.build()
@@ -203,7 +256,12 @@ class RegistrationBank:
             chance /= chance.sum()
         drawn = rng.choice(len(entries), size=count, replace=False, p=chance)
         mirrored = rng.random(count) < mirror_share if mirror_share else np.zeros(count, dtype=bool)
-        return [self.pair(*entries[int(i)], device, bool(m)) for i, m in zip(drawn, mirrored)]
+        zooms = 1.0 + rng.uniform(-zoom, zoom, count) if zoom else np.ones(count)
+        sigmas = rng.uniform(0.0, noise_hu, count) if noise_hu else np.zeros(count)
+        seeds = rng.integers(2**31, size=count) if noise_hu else np.zeros(count, dtype=int)
+        augmentations = [Augmentation(bool(m), round(float(z), 3), round(float(n), 1), int(s))
+                         for m, z, n, s in zip(mirrored, zooms, sigmas, seeds)]
+        return [self.pair(*entries[int(i)], device, a) for i, a in zip(drawn, augmentations)]
 
 
 def shown(displacement: np.ndarray, bounds: tuple[tuple[int, int, int], tuple[int, int, int]]) -> np.ndarray:
@@ -220,5 +278,5 @@ def shown(displacement: np.ndarray, bounds: tuple[tuple[int, int, int], tuple[in
     return inside
 
 
-__all__ = ["BANK_SEED", "BANK_VERSION", "MIN_LUNG_SHARE", "BankCase", "RegistrationBank", "case_seed",
+__all__ = ["BANK_SEED", "BANK_VERSION", "MIN_LUNG_SHARE", "Augmentation", "BankCase", "RegistrationBank", "case_seed",
            "chest_lungs", "shown"]

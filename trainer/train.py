@@ -352,7 +352,8 @@ class Trainer:
                           registered_share=self.cfg.registered_share, motion_left=self.cfg.registered_motion_left)
         if self.cfg.bank_pairs:
             pool += self.bank.draw(self.cfg.bank_pairs, np.random.default_rng([*seed, 3]), device,
-                                   self.cfg.bank_weights, self.cfg.bank_mirror)
+                                   self.cfg.bank_weights, self.cfg.bank_mirror,
+                                   self.cfg.bank_zoom, self.cfg.bank_noise_hu)
         return BlockSampler(pool, self.config, np.random.default_rng(seed), self.cfg.block_input,
                             tuple(self.cfg.class_balance), centres=self.cfg.centre_sampling)
 
