@@ -157,7 +157,9 @@ def _read_pair(args: argparse.Namespace):
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
-    from RegistrationMisalignmentLib.evaluation import evaluate_landmarks, none_inside_message, write_rows_csv
+    from RegistrationMisalignmentLib.evaluation import (
+        coordinate_warning, evaluate_landmarks, none_inside_message, write_rows_csv,
+    )
     from RegistrationMisalignmentLib.io import read_image
     from RegistrationMisalignmentLib.landmarks import read_landmark_pair, read_transform
 
@@ -201,6 +203,8 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         raise InputError(f"no landmark to score: {none_inside_message(labelmap, pairs.fixed)}.")
     print(pairs.describe())
     print(report.format_table())
+    if warning := coordinate_warning(labelmap, pairs.fixed):
+        say(f"warning: {warning}")
     if args.out_csv:
         print(f"wrote {write_rows_csv(rows, args.out_csv)}")
     if args.out_json:

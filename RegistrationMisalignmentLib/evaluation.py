@@ -92,6 +92,24 @@ def none_inside_message(labelmap: sitk.Image, fixed: Landmarks) -> str:
     return f"all {n} fixed landmarks lie outside the labelmap's box; {hint}"
 
 
+def coordinate_warning(labelmap: sitk.Image, fixed: Landmarks, config: MisalignmentConfig = DEFAULT_CONFIG) -> str:
+    """A warning when scored fixed landmarks look like RAS read as LPS, else "": at least a fifth of them (and 2) lie
+    outside the map or where it is 0, and negating x and y would put at least a fifth more of them where it is not 0.
+
+    A plain .csv is LPS mm; a RAS one (Slicer's coordinates copied out) is read mirrored through the origin in x and y,
+    and where the mirror still meets the map some landmarks are scored at the wrong places. ``none_inside_message``
+    covers the case where none of them meets it."""
+    n = len(fixed)
+    margin = max(2, -(-n // 5))
+    scored = int((sample_labelmap(labelmap, fixed.points_lps) != config.label_outside).sum())
+    negated = int((sample_labelmap(labelmap, fixed.points_lps * [-1.0, -1.0, 1.0]) != config.label_outside).sum())
+    if n - scored < margin or negated - scored < margin:
+        return ""
+    return (f"{n - scored} of the {n} fixed landmarks lie outside the map or where it is 0, but with x and y negated "
+            f"{negated} would lie inside it: the file is likely in RAS and the scores above mix in landmarks at mirrored "
+            "places; give LPS (ITK, .csv) or a Slicer .fcsv / .mrk.json that names its coordinate system")
+
+
 def _class_name(index: int) -> str:
     return OUTSIDE_NAME if index == OUTSIDE else CLASS_NAMES[index]
 

@@ -19,7 +19,7 @@ import SimpleITK as sitk
 from RegistrationMisalignmentLib.cli import build_parser, main
 from RegistrationMisalignmentLib.config import DEFAULT_CONFIG
 from RegistrationMisalignmentLib.errors import InputError, PredictionCancelled
-from RegistrationMisalignmentLib.evaluation import none_inside_message, read_rows_csv
+from RegistrationMisalignmentLib.evaluation import coordinate_warning, none_inside_message, read_rows_csv
 from RegistrationMisalignmentLib.inference import predict
 from RegistrationMisalignmentLib.io import fill_region, prepare_mask, prepare_pair, read_image
 from RegistrationMisalignmentLib.outputs import Output, check_outputs
@@ -650,6 +650,27 @@ def test_evaluate_with_no_landmark_inside_the_map_says_why_instead_of_scoring_no
     empty = labelmap_of(image) * 0
     assert "where the labelmap is 0" in none_inside_message(empty, lps)
     assert evaluate_cli(tmp_path, image, lps, lps)[0] == 0
+
+
+def test_evaluate_warns_when_landmarks_read_as_lps_are_partly_scored_and_would_all_be_as_ras(tmp_path, capsys):
+    """A RAS file read as LPS whose mirror still meets the map: some landmarks are scored at the wrong places. The
+    box spans x and y from -30 to 48 mm; the map is 0 beyond x = 16 mm (the body ends there)."""
+    image = sitk.Image((40, 40, 10), sitk.sitkInt16)
+    image.SetSpacing((2.0, 2.0, 2.0))
+    image.SetOrigin((-30.0, -30.0, 0.0))
+    labelmap = labelmap_of(image)
+    labelmap[23:, :, :] = 0
+    points = np.array([[-28.0 + 3 * i, -20.0 + i, 6.0] for i in range(8)])  # x from -28 to -7: all on the map
+    lps, ras = Landmarks(points, list("abcdefgh")), Landmarks(points * [-1.0, -1.0, 1.0], list("abcdefgh"))
+    assert coordinate_warning(labelmap, lps) == ""
+    assert "likely in RAS" in coordinate_warning(labelmap, ras)  # x from 7 to 28: 5 of 8 at or beyond x = 16
+    sitk.WriteImage(labelmap, str(tmp_path / "map.nii.gz"))
+    write_landmarks(ras, tmp_path / "f.csv")
+    code = main(["evaluate", "--labelmap", str(tmp_path / "map.nii.gz"), "--fixed-landmarks", str(tmp_path / "f.csv"),
+                 "--moving-landmarks", str(tmp_path / "f.csv")])
+    assert code == 0 and "warning: 5 of the 8 fixed landmarks" in capsys.readouterr().err
+    beyond = Landmarks(np.vstack([points[:6], [[20.0, 0.0, 6.0], [24.0, 0.0, 6.0]]]), list("abcdefgh"))
+    assert coordinate_warning(labelmap, beyond) == ""  # two beyond the body whose mirror helps no one: no warning
 
 
 def test_a_pair_stored_flipped_or_sagittally_gets_the_map_of_the_pair_stored_axially():
