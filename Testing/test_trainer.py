@@ -468,8 +468,9 @@ def test_select_by_exports_the_best_validated_epoch_and_keeps_it_across_a_resume
     assert "selected" not in load_model(out / "regmis_regnet_t.pt").card["training"]
     ledger = (out / "ledger.md").read_text(encoding="utf-8")
     assert f"misalignment's export: epoch {best_row['epoch']}, the best-validated since epoch 3" in ledger
-    # stage 2 can be set back to it
-    assert main(["--smoke", "--out", str(out), "--rewind-to", "best"]) == 0
+    # stage 2 can be set back to it, under the rule that chose it
+    assert main(["--smoke", "--out", str(out), "--rewind-to", "best", "--set", "select_by=val_kappa"]) == 2
+    assert main(["--smoke", "--out", str(out), "--rewind-to", "best", *selecting]) == 0
     assert all(torch.equal(v, best["weights"][k]) for k, v in checkpoint.load(out / "checkpoint")["models"]["misalignment"].items())
     event = read_events(out / "history.jsonl")[-1]
     assert event["to"] == f"its best val_mean_f1 weights, epoch {best_row['epoch']}"
@@ -519,7 +520,9 @@ def test_selection_over_the_shipped_model_keeps_only_epochs_that_beat_it_on_all_
                 "val_blocks": "6 x class", "val_judge": judge, **shipped}
 
     stale = {"epoch": 1, "metric": "val_kappa", "value": 0.9, "judge": "a", "since": 1, "weights": {}}
-    assert trainer._select("misalignment", row(2, 0.40, 0.55, 1200), model, stale) is None  # more cw: not kept
+    more_cw = row(2, 0.40, 0.55, 1200)
+    assert trainer._select("misalignment", more_cw, model, stale) is None  # more cw: not kept
+    assert more_cw["selected_epoch"] is None  # the history row says that nothing is selected
     assert trainer._select("misalignment", row(3, 0.40, 0.53, 900), model, None) is None  # lower mean F1
     assert trainer._select("misalignment", row(4, 0.36, 0.55, 900), model, None) is None  # kappa only equal
     first = trainer._select("misalignment", row(5, 0.37, 0.55, 999), model, None)
@@ -531,6 +534,20 @@ def test_selection_over_the_shipped_model_keeps_only_epochs_that_beat_it_on_all_
     assert trainer._select("misalignment", row(8, 0.50, 0.60, 500, judge="b"), model, first)["since"] == 8
     del shipped["val_shipped_kappa"]  # a row without the shipped model's numbers cannot beat it
     assert trainer._select("misalignment", row(9, 0.5, 0.6, 10), model, None) is None
+
+
+def test_the_ledger_says_when_the_selection_holds_no_epoch(smoke_runs, tmp_path):
+    from trainer.ledger import write_ledger
+
+    straight, _ = smoke_runs
+    lines = (straight / "history.jsonl").read_text(encoding="utf-8").splitlines()
+    last = json.loads(lines[-1])
+    assert last["stage"] == "misalignment"
+    history = tmp_path / "history.jsonl"
+    history.write_text("\n".join([*lines[:-1], json.dumps({**last, "selected_epoch": None})]) + "\n", encoding="utf-8")
+    assert "no epoch selected yet" in write_ledger(history, tmp_path).read_text(encoding="utf-8")
+    history.write_text("\n".join(lines) + "\n", encoding="utf-8")  # a run without select_by: no word of it
+    assert "misalignment's export" not in write_ledger(history, tmp_path).read_text(encoding="utf-8")
 
 
 def test_a_selection_with_no_epoch_removes_the_checkpoints_earlier_best(tmp_path):

@@ -82,7 +82,10 @@ def write_ledger(history_path: Path, out: Path) -> Path:
              "its epochs count on (`--rewind-to`)"
              for event in read_events(history_path) if event["event"] == "rewind"]
     last = summary["stages"].get("misalignment", {}).get("last", {})
-    if "selected_epoch" in last:
+    if "selected_epoch" in last and last["selected_epoch"] is None:
+        notes.append("- misalignment's export: no epoch selected yet on these held-out blocks (`select_by`: "
+                     "none qualifies); an export takes the last weights")
+    elif "selected_epoch" in last:
         selected = next((r for r in rows if r["attempt"] == "misalignment" and r["epoch"] == last["selected_epoch"]), None)
         notes.append(f"- misalignment's export: epoch {last['selected_epoch']}, the best-validated since epoch "
                      f"{last.get('selected_since', '?')} (`select_by`): "

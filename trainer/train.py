@@ -455,14 +455,15 @@ class Trainer:
     def _select(self, stage: str, row: dict, validated: torch.nn.Module, best: dict | None) -> dict | None:
         """The stage's best-validated weights after this epoch's ``row`` (``select_by``): ``validated``'s, copied to
         the CPU, when its number beats ``best``'s on the same held-out blocks (``val_judge``) and metric; a new
-        count starts (``since`` this epoch) where either changed. ``row`` gets the selected epoch."""
+        count starts (``since`` this epoch) where either changed. ``row`` gets the selected epoch (None: none yet)."""
         metric = self.cfg.select_by
         if not metric or stage != "misalignment":
             return best
         value = _selection_value(row, metric)
         anew = best is None or (best["judge"], best["metric"]) != (row["val_judge"], metric)
-        if anew and value == -math.inf:
-            return None  # no epoch on these blocks qualifies yet (e.g. none beats the shipped model): nothing to keep
+        if anew and value == -math.inf:  # no epoch on these blocks qualifies yet (e.g. none beats the shipped model)
+            row["selected_epoch"] = None
+            return None
         if anew or value > best["value"]:
             best = {"epoch": row["epoch"], "metric": metric, "value": value, "judge": row["val_judge"],
                     "blocks": row["val_blocks"], "since": row["epoch"] if anew else best["since"],
@@ -752,6 +753,10 @@ def edit_checkpoint(cfg: TrainConfig, action: str, target: str) -> None:
         best = checkpoint.load(folder)["bests"].get("misalignment")
         if best is None:
             raise InputError(f"--rewind-to best: {folder} holds no selected stage-2 weights (select_by)")
+        if best["metric"] != cfg.select_by:  # chosen by another rule (select_by changed since): not this run's best
+            raise InputError(f"--rewind-to best: {folder}'s selected weights (epoch {best['epoch']}) were chosen by "
+                             f"{best['metric']}, this config selects by {cfg.select_by or 'nothing'}: "
+                             "run an epoch under it first, or give the export to set back to (--rewind-to MODEL.pt)")
         weights, label = best["weights"], f"its best {best['metric']} weights, epoch {best['epoch']}"
     else:
         model = load_model(target, device="cpu")  # verified against its card
