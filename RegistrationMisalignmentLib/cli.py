@@ -203,7 +203,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         raise InputError(f"no landmark to score: {none_inside_message(labelmap, pairs.fixed)}.")
     print(pairs.describe())
     print(report.format_table())
-    if warning := coordinate_warning(labelmap, pairs.fixed):
+    if Path(args.fixed_landmarks).suffix.lower() == ".csv" and (warning := coordinate_warning(labelmap, pairs.fixed)):
         say(f"warning: {warning}")
     if args.out_csv:
         print(f"wrote {write_rows_csv(rows, args.out_csv)}")

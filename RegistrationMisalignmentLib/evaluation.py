@@ -93,7 +93,7 @@ def none_inside_message(labelmap: sitk.Image, fixed: Landmarks) -> str:
 
 
 def coordinate_warning(labelmap: sitk.Image, fixed: Landmarks, config: MisalignmentConfig = DEFAULT_CONFIG) -> str:
-    """A warning when scored fixed landmarks look like RAS read as LPS, else "": at least a fifth of them (and 2) lie
+    """A warning when scored fixed landmarks of a plain .csv look like RAS read as LPS, else "": at least a fifth of them (and 2) lie
     outside the map or where it is 0, and negating x and y would put at least a fifth more of them where it is not 0.
 
     A plain .csv is LPS mm; a RAS one (Slicer's coordinates copied out) is read mirrored through the origin in x and y,
@@ -107,7 +107,8 @@ def coordinate_warning(labelmap: sitk.Image, fixed: Landmarks, config: Misalignm
         return ""
     return (f"{n - scored} of the {n} fixed landmarks lie outside the map or where it is 0, but with x and y negated "
             f"{negated} would lie inside it: the file is likely in RAS and the scores above mix in landmarks at mirrored "
-            "places; give LPS (ITK, .csv) or a Slicer .fcsv / .mrk.json that names its coordinate system")
+            "places; a .csv holds LPS mm (ITK's space): negate x and y of a RAS file, or give a Slicer .fcsv / "
+            ".mrk.json that names its coordinate system")
 
 
 def _class_name(index: int) -> str:

@@ -442,7 +442,7 @@ def test_stage2_can_start_from_the_shipped_model(tmp_path):
         TrainConfig(accumulate=0)
 
 
-def test_select_by_exports_the_best_validated_epoch_and_keeps_it_across_a_resume(smoke_runs, tmp_path):
+def test_select_by_exports_the_best_validated_epoch_and_keeps_it_across_a_resume(smoke_runs, tmp_path, capsys):
     import shutil
 
     straight, _ = smoke_runs
@@ -470,6 +470,7 @@ def test_select_by_exports_the_best_validated_epoch_and_keeps_it_across_a_resume
     assert f"misalignment's export: epoch {best_row['epoch']}, the best-validated since epoch 3" in ledger
     # stage 2 can be set back to it, under the rule that chose it
     assert main(["--smoke", "--out", str(out), "--rewind-to", "best", "--set", "select_by=val_kappa"]) == 2
+    assert "were chosen by val_mean_f1, this config selects by val_kappa" in capsys.readouterr().err
     assert main(["--smoke", "--out", str(out), "--rewind-to", "best", *selecting]) == 0
     assert all(torch.equal(v, best["weights"][k]) for k, v in checkpoint.load(out / "checkpoint")["models"]["misalignment"].items())
     event = read_events(out / "history.jsonl")[-1]

@@ -106,9 +106,9 @@ class Augmentation:
 
     @property
     def suffix(self) -> str:
-        """What the pair's name gains: "/mirrored", "/zoom1.07", "/noise12.5"."""
+        """What the pair's name gains: "/mirrored", "/zoom1.07", "/noise12.5_seed" (its noise seed)."""
         return ("/mirrored" if self.mirrored else "") + (f"/zoom{self.zoom:g}" if self.zoom != 1.0 else "") + (
-            f"/noise{self.noise_hu:g}" if self.noise_hu else "")
+            f"/noise{self.noise_hu:g}_{self.seed}" if self.noise_hu else "")
 
     def apply(self, fixed: torch.Tensor, deformed: torch.Tensor, residual: torch.Tensor,
               supervised: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:

@@ -352,8 +352,8 @@ class Trainer:
                           registered_share=self.cfg.registered_share, motion_left=self.cfg.registered_motion_left)
         if self.cfg.bank_pairs:
             pool += self.bank.draw(self.cfg.bank_pairs, np.random.default_rng([*seed, 3]), device,
-                                   self.cfg.bank_weights, self.cfg.bank_mirror,
-                                   self.cfg.bank_zoom, self.cfg.bank_noise_hu)
+                                   weights=self.cfg.bank_weights, mirror_share=self.cfg.bank_mirror,
+                                   zoom=self.cfg.bank_zoom, noise_hu=self.cfg.bank_noise_hu)
         return BlockSampler(pool, self.config, np.random.default_rng(seed), self.cfg.block_input,
                             tuple(self.cfg.class_balance), centres=self.cfg.centre_sampling)
 
@@ -756,7 +756,8 @@ def edit_checkpoint(cfg: TrainConfig, action: str, target: str) -> None:
         if best["metric"] != cfg.select_by:  # chosen by another rule (select_by changed since): not this run's best
             raise InputError(f"--rewind-to best: {folder}'s selected weights (epoch {best['epoch']}) were chosen by "
                              f"{best['metric']}, this config selects by {cfg.select_by or 'nothing'}: "
-                             "run an epoch under it first, or give the export to set back to (--rewind-to MODEL.pt)")
+                             f"add --set select_by={best['metric']} to set back to it all the same, or give the export "
+                             "to set back to (--rewind-to MODEL.pt)")
         weights, label = best["weights"], f"its best {best['metric']} weights, epoch {best['epoch']}"
     else:
         model = load_model(target, device="cpu")  # verified against its card
