@@ -17,7 +17,7 @@ import SimpleITK as sitk
 from RegistrationMisalignmentLib.config import CLASS_NAMES, DEFAULT_CONFIG, MisalignmentConfig
 from RegistrationMisalignmentLib.errors import InputError
 from RegistrationMisalignmentLib.landmarks import (
-    Landmarks, nearest_voxels, pair_landmarks, residual_tre, sample_labelmap,
+    Landmarks, nearest_voxels, pair_landmarks, ras_to_lps, residual_tre, sample_labelmap,
 )
 from RegistrationMisalignmentLib.metrics import ClassificationReport, evaluate_classes
 
@@ -87,7 +87,7 @@ def none_inside_message(labelmap: sitk.Image, fixed: Landmarks) -> str:
                 "image has no data); check that they were placed on this fixed image")
     hint = ("they lie inside it with x and y negated: the file is likely in RAS; give LPS (ITK, .csv) or a Slicer "
             ".fcsv / .mrk.json that names its coordinate system"
-            if nearest_voxels(labelmap, fixed.points_lps * [-1.0, -1.0, 1.0])[1].any()
+            if nearest_voxels(labelmap, ras_to_lps(fixed.points_lps))[1].any()
             else "check that they belong to this fixed image and are in LPS mm")
     return f"all {n} fixed landmarks lie outside the labelmap's box; {hint}"
 
@@ -102,7 +102,7 @@ def coordinate_warning(labelmap: sitk.Image, fixed: Landmarks, config: Misalignm
     n = len(fixed)
     margin = max(2, -(-n // 5))
     scored = int((sample_labelmap(labelmap, fixed.points_lps) != config.label_outside).sum())
-    negated = int((sample_labelmap(labelmap, fixed.points_lps * [-1.0, -1.0, 1.0]) != config.label_outside).sum())
+    negated = int((sample_labelmap(labelmap, ras_to_lps(fixed.points_lps)) != config.label_outside).sum())
     if n - scored < margin or negated - scored < margin:
         return ""
     return (f"{n - scored} of the {n} fixed landmarks lie outside the map or where it is 0, but with x and y negated "
