@@ -537,6 +537,25 @@ def test_selection_over_the_shipped_model_keeps_only_epochs_that_beat_it_on_all_
     assert trainer._select("misalignment", row(9, 0.5, 0.6, 10), model, None) is None
 
 
+def test_selection_keeping_wrong_also_wants_the_wrong_class_f1_no_lower_than_the_shipped_models(tmp_path):
+    trainer = Trainer(TrainConfig.smoke(out=str(tmp_path), select_by="val_kappa_over_shipped_keeping_wrong"))
+    model = torch.nn.Linear(2, 1)
+    shipped = {"val_shipped_kappa": 0.36, "val_shipped_mean_f1": 0.54, "val_shipped_cw": 1000,
+               "val_shipped_f1": [0.85, 0.39, 0.388]}
+
+    def row(epoch, kappa, f1_wrong, cw=900, mean_f1=0.55):
+        return {"epoch": epoch, "val_kappa": kappa, "val_mean_f1": mean_f1, "val_cw": cw, "val_f1": [0.86, 0.4, f1_wrong],
+                "val_blocks": "6 x class", "val_judge": "a", **shipped}
+
+    assert trainer._select("misalignment", row(1, 0.376, 0.353), model, None) is None  # epoch 452's kind: F1 wrong fell
+    assert trainer._select("misalignment", row(2, 0.37, float("nan")), model, None) is None  # nan: not kept
+    assert trainer._select("misalignment", row(3, 0.37, 0.39, cw=1001), model, None) is None  # the ship rule still holds
+    first = trainer._select("misalignment", row(4, 0.365, 0.388), model, None)  # F1 wrong equal: kept
+    assert (first["epoch"], first["metric"]) == (4, "val_kappa_over_shipped_keeping_wrong")
+    assert trainer._select("misalignment", row(5, 0.38, 0.387), model, first) is first  # higher kappa, F1 wrong fell
+    assert trainer._select("misalignment", row(6, 0.37, 0.40), model, first)["epoch"] == 6
+
+
 def test_the_ledger_says_when_the_selection_holds_no_epoch(smoke_runs, tmp_path):
     from trainer.ledger import write_ledger
 
