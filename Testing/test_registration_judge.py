@@ -11,6 +11,7 @@ import torch
 from RegistrationMisalignmentLib.benchmark.cases import SyntheticTruth, chest_ct_cases
 from RegistrationMisalignmentLib.config import DEFAULT_CONFIG
 from RegistrationMisalignmentLib.errors import InputError
+from RegistrationMisalignmentLib.metrics import evaluate_classes
 from RegistrationMisalignmentLib.synthetic.images import TrainingImage
 from RegistrationMisalignmentLib.synthetic.phantom import make_chest_phantom
 from trainer.config import TrainConfig
@@ -117,3 +118,48 @@ def test_the_judge_is_built_in_float32_inside_the_validations_autocast(image, tm
             judges.append(trainer.judge)
     assert judges[0].fingerprint == judges[1].fingerprint
     assert torch.equal(judges[0].batch.inputs[1], judges[1].batch.inputs[1])
+
+
+def test_the_judge_scores_affine_and_bspline_blocks_apart(image, tmp_path):
+    """Every held-out block keeps the setting that registered its pair, and validation scores each setting group's
+    blocks apart beside all of them (a model can gain after affine and lose after B-spline): a group's numbers are
+    those of its blocks' body voxels alone. A judge kept before its blocks were tagged is made again: the same
+    blocks, now tagged."""
+    from trainer.train import Trainer
+
+    data = tmp_path / "data"
+    data.mkdir()
+    sitk.WriteImage(sitk.GetImageFromArray(image.hu), str(data / "held_out_chest.nii.gz"))
+    cfg = TrainConfig.smoke(data=str(data), holdout=("held_out_chest.nii.gz",), out=str(tmp_path / "run"),
+                            val_registrations=SETTINGS, val_patches=6)
+    trainer = Trainer(cfg)
+    batch = trainer.val_batch
+    tags = batch.registrations
+    assert len(tags) == len(batch.final_labels) and set(tags) == set(SETTINGS)
+
+    outputs = []
+
+    def probabilities(x1, x2, x4):
+        shape = (1, 3, *batch.final_labels.shape[1:])
+        outputs.append(torch.rand(shape, generator=torch.Generator().manual_seed(len(outputs))))
+        return outputs[-1]
+
+    reports = trainer._class_reports(probabilities)
+    assert set(reports) == {"", "affine", "bspline"}
+    assert reports["affine"].n + reports["bspline"].n == reports[""].n
+    for group, setting in (("affine", "affine"), ("bspline", "bspline100")):
+        blocks = [i for i, r in enumerate(tags) if r == setting]
+        inside = [batch.weights[i].numpy() > 0 for i in blocks]
+        truth = np.concatenate([batch.final_labels[i].numpy()[m] for i, m in zip(blocks, inside)])
+        guess = np.concatenate([outputs[i][0].argmax(0).numpy()[m] for i, m in zip(blocks, inside)])
+        assert np.array_equal(reports[group].confusion, evaluate_classes(truth, guess).confusion)
+    row = trainer._report_row(reports, "val")
+    assert row["val_kappa"] == reports[""].kappa and row["val_bspline_cw"] == reports["bspline"].cw
+
+    cached = trainer._judge_cache()
+    untagged = trainer.judge
+    untagged.batch.registrations = ()
+    torch.save(untagged, cached)
+    again = Trainer(cfg).judge
+    assert again.fingerprint == trainer.val_judge and again.batch.registrations == tags
+    assert torch.load(cached, weights_only=False).batch.registrations == tags

@@ -556,6 +556,31 @@ def test_selection_keeping_wrong_also_wants_the_wrong_class_f1_no_lower_than_the
     assert trainer._select("misalignment", row(6, 0.37, 0.40), model, first)["epoch"] == 6
 
 
+def test_selection_per_setting_group_wants_the_ship_rule_on_affine_and_bspline_blocks_apart(tmp_path):
+    """Epoch 491's kind: better than the shipped model on all blocks and on the affine ones, worse on the B-spline
+    ones (the protocol said the same), is not kept; rows without the groups' numbers cannot be kept either."""
+    trainer = Trainer(TrainConfig.smoke(out=str(tmp_path), select_by="val_kappa_over_shipped_per_setting_group"))
+    model = torch.nn.Linear(2, 1)
+    shipped = {"val_shipped_kappa": 0.360, "val_shipped_mean_f1": 0.542, "val_shipped_cw": 223757,
+               "val_shipped_affine_kappa": 0.223, "val_shipped_affine_mean_f1": 0.504, "val_shipped_affine_cw": 53806,
+               "val_shipped_bspline_kappa": 0.156, "val_shipped_bspline_mean_f1": 0.373,
+               "val_shipped_bspline_cw": 169951}
+
+    def row(epoch, bspline_kappa, affine_cw=38110, **overall):
+        return {"epoch": epoch, "val_kappa": 0.379, "val_mean_f1": 0.555, "val_cw": 220166, **overall,
+                "val_affine_kappa": 0.264, "val_affine_mean_f1": 0.534, "val_affine_cw": affine_cw,
+                "val_bspline_kappa": bspline_kappa, "val_bspline_mean_f1": 0.374, "val_bspline_cw": 169000,
+                "val_blocks": "36 x class", "val_judge": "a", **shipped}
+
+    assert trainer._select("misalignment", row(491, 0.146), model, None) is None  # lost on the B-spline blocks
+    assert trainer._select("misalignment", row(2, 0.160, affine_cw=60000), model, None) is None  # affine cw rose
+    assert trainer._select("misalignment", row(3, 0.160, val_cw=230000), model, None) is None  # all blocks' cw rose
+    kept = trainer._select("misalignment", row(4, 0.160), model, None)
+    assert (kept["epoch"], kept["value"]) == (4, 0.379)
+    pooled = {k: v for k, v in row(5, 0.2).items() if "_bspline_" not in k and "_affine_" not in k}
+    assert trainer._select("misalignment", pooled, model, None) is None  # a row judged before the groups
+
+
 def test_the_ledger_says_when_the_selection_holds_no_epoch(smoke_runs, tmp_path):
     from trainer.ledger import write_ledger
 

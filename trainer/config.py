@@ -12,12 +12,14 @@ from RegistrationMisalignmentLib.benchmark.elastix import SETTINGS as ELASTIX_SE
 DEFAULT_SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 REGNET_INITS = ("fresh", "coarser")
 MISALIGNMENT_INITS = ("encoders", "shipped")
-SELECT_BY = ("", "val_kappa", "val_mean_f1", "val_kappa_over_shipped", "val_kappa_over_shipped_keeping_wrong")
+SELECT_BY = ("", "val_kappa", "val_mean_f1", "val_kappa_over_shipped", "val_kappa_over_shipped_keeping_wrong",
+             "val_kappa_over_shipped_per_setting_group")
 """Stage-2 validation numbers a run may select its exported model by (higher is better; "": the last epoch).
 ``val_kappa_over_shipped`` is the ship rule on the held-out blocks: the highest kappa among the epochs that
 beat the shipped model on the same blocks on all three counts (kappa and mean F1 higher, fewer correct<->wrong
 voxels). ``val_kappa_over_shipped_keeping_wrong`` adds a fourth: F1 of the wrong class no lower than the shipped
-model's."""
+model's. ``val_kappa_over_shipped_per_setting_group``: the three counts on all blocks and on the blocks of each kind
+of registration apart (affine, B-spline: ``trainer.registration_judge.SETTING_GROUPS``)."""
 CENTRE_SAMPLING = ("uniform", "class")
 """The block placements of ``trainer.dataset.BlockSampler`` (kept here so that the config needs no torch)."""
 BANK_REGIONS = ("body", "lungs")

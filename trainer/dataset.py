@@ -114,6 +114,9 @@ class Batch:
     """(B, T, T, T) int64: 0 correct, 1 poor, 2 wrong."""
     weights: torch.Tensor
     """(B, T, T, T) float32 voxel weights: the class weight inside the body, 0 outside it or the image."""
+    registrations: tuple[str, ...] = ()
+    """Per block, the elastix setting that registered its pair ("": synthetic); () in blocks kept before they
+    were tagged."""
 
 
 class BlockSampler:
@@ -196,7 +199,7 @@ class BlockSampler:
         ``stratified`` with class-drawn centres: the centre classes in the balance's exact proportion."""
         side = self.labels_side
         inputs: dict[int, list[torch.Tensor]] = {s: [] for s in self.config.scales}
-        finals, steps, weights = [], [], []
+        finals, steps, weights, registrations = [], [], [], []
         classes = self.class_quota(size) if stratified and self.by_class else [None] * size
         for klass in classes:
             pair, centre = self.draw_centre(klass)
@@ -207,11 +210,13 @@ class BlockSampler:
             weights.append(self.voxel_weights(magnitude, body))
             finals.append(self.config.classify_mm(magnitude))
             steps.append(self.config.step_labels(magnitude))
+            registrations.append(pair.registration)
         return Batch(
             inputs={s: torch.stack(v) for s, v in inputs.items()},
             step_labels=[torch.from_numpy(np.stack([l[k] for l in steps])).long() for k in range(len(steps[0]))],
             final_labels=torch.from_numpy(np.stack(finals)).long(),
             weights=torch.from_numpy(np.stack(weights)),
+            registrations=tuple(registrations),
         )
 
     def regnet_batch(self, size: int, scale: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

@@ -11,6 +11,7 @@ from pathlib import Path
 
 from trainer.export import plot_curves
 from trainer.history import read_events, read_history
+from trainer.registration_judge import SETTING_GROUPS
 
 
 def totals(rows: list[dict]) -> dict:
@@ -43,6 +44,12 @@ def _validation(row: dict) -> str:
                      f"{row['val_shipped_kappa']:.3f}, F1 c/p/w "
                      f"{' / '.join(f'{100 * f:.1f}' for f in row['val_shipped_f1'])} %"
                      + (f", cw {row['val_shipped_cw']} voxels" if "val_shipped_cw" in row else ""))
+        for group in (g for g in SETTING_GROUPS if f"val_{g}_kappa" in row):  # rows from epoch 505 on
+            scores = [(f"val_{group}_", ""), *([(f"val_shipped_{group}_", "the shipped model ")]
+                                              if f"val_shipped_{group}_kappa" in row else [])]
+            text += f"; {group} blocks: " + ", ".join(
+                f"{who}kappa {row[key + 'kappa']:.3f}, mean F1 {100 * row[key + 'mean_f1']:.1f} %, cw {row[key + 'cw']}"
+                for key, who in scores)
         if "val_blocks" in row:  # older rows do not say (the canonical run's before its epoch 34: 6 uniform blocks)
             text += (f"; judged on {row['val_blocks']} blocks of "
                      f"{' / '.join(f'{100 * s:.0f}' for s in row['val_truth_share'])} % c/p/w")
