@@ -14,6 +14,10 @@ the motion left in the truth), and the held-out scan moved by another breathing 
 registered back by elastix with all five of its settings (``val_registrations``, the run's judge from epoch
 153), and puts the protocol's numbers beside them, found by the model's sha256 in the
 ``benchmarks/results/protocol_chest_ct*/report.json`` studies. About 1 minute per model and judge.
+
+Judge and protocol are also scored per setting group (``trainer.registration_judge.SETTING_GROUPS``: affine,
+B-spline): the candidates 452, 467 and 491 beat the shipped model on the protocol after affine and lost after
+B-spline while the pooled judge ranked them above it.
 """
 
 from __future__ import annotations
@@ -25,35 +29,43 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
 from scipy.stats import spearmanr
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks.compare_protocols import read_classes  # noqa: E402
+from benchmarks.compare_protocols import Classed, read_classes  # noqa: E402
 from benchmarks.publish import publish  # noqa: E402
 from RegistrationMisalignmentLib.benchmark.elastix import SETTINGS  # noqa: E402
-from RegistrationMisalignmentLib.metrics import evaluate_classes  # noqa: E402
+from RegistrationMisalignmentLib.metrics import ClassificationReport, evaluate_classes  # noqa: E402
 from RegistrationMisalignmentLib.weights import load_model  # noqa: E402
 from trainer.config import TrainConfig  # noqa: E402
+from trainer.registration_judge import SETTING_GROUPS, setting_group  # noqa: E402
 from trainer.train import Trainer  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
-METHOD = "regmis_lstm_631"
+GROUP_NAMES = {"": "all settings", "affine": "affine", "bspline": "B-spline"}
+METRICS = ("kappa", "mean_f1", "cw")
 
 
-def protocol_scores(sha256: str) -> tuple[str, dict] | None:
-    """(study folder, scores over all settings of its first case) of the protocol study that measured the model
-    with this sha256: the case every study holds (the shipped model's has two since 2026-12-02, earlier ones one),
-    so that all models are ranked on the same 1,500 points."""
+def protocol_classes(sha256: str) -> tuple[str, Classed] | None:
+    """(study folder, classes at its landmarks) of the protocol study that measured the model with this sha256."""
     for report in sorted((REPO / "benchmarks/results").glob("protocol_chest_ct*/report.json")):
         study = json.loads(report.read_text(encoding="utf-8"))
         for name, method in study.get("methods", {}).items():
-            if method.get("sha256") == sha256 and "all" in study["results"].get(name, {}):
-                classed = read_classes(report.parent, name)
-                first = classed.case == study["cases"][0]["name"]
-                return report.parent.name, evaluate_classes(classed.true[first], classed.predicted[first]).to_dict()
+            if (method or {}).get("sha256") == sha256 and "all" in study["results"].get(name, {}):
+                return report.parent.name, read_classes(report.parent, name)
     return None
+
+
+def protocol_scores(classed: Classed, cases: set[str]) -> dict[str, ClassificationReport]:
+    """Scores over all settings ("") and per setting group (``SETTING_GROUPS``) at the landmarks of ``cases``: those
+    every measured model's study holds, so that all models are ranked on the same points."""
+    groups = np.array([setting_group(s) for s in classed.setting])
+    kept = np.isin(classed.case, sorted(cases))
+    rows = {"": kept} | {group: kept & (groups == group) for group in SETTING_GROUPS}
+    return {group: evaluate_classes(classed.true[r], classed.predicted[r]) for group, r in rows.items()}
 
 
 JUDGES = {
@@ -79,34 +91,39 @@ def main(argv: list[str] | None = None) -> int:
         trainer = Trainer(TrainConfig.from_toml(args.config, **JUDGES[name]))
         judges[name] = f"{trainer.val_judge} ({trainer.judge.blocks})"
         with torch.no_grad():
-            scores[name] = [trainer._class_report(model.module.probabilities) for model in models]
+            scores[name] = [trainer._class_reports(model.module.probabilities) for model in models]
         del trainer
         gc.collect()
-    protocol = [protocol_scores(model.card["sha256"]) for model in models]
+    found = [protocol_classes(model.card["sha256"]) for model in models]
+    known = [i for i, f in enumerate(found) if f]
+    cases = set.intersection(*(set(found[i][1].case) for i in known)) if known else set()
+    protocol = {i: protocol_scores(found[i][1], cases) for i in known}
+    columns = [(f"{judge} judge", group, scores[judge]) for judge in args.judges for group in scores[judge][0]]
+    columns += [("protocol", group, [protocol.get(i) for i in range(len(models))]) for group in ("", *SETTING_GROUPS)]
     lines = [f"# Which judge foretells the protocol? `python benchmarks/judge_probe.py "
              f"{' '.join(argv if argv is not None else sys.argv[1:])}`", "",
-             "Held-out blocks of the canonical run (12 stratified class blocks of POPI phase 00), judges: "
+             "Held-out blocks of the canonical run (POPI phase 00), judges: "
              + "; ".join(f"{name}, judge {judges[name]}" for name in args.judges)
-             + ". Protocol: its first case, all five settings, 1,500 landmarks.", "",
-             "| model | " + " | ".join(f"{name}: kappa / mean F1 % / cw voxels" for name in args.judges)
-             + " | protocol: kappa / mean F1 % / cw | protocol study |",
-             "|---|" + "---|" * len(args.judges) + "---|---|"]
+             + f". Protocol: all five settings, {len(cases)} case(s) every measured model's study holds "
+             "(300 landmarks each). Each cell: kappa / mean F1 % / cw (voxels on the judge, landmarks on the protocol); "
+             "a group's cells score its settings alone (affine; B-spline 20-2000).", "",
+             "| model | " + " | ".join(f"{where}: {GROUP_NAMES[group]}" for where, group, _ in columns)
+             + " | protocol study |", "|---|" + "---|" * len(columns) + "---|"]
     for i, model in enumerate(models):
-        cells = [f"{scores[n][i].kappa:.3f} / {100 * scores[n][i].mean_f1:.1f} / {scores[n][i].cw:,}" for n in args.judges]
-        found = protocol[i]
-        measured = (f"{found[1]['kappa']:.3f} / {100 * found[1]['mean_f1']:.1f} / {found[1]['cw']} | `{found[0]}`"
-                    if found else "– | not measured")
+        cells = [f"{c[i][group].kappa:.3f} / {100 * c[i][group].mean_f1:.1f} / {c[i][group].cw:,}" if c[i] else "–"
+                 for _, group, c in columns]
         lines.append(f"| {model.path.parent.name}/{model.path.name} ({model.card['sha256'][:12]}) | "
-                     + " | ".join(cells) + f" | {measured} |")
-    known = [i for i, found in enumerate(protocol) if found]
+                     + " | ".join(cells) + f" | {f'`{found[i][0]}`' if found[i] else 'not measured'} |")
     if len(known) >= 3:
         lines.append("")
-        for name in args.judges:
-            for metric in ("kappa", "mean_f1"):
-                rho = spearmanr([getattr(scores[name][i], metric) for i in known],
-                                [protocol[i][1][metric] for i in known])[0]
-                lines.append(f"- {name} judge: Spearman rank correlation of {metric} with the protocol's {metric} "
-                             f"over the {len(known)} measured models: {rho:.2f}")
+        for where, group, judged in columns:
+            if where == "protocol" or group not in protocol[known[0]]:
+                continue
+            rhos = [spearmanr([getattr(judged[i][group], metric) for i in known],
+                              [getattr(protocol[i][group], metric) for i in known])[0] for metric in METRICS]
+            lines.append(f"- {where}, {GROUP_NAMES[group]} against the protocol's {GROUP_NAMES[group]}, Spearman rank "
+                         f"correlation over the {len(known)} measured models: "
+                         + ", ".join(f"{metric} {rho:.2f}" for metric, rho in zip(METRICS, rhos)))
     lines += ["", f"Wall time {time.perf_counter() - started:.0f} s (beside the canonical run)."]
     publish(lines, args.out)
     return 0
