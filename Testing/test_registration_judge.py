@@ -15,7 +15,8 @@ from RegistrationMisalignmentLib.metrics import evaluate_classes
 from RegistrationMisalignmentLib.synthetic.images import TrainingImage
 from RegistrationMisalignmentLib.synthetic.phantom import make_chest_phantom
 from trainer.config import TrainConfig
-from trainer.registration_judge import register_breathing, registration_pairs
+from RegistrationMisalignmentLib.benchmark.elastix import SETTINGS as ALL_SETTINGS
+from trainer.registration_judge import register_breathing, registration_pairs, setting_group
 
 pytest.importorskip("itk")
 SETTINGS = ("affine", "bspline100")
@@ -163,3 +164,9 @@ def test_the_judge_scores_affine_and_bspline_blocks_apart(image, tmp_path):
     again = Trainer(cfg).judge
     assert again.fingerprint == trainer.val_judge and again.batch.registrations == tags
     assert torch.load(cached, weights_only=False).batch.registrations == tags
+
+
+def test_every_protocol_setting_falls_in_one_group():
+    assert {s: setting_group(s) for s in ALL_SETTINGS} == {"affine": "affine", "bspline20": "bspline", "bspline100": "bspline",
+                                                           "bspline500": "bspline", "bspline2000": "bspline"}
+    assert setting_group("") == ""  # a synthetic pair's block: in no group

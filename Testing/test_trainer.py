@@ -559,7 +559,8 @@ def test_selection_keeping_wrong_also_wants_the_wrong_class_f1_no_lower_than_the
 def test_selection_per_setting_group_wants_the_ship_rule_on_affine_and_bspline_blocks_apart(tmp_path):
     """Epoch 491's kind: better than the shipped model on all blocks and on the affine ones, worse on the B-spline
     ones (the protocol said the same), is not kept; rows without the groups' numbers cannot be kept either."""
-    trainer = Trainer(TrainConfig.smoke(out=str(tmp_path), select_by="val_kappa_over_shipped_per_setting_group"))
+    trainer = Trainer(TrainConfig.smoke(out=str(tmp_path), select_by="val_kappa_over_shipped_per_setting_group",
+                                        val_registrations=("affine", "bspline100")))
     model = torch.nn.Linear(2, 1)
     shipped = {"val_shipped_kappa": 0.360, "val_shipped_mean_f1": 0.542, "val_shipped_cw": 223757,
                "val_shipped_affine_kappa": 0.223, "val_shipped_affine_mean_f1": 0.504, "val_shipped_affine_cw": 53806,
@@ -579,6 +580,15 @@ def test_selection_per_setting_group_wants_the_ship_rule_on_affine_and_bspline_b
     assert (kept["epoch"], kept["value"]) == (4, 0.379)
     pooled = {k: v for k, v in row(5, 0.2).items() if "_bspline_" not in k and "_affine_" not in k}
     assert trainer._select("misalignment", pooled, model, None) is None  # a row judged before the groups
+
+
+def test_selection_per_setting_group_needs_a_judge_of_both_kinds_of_registration():
+    """Without affine and B-spline blocks the rule would keep no epoch, silently: refused at once, naming the fix."""
+    rule = "val_kappa_over_shipped_per_setting_group"
+    for registrations in ((), ("bspline20", "bspline2000"), ("affine",)):
+        with pytest.raises(ValueError, match="an affine and a B-spline setting"):
+            TrainConfig(select_by=rule, val_registrations=registrations)
+    TrainConfig(select_by=rule, val_registrations=("affine", "bspline500"))
 
 
 def test_the_ledger_says_when_the_selection_holds_no_epoch(smoke_runs, tmp_path):

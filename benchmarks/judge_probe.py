@@ -104,9 +104,9 @@ def main(argv: list[str] | None = None) -> int:
              f"{' '.join(argv if argv is not None else sys.argv[1:])}`", "",
              "Held-out blocks of the canonical run (POPI phase 00), judges: "
              + "; ".join(f"{name}, judge {judges[name]}" for name in args.judges)
-             + f". Protocol: all five settings, {len(cases)} case(s) every measured model's study holds "
-             "(300 landmarks each). Each cell: kappa / mean F1 % / cw (voxels on the judge, landmarks on the protocol); "
-             "a group's cells score its settings alone (affine; B-spline 20-2000).", "",
+             + f". Protocol: {len(cases)} case(s) every measured model's study holds, "
+             f"{', '.join(sorted(set(found[known[0]][1].setting))) if known else 'none measured'}. Each cell: kappa / mean F1 % / cw (voxels on the judge, landmarks on the protocol); "
+             "a group's cells score its settings alone.", "",
              "| model | " + " | ".join(f"{where}: {GROUP_NAMES[group]}" for where, group, _ in columns)
              + " | protocol study |", "|---|" + "---|" * len(columns) + "---|"]
     for i, model in enumerate(models):
@@ -117,7 +117,7 @@ def main(argv: list[str] | None = None) -> int:
     if len(known) >= 3:
         lines.append("")
         for where, group, judged in columns:
-            if where == "protocol" or group not in protocol[known[0]]:
+            if where == "protocol":
                 continue
             rhos = [spearmanr([getattr(judged[i][group], metric) for i in known],
                               [getattr(protocol[i][group], metric) for i in known])[0] for metric in METRICS]

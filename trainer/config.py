@@ -19,7 +19,8 @@ SELECT_BY = ("", "val_kappa", "val_mean_f1", "val_kappa_over_shipped", "val_kapp
 beat the shipped model on the same blocks on all three counts (kappa and mean F1 higher, fewer correct<->wrong
 voxels). ``val_kappa_over_shipped_keeping_wrong`` adds a fourth: F1 of the wrong class no lower than the shipped
 model's. ``val_kappa_over_shipped_per_setting_group``: the three counts on all blocks and on the blocks of each kind
-of registration apart (affine, B-spline: ``trainer.registration_judge.SETTING_GROUPS``)."""
+of registration apart (affine, B-spline: ``trainer.registration_judge.SETTING_GROUPS``; needs ``val_registrations``
+of both kinds); it stands in for the F1-wrong count, a proxy for the B-spline blocks' loss."""
 CENTRE_SAMPLING = ("uniform", "class")
 """The block placements of ``trainer.dataset.BlockSampler`` (kept here so that the config needs no torch)."""
 BANK_REGIONS = ("body", "lungs")
@@ -195,6 +196,11 @@ class TrainConfig:
                              "that add up to 1, e.g. [0.6, 0.2, 0.2]")
         if self.select_by not in SELECT_BY:
             raise ValueError(f"select_by {self.select_by!r}: give one of {', '.join(map(repr, SELECT_BY))}")
+        kinds = {"bspline" if s.startswith("bspline") else s for s in self.val_registrations}
+        if self.select_by == "val_kappa_over_shipped_per_setting_group" and not {"affine", "bspline"} <= kinds:
+            raise ValueError(f"select_by {self.select_by!r} scores the judge's affine and B-spline blocks apart: give "
+                             "val_registrations an affine and a B-spline setting, e.g. [\"affine\", \"bspline100\"] "
+                             f"(now {list(self.val_registrations)}), or another select_by")
         if self.accumulate < 1:
             raise ValueError(f"accumulate {self.accumulate}: give 1 (a step per batch) or more batches per step")
         for name in ("centre_sampling", "val_centre_sampling"):

@@ -251,17 +251,22 @@ class Trainer:
     def _load_or_build_judge(self) -> HeldOutJudge:
         """The registration judge: read from its cache (``_judge_cache``), else built and cached."""
         cached = self._judge_cache()
+        untagged = None
         if cached.exists():
             judge = torch.load(cached, weights_only=False)
             if judge.batch.registrations:
                 self.log(f"registration judge {judge.fingerprint}: its blocks read from {cached}")
                 return judge
+            untagged = judge.fingerprint
             self.log(f"registration judge {judge.fingerprint}: {cached} was kept before its blocks were tagged with "
-                     "their elastix setting; making them again (the same blocks)")
+                     "their elastix setting; making them again from the same draw")
         sampler = BlockSampler(self._registration_pool(), self.config, np.random.default_rng(self.cfg.seed + 100_000),
                                self.cfg.block_input, centres=self.cfg.val_centre_sampling)
         settings = ",".join(self.cfg.val_registrations)
         judge = self._held_out_judge(sampler, f", elastix {settings}", f"elastix {settings}")
+        if untagged not in (None, judge.fingerprint):
+            self.log(f"registration judge {judge.fingerprint}: made again, its blocks differ from those kept in {cached}; "
+                     "its numbers do not compare with the history's before (val_judge), and the selection starts anew")
         if self.main:
             cached.parent.mkdir(parents=True, exist_ok=True)
             torch.save(judge, cached)
@@ -599,7 +604,7 @@ class Trainer:
     def _held_out_groups(self) -> np.ndarray:
         """The setting group (``setting_group``) of every voxel ``_held_out_classes`` returns: its block's."""
         batch = self.val_batch
-        blocks = [setting_group(r) for r in batch.registrations] or [""] * len(batch.final_labels)
+        blocks = [setting_group(r) for r in batch.registrations]
         inside = batch.weights.numpy().reshape(len(blocks), -1) > 0
         return np.repeat(np.array(blocks), inside.shape[1])[inside.ravel()]
 
