@@ -14,9 +14,9 @@ from RegistrationMisalignmentLib.errors import InputError
 from RegistrationMisalignmentLib.metrics import evaluate_classes
 from RegistrationMisalignmentLib.synthetic.images import TrainingImage
 from RegistrationMisalignmentLib.synthetic.phantom import make_chest_phantom
-from trainer.config import TrainConfig
+from trainer.config import TrainConfig, setting_group
 from RegistrationMisalignmentLib.benchmark.elastix import SETTINGS as ALL_SETTINGS
-from trainer.registration_judge import register_breathing, registration_pairs, setting_group
+from trainer.registration_judge import register_breathing, registration_pairs
 
 pytest.importorskip("itk")
 SETTINGS = ("affine", "bspline100")

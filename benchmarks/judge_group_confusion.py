@@ -1,5 +1,5 @@
 """Where on the registration judge a model errs, per kind of registration: the confusion matrix of each setting
-group's blocks (affine, B-spline: ``trainer.registration_judge.SETTING_GROUPS``) and the blocks per setting.
+group's blocks (affine, B-spline: ``trainer.config.SETTING_GROUPS``) and the blocks per setting.
 
     python benchmarks/judge_group_confusion.py --models Resources/Models/regmis_lstm_631.pt other.pt ... \
         --out benchmarks/results/training/judge_group_confusion.md
@@ -26,7 +26,6 @@ from RegistrationMisalignmentLib.config import CLASS_NAMES  # noqa: E402
 from RegistrationMisalignmentLib.metrics import evaluate_classes  # noqa: E402
 from RegistrationMisalignmentLib.weights import load_model  # noqa: E402
 from trainer.config import TrainConfig  # noqa: E402
-from trainer.registration_judge import SETTING_GROUPS  # noqa: E402
 from trainer.train import Trainer  # noqa: E402
 
 
@@ -49,8 +48,8 @@ def main(argv: list[str] | None = None) -> int:
         model = load_model(path, device="cpu")
         with torch.no_grad():
             truth, predicted = trainer._held_out_classes(model.module.probabilities)
-        for group in SETTING_GROUPS:
-            report = evaluate_classes(truth[groups == group], predicted[groups == group])
+        for group, mask in groups.items():
+            report = evaluate_classes(truth[mask], predicted[mask])
             lines += [f"**{path.parent.name}/{path.name} ({model.card['sha256'][:12]}), {group} blocks**: kappa "
                       f"{report.kappa:.3f}, F1 c/p/w {' / '.join(f'{100 * f:.1f}' for f in report.f1)} %, cw {report.cw:,}",
                       "", "| truth \\ model | " + " | ".join(CLASS_NAMES) + " |", "|---|---|---|---|"]

@@ -15,7 +15,7 @@ registered back by elastix with all five of its settings (``val_registrations``,
 153), and puts the protocol's numbers beside them, found by the model's sha256 in the
 ``benchmarks/results/protocol_chest_ct*/report.json`` studies. About 1 minute per model and judge.
 
-Judge and protocol are also scored per setting group (``trainer.registration_judge.SETTING_GROUPS``: affine,
+Judge and protocol are also scored per setting group (``trainer.config.SETTING_GROUPS``: affine,
 B-spline): the candidates 452, 467 and 491 beat the shipped model on the protocol after affine and lost after
 B-spline while the pooled judge ranked them above it.
 """
@@ -40,8 +40,7 @@ from benchmarks.publish import publish  # noqa: E402
 from RegistrationMisalignmentLib.benchmark.elastix import SETTINGS  # noqa: E402
 from RegistrationMisalignmentLib.metrics import ClassificationReport, evaluate_classes  # noqa: E402
 from RegistrationMisalignmentLib.weights import load_model  # noqa: E402
-from trainer.config import TrainConfig  # noqa: E402
-from trainer.registration_judge import SETTING_GROUPS, setting_group  # noqa: E402
+from trainer.config import SETTING_GROUPS, TrainConfig, setting_group  # noqa: E402
 from trainer.train import Trainer  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]

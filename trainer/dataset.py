@@ -115,8 +115,8 @@ class Batch:
     weights: torch.Tensor
     """(B, T, T, T) float32 voxel weights: the class weight inside the body, 0 outside it or the image."""
     registrations: tuple[str, ...] = ()
-    """Per block, the elastix setting that registered its pair ("": synthetic); () in blocks kept before they
-    were tagged."""
+    """Per block, the elastix setting that registered its pair ("": synthetic); () in a judge cached before blocks
+    were tagged (``Trainer._load_or_build_judge`` makes it again)."""
 
 
 class BlockSampler:

@@ -11,7 +11,7 @@ from pathlib import Path
 
 from trainer.export import plot_curves
 from trainer.history import read_events, read_history
-from trainer.registration_judge import SETTING_GROUPS
+from trainer.config import SETTING_GROUPS
 
 
 def totals(rows: list[dict]) -> dict:

@@ -43,19 +43,6 @@ JUDGE_VERSION = 1
 """Raise it when a change here changes the judge's pairs: the trainer keeps their blocks under a key that
 includes it (``Trainer._judge_cache``)."""
 
-SETTING_GROUPS = ("affine", "bspline")
-"""The judge's blocks scored apart by the kind of registration that left them (``setting_group``): after affine a
-large smooth motion is left, after B-spline small local residuals, and a model can gain on one while losing on
-the other (the canonical run's epochs 452, 467 and 491 on the protocol: mean F1 up to +1.4 after affine, down to
--8.3 after B-spline 2000, against the shipped model)."""
-
-
-def setting_group(setting: str) -> str:
-    """The ``SETTING_GROUPS`` member an elastix setting (``benchmark.elastix.SETTINGS``) belongs to; "" for none
-    (a synthetic pair)."""
-    return next((group for group in SETTING_GROUPS if setting.startswith(group)), "")
-
-
 def _image(hu: np.ndarray) -> sitk.Image:
     """A (D, H, W) HU array as a 1 mm image with the identity direction: the trainer's grid, where DVF components
     (x, y, z) lie along the array's (W, H, D) axes."""
@@ -167,5 +154,5 @@ def registration_pairs(image: TrainingImage, settings: Sequence[str], config: Mi
     return pairs
 
 
-__all__ = ["JUDGE_SEED", "JUDGE_VERSION", "SETTING_GROUPS", "setting_group", "BreathingRegistrations", "breathing_case", "kept_transforms",
+__all__ = ["JUDGE_SEED", "JUDGE_VERSION", "BreathingRegistrations", "breathing_case", "kept_transforms",
            "register_breathing", "registration_pairs", "write_whole"]

@@ -34,7 +34,7 @@ from RegistrationMisalignmentLib.metrics import ClassificationReport, evaluate_c
 from RegistrationMisalignmentLib.networks.model import MisalignmentNet
 from RegistrationMisalignmentLib.networks.regnet import RegNet
 from trainer import checkpoint
-from trainer.config import TrainConfig
+from trainer.config import SETTING_GROUPS, TrainConfig, setting_group
 from RegistrationMisalignmentLib.synthetic.dvf import KINDS, DVFSettings
 from RegistrationMisalignmentLib.synthetic.images import TrainingImage, phantom_images, scan_stem
 from RegistrationMisalignmentLib.weights import load_model
@@ -44,8 +44,7 @@ from trainer.export import export_misalignment, export_regnet_t
 from trainer.history import HISTORY_FILE, read_events, read_history, record_event
 from trainer.ledger import write_ledger
 from trainer.registration_bank import RegistrationBank
-from trainer.registration_judge import (JUDGE_SEED, JUDGE_VERSION, SETTING_GROUPS, kept_transforms, registration_pairs,
-                                       setting_group)
+from trainer.registration_judge import JUDGE_SEED, JUDGE_VERSION, kept_transforms, registration_pairs
 
 LIVE_KEYS = ("val_mean_f1", "val_kappa", "val_f1", "val_endpoint_error_mm")
 """Validation numbers also recorded for the last step's weights when the run keeps their average."""
@@ -115,10 +114,15 @@ def start_from_coarser(model: RegNet, coarser: dict[str, torch.Tensor], ratio: f
         model.head[-1].bias.mul_(ratio)
 
 
+def _scores_prefix(prefix: str, group: str) -> str:
+    """How a validation row names the scores of ``group``'s blocks ("": all blocks): val_kappa, val_affine_kappa."""
+    return f"{prefix}_{group}_" if group else f"{prefix}_"
+
+
 def _beats_shipped(row: dict, group: str = "") -> bool:
     """Whether ``row`` beats the shipped model on the same blocks (``group``: a ``SETTING_GROUPS`` member's blocks
     alone) on kappa and mean F1 (higher) and correct<->wrong voxels (fewer); False where either side lacks them."""
-    own, shipped = (f"val_{group}_", f"val_shipped_{group}_") if group else ("val_", "val_shipped_")
+    own, shipped = _scores_prefix("val", group), _scores_prefix("val_shipped", group)
     return (f"{own}kappa" in row and f"{shipped}kappa" in row and row[f"{own}kappa"] > row[f"{shipped}kappa"]
             and row[f"{own}mean_f1"] > row[f"{shipped}mean_f1"] and row[f"{own}cw"] < row[f"{shipped}cw"])
 
@@ -594,26 +598,26 @@ class Trainer:
 
     def _class_reports(self, probabilities) -> dict[str, ClassificationReport]:
         """``_class_report`` of all held-out blocks ("") and of each ``SETTING_GROUPS`` member's blocks apart (the
-        groups the blocks hold: none for synthetic ones or blocks kept before they were tagged)."""
+        groups the blocks hold: none for synthetic ones)."""
         truth, predicted = self._held_out_classes(probabilities)
-        groups = self._held_out_groups()
         return {"": evaluate_classes(truth, predicted)} | {
-            group: evaluate_classes(truth[groups == group], predicted[groups == group])
-            for group in SETTING_GROUPS if (groups == group).any()}
+            group: evaluate_classes(truth[mask], predicted[mask]) for group, mask in self._held_out_groups().items()}
 
-    def _held_out_groups(self) -> np.ndarray:
-        """The setting group (``setting_group``) of every voxel ``_held_out_classes`` returns: its block's."""
+    def _held_out_groups(self) -> dict[str, np.ndarray]:
+        """Per ``SETTING_GROUPS`` member the blocks hold, which of the voxels ``_held_out_classes`` returns lie in its
+        blocks (bool; a block's group is its pair's ``setting_group``)."""
         batch = self.val_batch
-        blocks = [setting_group(r) for r in batch.registrations]
+        blocks = np.array([setting_group(r) for r in batch.registrations])
         inside = batch.weights.numpy().reshape(len(blocks), -1) > 0
-        return np.repeat(np.array(blocks), inside.shape[1])[inside.ravel()]
+        return {group: np.repeat(blocks == group, inside.shape[1])[inside.ravel()]
+                for group in SETTING_GROUPS if (blocks == group).any()}
 
     @staticmethod
     def _report_row(reports: dict[str, ClassificationReport], prefix: str) -> dict:
         """``prefix``_mean_f1, _kappa, _cw and _f1 of every report, a group's after the prefix (val_affine_kappa)."""
         row = {}
         for group, report in reports.items():
-            key = f"{prefix}_{group}_" if group else f"{prefix}_"
+            key = _scores_prefix(prefix, group)
             row |= {f"{key}mean_f1": report.mean_f1, f"{key}kappa": report.kappa, f"{key}cw": report.cw,
                     f"{key}f1": list(report.f1)}
         return row
