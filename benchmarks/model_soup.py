@@ -10,7 +10,8 @@ blocks and lost on its B-spline ones, B-spline pairs alone (540) the reverse, an
 on both. Fine-tuned from one start at a small learning rate, both ends lie in one basin, where the average of
 their weights often keeps the gains of each (Wortsman et al., "Model soups", ICML 2022, section 3). Each mixture
 ``(1 - alpha) * first + alpha * second`` is written as an exported model (TorchScript + card), so that the judge
-scripts and the protocol (``regmis benchmark --models-dir``) score it as they score any candidate.
+scripts and the protocol (``regmis benchmark --models-dir``; ``compare_protocols.py --method NAME_soupALPHA``)
+score it as they score any candidate.
 
 An end is an exported model file (.pt with its card beside it) or a training checkpoint's ``misalignment.pt``
 (its running average of the weights, which the run validates and exports); the first exported end lends its card.
@@ -30,9 +31,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from RegistrationMisalignmentLib.networks.model import MisalignmentNet  # noqa: E402
 from RegistrationMisalignmentLib.weights import LoadedModel, load_model, save_model  # noqa: E402
 
-CARD_KEPT = ("name", "decoder", "split", "architecture", "thresholds_mm", "input_spacing_mm", "normalisation", "config")
-"""What a mixture's card takes from the end that lends it (the network and its input); training and metrics are
-the mixture's own."""
+CARD_KEPT = ("decoder", "split", "architecture", "thresholds_mm", "input_spacing_mm", "normalisation", "config")
+"""What a mixture's card takes from the end that lends it (the network and its input); its name (the protocol's
+method name) says it is a soup, training and metrics are its own."""
 
 
 def end_weights(path: Path) -> tuple[str, dict[str, torch.Tensor], LoadedModel | None]:
@@ -48,12 +49,16 @@ def end_weights(path: Path) -> tuple[str, dict[str, torch.Tensor], LoadedModel |
 def mix(first: dict[str, torch.Tensor], second: dict[str, torch.Tensor], alpha: float,
         keys: Iterable[str]) -> dict[str, torch.Tensor]:
     """``(1 - alpha) * first + alpha * second`` of the network's state ``keys`` (a scripted model also holds its
-    non-persistent buffers); integer buffers (batch norm's step count) from the nearer end. Raises ValueError
-    where an end lacks one of ``keys``."""
+    non-persistent buffers); integer buffers (batch norm's step count) are not averaged: the first's below alpha
+    0.5, the second's from it. Raises ValueError where an end lacks one of ``keys`` or holds it in another shape
+    (another network configuration)."""
     keys = list(keys)
     missing = [k for k in keys if k not in first or k not in second]
     if missing:
         raise ValueError(f"the two ends are not the same network: {missing[:5]} missing")
+    reshaped = [k for k in keys if first[k].shape != second[k].shape]
+    if reshaped:
+        raise ValueError(f"the two ends are not the same network: {reshaped[:5]} differ in shape")
     return {k: torch.lerp(first[k].float(), second[k].float(), alpha) if first[k].is_floating_point()
             else (first[k] if alpha < 0.5 else second[k]) for k in keys}
 
@@ -71,7 +76,7 @@ def main(argv: list[str] | None = None) -> int:
     network = MisalignmentNet(lender.decoder, lender.config).eval()
     for alpha in args.alphas:
         network.load_state_dict(mix(ends[0][1], ends[1][1], alpha, network.state_dict().keys()))
-        card = {k: lender.card[k] for k in CARD_KEPT if k in lender.card} | {
+        card = {k: lender.card[k] for k in CARD_KEPT if k in lender.card} | {"name": f"{lender.name}_soup{alpha:g}",
             "description": f"model soup: (1 - {alpha:g}) x {ends[0][0]} + {alpha:g} x {ends[1][0]}",
             "training": {"soup": {"alpha": alpha, "first": ends[0][0], "second": ends[1][0]}}, "metrics": {}}
         path = save_model(network, card, args.out / f"soup_{alpha:g}.pt")
