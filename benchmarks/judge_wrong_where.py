@@ -8,10 +8,11 @@ they find half of them. A misalignment the two images do not show (a shift along
 tissue) cannot be seen by any image-based predictor; one they show can be learnt. For each group's blocks
 (``trainer.config.SETTING_GROUPS``) and each true class this gives, over the blocks' scored voxels (the lungs):
 
-- the image difference: mean |fixed - moving| over a 5 mm cube (window units, 0-1), the evidence a misalignment
-  leaves in the pair;
-- the texture: the fixed image's standard deviation over the same cube (what a shift can be seen against);
-- the distance to the lungs' edge in mm (the sliding wall, the diaphragm), within the block;
+- the image difference: mean |fixed - moving| over a 5 mm cube in HU (the images as the network sees them:
+  clipped to the HU window), the evidence a misalignment leaves in the pair;
+- the texture: the fixed image's standard deviation over the same cube in HU (what a shift can be seen against);
+- the distance to the lungs' edge in mm (the sliding wall, the diaphragm) found within the block's label cube:
+  an upper bound, infinite where the cube holds no edge;
 - the share the shipped model calls each class.
 
 The inputs are the judge's scale-1 blocks as the network sees them (1 mm grid, HU window). About 4 minutes
@@ -35,7 +36,7 @@ from benchmarks.publish import publish  # noqa: E402
 from RegistrationMisalignmentLib.config import CLASS_NAMES  # noqa: E402
 from RegistrationMisalignmentLib.inference import NETWORK_MEMORY_FORMAT  # noqa: E402
 from RegistrationMisalignmentLib.weights import load_model  # noqa: E402
-from trainer.config import TrainConfig, setting_group  # noqa: E402
+from trainer.config import TrainConfig  # noqa: E402
 from trainer.train import Trainer  # noqa: E402
 
 CUBE_MM = 5
@@ -44,17 +45,20 @@ EDGE_BANDS_MM = ((0, 5), (5, 15), (15, float("inf")))
 """Bands of distance to the lungs' edge the last table splits the voxels by."""
 
 
-def block_measures(block: np.ndarray, scored: np.ndarray) -> dict[str, np.ndarray]:
-    """``block`` (2, S, S, S): fixed and moving on the 1 mm grid; ``scored`` (T, T, T) bool, the labels' voxels
-    at its centre. Returns per scored voxel its image difference, texture and distance to the scored region's
-    edge (mm)."""
-    fixed, moving = (c.astype(np.float64) for c in block)
-    margin = (fixed.shape[0] - scored.shape[0]) // 2
+def block_measures(block: np.ndarray, scored: np.ndarray, margin: int, hu_per_unit: float) -> dict[str, np.ndarray]:
+    """``block`` (2, S, S, S): fixed and moving on the 1 mm grid, normalised; ``scored`` (T, T, T) bool, the
+    labels' voxels, ``margin`` voxels in from the block's faces. Returns per scored voxel its image difference and
+    texture (HU) and its distance to the edge of the scored region inside the label cube (mm; inf without one: the
+    cube's faces are not an edge)."""
+    fixed, moving = (c.astype(np.float64) * hu_per_unit for c in block)
     inner = (slice(margin, margin + scored.shape[0]),) * 3
     difference = uniform_filter(np.abs(fixed - moving), CUBE_MM)[inner]
     mean = uniform_filter(fixed, CUBE_MM)
     texture = np.sqrt(np.maximum(uniform_filter(fixed**2, CUBE_MM) - mean**2, 0))[inner]
-    edge = distance_transform_edt(np.pad(scored, 1, constant_values=True))[1:-1, 1:-1, 1:-1]
+    if scored.all():  # no background: distance_transform_edt has nothing to measure to
+        edge = np.full(scored.shape, np.inf)
+    else:
+        edge = distance_transform_edt(np.pad(scored, 1, constant_values=True))[1:-1, 1:-1, 1:-1]
     return {"difference": difference[scored], "texture": texture[scored], "edge_mm": edge[scored]}
 
 
@@ -67,27 +71,33 @@ def main(argv: list[str] | None = None) -> int:
     started = time.perf_counter()
     trainer = Trainer(TrainConfig.from_toml(args.config))
     batch = trainer.val_batch
-    model = load_model(args.model, device="cpu")
+    model = load_model(args.model, device=trainer.device)
     with torch.no_grad():
         _, predicted = trainer._held_out_classes(model.module.to(memory_format=NETWORK_MEMORY_FORMAT).probabilities)
     scored = batch.weights.numpy() > 0
-    measures = [block_measures(batch.inputs[1][i].numpy(), scored[i]) for i in range(len(scored))]
+    config = trainer.config
+    margin, hu_per_unit = config.encoder_context + config.decoder_margin, (config.hu_window[1] - config.hu_window[0]) / 2
+    measures = [block_measures(batch.inputs[1][i].numpy(), scored[i], margin, hu_per_unit) for i in range(len(scored))]
     values = {k: np.concatenate([m[k] for m in measures]) for k in measures[0]}
     truth = batch.final_labels.numpy()[scored]
-    groups = np.repeat([setting_group(r) for r in batch.registrations], scored.reshape(len(scored), -1).sum(1))
+    groups = np.full(len(truth), "", dtype=object)
+    for group, mask in trainer._held_out_groups().items():
+        groups[mask] = group
+    no_edge = sum(bool(s.all()) for s in scored)
     lines = [f"# Where the judge's misaligned voxels lie: `python benchmarks/judge_wrong_where.py "
              f"{' '.join(argv if argv is not None else sys.argv[1:])}`", "",
              f"Judge {trainer.val_judge} ({trainer.judge.blocks}); calls of {model.path.parent.name}/{model.path.name} "
              f"({model.card['sha256'][:12]}). Per group and true class, over the scored (lung) voxels: median and "
              f"quartiles of the image difference |fixed - moving| and of the fixed image's texture (std), both over a "
-             f"{CUBE_MM} mm cube in window units (0-1); median distance to the lungs' edge within the block; the share "
-             "the model calls correct / poor / wrong.", "",
+             f"{CUBE_MM} mm cube in HU; median distance to the lungs' edge within the block's label cube (an upper bound; "
+             f"{no_edge} of {len(scored)} cubes hold no edge, their voxels counted as beyond every band); the share the "
+             "model calls correct / poor / wrong.", "",
              "| group | true class | voxels | difference median [q1, q3] | texture median [q1, q3] | edge mm | "
              "called c / p / w % |", "|---|---|---|---|---|---|---|"]
 
     def quartiles(v: np.ndarray) -> str:
         q1, q2, q3 = np.percentile(v, [25, 50, 75])
-        return f"{q2:.3f} [{q1:.3f}, {q3:.3f}]"
+        return f"{q2:.0f} [{q1:.0f}, {q3:.0f}]"
 
     for group in dict.fromkeys(groups):
         for k, name in enumerate(CLASS_NAMES):
@@ -104,7 +114,7 @@ def main(argv: list[str] | None = None) -> int:
     for group in dict.fromkeys(groups):
         correct = (groups == group) & (truth == 0)
         wrong = (groups == group) & (truth == 2)
-        if not wrong.any():
+        if not (wrong.any() and correct.any()):
             continue
         edges = np.percentile(values["difference"][correct], [25, 50, 75])
         bins = np.digitize(values["difference"][wrong], edges)
@@ -122,9 +132,9 @@ def main(argv: list[str] | None = None) -> int:
         for low, high in EDGE_BANDS_MM:
             band = (groups == group) & (values["edge_mm"] >= low) & (values["edge_mm"] < high)
             rows = [band & (truth == k) for k in range(len(CLASS_NAMES))]
-            lines.append(f"| {group} | {low}-{high if np.isfinite(high) else ''} mm | "
+            lines.append(f"| {group} | {f'{low}-{high}' if np.isfinite(high) else f'>= {low}'} mm | "
                          + " / ".join(f"{int(r.sum()):,}" for r in rows) + " | "
-                         + " / ".join(f"{np.median(values['difference'][r]):.3f}" if r.any() else "-" for r in rows)
+                         + " / ".join(f"{np.median(values['difference'][r]):.0f}" if r.any() else "-" for r in rows)
                          + " | " + " / ".join(f"{100 * (predicted[r] == 2).mean():.1f}" if r.any() else "-"
                                               for r in rows) + " |")
     lines += ["", f"Wall time {time.perf_counter() - started:.0f} s."]
