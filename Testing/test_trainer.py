@@ -408,18 +408,20 @@ def test_compact_cache_round_trips_within_half_a_step_and_holds_out_by_stem(tmp_
     from RegistrationMisalignmentLib.io import read_image
     from RegistrationMisalignmentLib.synthetic.images import TrainingImage, to_training_image
     from trainer.cache import write_cache
+    from trainer.data import load_images
     from trainer.train import split_by_name
 
     written = write_cache(SHARED_DATA, tmp_path, scans=["chest_ct_1.5mm"])
-    assert [p.name for p in written] == ["chest_ct_1.5mm.nrrd"]
+    assert [p.name for p in written] == ["chest_ct_1.5mm.npz"]
     full = to_training_image(read_image(SHARED_DATA / "chest_ct_1.5mm.nii.gz"), "full", DEFAULT_CONFIG).hu
-    cached = to_training_image(read_image(written[0]), "cached", DEFAULT_CONFIG).hu
+    [cached] = load_images(tmp_path, DEFAULT_CONFIG)
     step = (DEFAULT_CONFIG.hu_window[1] - DEFAULT_CONFIG.hu_window[0]) / 255
-    assert cached.shape == full.shape
-    assert np.abs(np.clip(full, *DEFAULT_CONFIG.hu_window) - cached).max() <= step / 2 + 1e-3
-    images = [TrainingImage("chest_ct_1.5mm.nrrd", cached), TrainingImage("lidc.nrrd", cached[:8])]
+    assert cached.name == "chest_ct_1.5mm.nii.gz" and cached.hu.dtype == np.float32
+    assert cached.hu.shape == full.shape
+    assert np.abs(np.clip(full, *DEFAULT_CONFIG.hu_window) - cached.hu).max() <= step / 2 + 1e-3
+    images = [cached, TrainingImage("lidc.nii.gz", cached.hu[:8])]
     train, val = split_by_name(images, ("chest_ct_1.5mm.nii.gz",))
-    assert [i.name for i in val] == ["chest_ct_1.5mm.nrrd"] and [i.name for i in train] == ["lidc.nrrd"]
+    assert [i.name for i in val] == ["chest_ct_1.5mm.nii.gz"] and [i.name for i in train] == ["lidc.nii.gz"]
 
 
 def test_stage2_can_start_from_the_shipped_model(tmp_path):

@@ -7,10 +7,16 @@ data cache (``python -m trainer.cache``, carried with the call), with a time lim
 with its last epoch; its checkpoint files, history and ledger come back under OUT, ready to be copied
 over the tracked ones and committed.
 
-Rehearse on the CPU first, exactly as the GPU call will run:
+The GPU machine's image has no SimpleITK, which the trainer's modules import (its wheel, 50 MiB, does not
+fit the call): there the session puts ``benchmarks/sitk_absent`` on the path, which lets the imports pass
+and fails on any call, and the stretch calls none (the NumPy cache, no phantoms, no registration).
 
-    python -m trainer.cache --out runs/cache
-    python -m benchmarks.gpu_session --out /tmp/gpu_out --data runs/cache --device cpu --train-s 120 --throughput-s 0
+Rehearse on the CPU first, exactly as the GPU call will run (in a copy of the checkout: the session
+writes the run's checkpoint):
+
+    python -m trainer.cache --out runs/cache --scans lidc_0001_chest_ct lidc_0002_chest_ct chest_ct_1.5mm
+    python -m benchmarks.gpu_session --out /tmp/gpu_out --data runs/cache --device cpu --train-s 240 --throughput-s 0 \
+        --without-simpleitk --batch-size 1 --set steps_per_epoch=1 --set accumulate=1
 
 and on the GPU machine (carry runs/cache):
 
@@ -20,6 +26,8 @@ and on the GPU machine (carry runs/cache):
 from __future__ import annotations
 
 import argparse
+import importlib.util
+import os
 import shutil
 import subprocess
 import sys
@@ -30,12 +38,23 @@ REPO = Path(__file__).resolve().parents[1]
 CANONICAL = REPO / "trainer" / "configs" / "canonical.toml"
 STARTUP_S = 60.0
 """Trainer start-up (imports, the scans, the validation pool) and the export at the end."""
+SITK_ABSENT = REPO / "benchmarks" / "sitk_absent"
+"""A stand-in SimpleITK package (imports pass, calls fail) for a machine without it."""
+HELD_OUT = "chest_ct_1.5mm.nii.gz"
+"""The stretch's held-out scan: the judge's POPI scan and elastix are not on the GPU machine."""
 PART_BYTES = 15 * 2**20
 """A session's files come back up to 16 MB each: larger ones are split, ``cat`` joins them."""
 
 
 def log(message: str) -> None:
     print(f"[gpu-session {time.strftime('%H:%M:%S')}] {message}", flush=True)
+
+
+def without_simpleitk() -> None:
+    """Put the stand-in SimpleITK first on this process's path and its children's."""
+    sys.path.insert(0, str(SITK_ABSENT))
+    os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [str(SITK_ABSENT), os.environ.get("PYTHONPATH")]))
+    log(f"SimpleITK: the stand-in of {SITK_ABSENT.relative_to(REPO)} (imports pass, any call fails)")
 
 
 def run(name: str, command: list[str], timeout_s: float, logs: Path) -> bool:
@@ -66,7 +85,8 @@ def copy_back(path: Path, out: Path) -> None:
         (out / f"{path.name}.part{i // PART_BYTES}").write_bytes(data[i : i + PART_BYTES])
 
 
-def train_command(python: str, data: str, device: str, batch_size: int, minutes: float) -> list[str]:
+def train_command(python: str, data: str, device: str, batch_size: int, minutes: float,
+                  overrides: list[str] = ()) -> list[str]:
     """The canonical run resumed on ``device`` for ``minutes`` (the trainer stops after the epoch that
     passes them); deformed pairs are made on the GPU.
 
@@ -77,15 +97,18 @@ def train_command(python: str, data: str, device: str, batch_size: int, minutes:
     (canonical.toml, ``pool_pairs``); ``select_by`` keeps the best-judged weights for the export whatever
     the stretch does, and the next CPU stretch may set the run back to them (``--rewind-to best``). The
     selection is off for the stretch: held-out blocks made there would start a new count and overwrite the
-    run's best weights with the stretch's first epoch."""
-    from trainer.config import TrainConfig  # here: it needs SimpleITK, which the GPU image may lack
+    run's best weights with the stretch's first epoch. Its validation rows are of synthetic pairs of
+    ``HELD_OUT`` (the 1.5 mm chest crop, which it does not train on), under their own ``val_judge``; the
+    next CPU epoch is judged on the registration judge again."""
+    from trainer.config import TrainConfig  # here: after the stand-in SimpleITK, where there is none
 
     canonical = TrainConfig.from_toml(CANONICAL)
     pairs = canonical.pool_pairs + canonical.bank_pairs
     return [python, "-m", "trainer.train", "--config", str(CANONICAL), "--resume", "--data", data,
             "--device", device, "--batch-size", str(batch_size), "--set", f"pool_on_device={str(device != 'cpu').lower()}",
             "--set", f"time_limit_minutes={minutes:.2f}", "--set", "bank_pairs=0", "--set", f"pool_pairs={pairs}",
-            "--set", 'select_by=""']
+            "--set", 'select_by=""', "--set", "phantoms=0", "--set", f'holdout=["{HELD_OUT}"]',
+            "--set", "val_registrations=[]", *(a for o in overrides for a in ("--set", o))]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -96,7 +119,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--throughput-s", type=float, default=60.0, help="limit of the throughput measurement (0: skip)")
     p.add_argument("--train-s", type=float, default=570.0, help="seconds for the canonical run, start-up included")
     p.add_argument("--batch-size", type=int, default=4, help="dense blocks per step on the GPU")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="a further TrainConfig override for the run (a rehearsal's shorter epochs: steps_per_epoch=1)")
+    p.add_argument("--without-simpleitk", action="store_true",
+                   help="use the stand-in SimpleITK even where the real one is installed (to rehearse the GPU machine)")
     args = p.parse_args(argv)
+    if args.without_simpleitk or importlib.util.find_spec("SimpleITK") is None:
+        without_simpleitk()
     from trainer.config import TrainConfig
 
     out = TrainConfig.from_toml(CANONICAL).out
@@ -111,7 +140,7 @@ def main(argv: list[str] | None = None) -> int:
                            "--dense-batch", str(args.batch_size), "--decoders", "lstm", "--out", str(args.out)],
             args.throughput_s, logs)
     minutes = max(0.5, (args.train_s - STARTUP_S) / 60.0)
-    run("train", train_command(sys.executable, args.data, args.device, args.batch_size, minutes), args.train_s + 60, logs)
+    run("train", train_command(sys.executable, args.data, args.device, args.batch_size, minutes, args.set), args.train_s + 60, logs)
     for item in sorted((run_dir / "checkpoint").glob("*")) + [run_dir / n for n in ("history.jsonl", "ledger.md", "curves.png")]:
         if item.is_file():
             copy_back(item, args.out)

@@ -5,7 +5,9 @@ of the repeats, on the device asked (CUDA synchronised), for each stage, block s
 reports patches/s and labelled voxels/s (the voxels the loss supervises: 19^3 per 101^3 patch, 59^3 per
 141^3 block in stage 2; 21^3 and 61^3 DVF voxels in stage 1). For bf16 it also reports how far its
 loss and gradient are from float32 on the same batch and weights. Last, the making of one deformed
-training pair on the CPU and, on CUDA, on the GPU. Writes JSON + Markdown to --out.
+training pair on the CPU and, on CUDA, on the GPU. Writes JSON + Markdown to --out. The blocks and the
+pair come from phantoms, or (``--image``) from a scan of the compact cache (``trainer.cache``): a machine
+without SimpleITK (the lent GPU's) cannot make phantoms.
 
     python benchmarks/train_throughput.py --device cpu --out benchmarks/results
 """
@@ -31,6 +33,7 @@ from RegistrationMisalignmentLib.networks.regnet import RegNet
 from trainer.dataset import BlockSampler, build_pool, make_pair, weighted_cross_entropy, weighted_huber
 from RegistrationMisalignmentLib.synthetic.dvf import DVFSettings
 from RegistrationMisalignmentLib.synthetic.images import phantom_images
+from trainer.cache import read_cache
 
 REGNET_STAGE = "RegNet pre-training (one scale)"
 PAIR_STAGE = "deformed pair"
@@ -100,12 +103,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--dense-input", type=int, default=141, help="x1 input side of a dense block (101 + 4k)")
     parser.add_argument("--decoders", default="lstm,multiscale,singlescale")
     parser.add_argument("--pair-mm", type=float, default=256.0, help="side of the phantom cube timed as a training pair")
+    parser.add_argument("--image", type=Path, help="a cached scan (.npz, trainer.cache) in the phantoms' place")
     parser.add_argument("--out", default="benchmarks/results")
     args = parser.parse_args(argv)
     device = resolve_device(args.device)
     native_bf16 = device.type == "cuda" or cpu_has_native_bf16()
     torch.manual_seed(0)
-    images = phantom_images(1, (160.0, 160.0, 160.0), 1, DEFAULT_CONFIG)
+    scan = read_cache(args.image) if args.image else None
+    images = [scan] if scan else phantom_images(1, (160.0, 160.0, 160.0), 1, DEFAULT_CONFIG)
     pool = build_pool(images, 3, 1, DEFAULT_CONFIG, DVFSettings(), kinds=("single", "mixed", "respiratory"))
     if device.type == "cuda":
         for pair in pool:
@@ -136,10 +141,11 @@ def main(argv: list[str] | None = None) -> int:
                                               device))
                 rows.append(row)
                 print(json.dumps(row), flush=True)
-    image = phantom_images(1, (args.pair_mm,) * 3, 2, DEFAULT_CONFIG)[0]
+    image = scan or phantom_images(1, (args.pair_mm,) * 3, 2, DEFAULT_CONFIG)[0]
     voxels = image.hu.size
+    source = scan.name if scan else f"a {args.pair_mm:g} mm phantom"
     for on in [torch.device("cpu")] + ([device] if device.type == "cuda" else []):
-        stage = f"{PAIR_STAGE} of a {args.pair_mm:g} mm phantom ({voxels / 1e6:.1f} M voxels) on {on.type}"
+        stage = f"{PAIR_STAGE} of {source} ({voxels / 1e6:.1f} M voxels) on {on.type}"
         try:
             seconds = time_steps(lambda: make_pair(image, "respiratory", 0, DEFAULT_CONFIG, DVFSettings(), on), 1, on)
         except (RuntimeError, TypeError) as exc:  # a pair on the GPU is an option (pool_on_device), not a must

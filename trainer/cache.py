@@ -2,19 +2,17 @@
 
 Every scan is resampled once to the 1 mm training grid, clipped to the network's HU window and stored
 as uint8 (steps of 7.8 HU, below the 5 HU noise the trainer adds plus the scanner's own), one compressed
-NRRD per scan; its window is written into the header (``regmis_hu_window``), and ``synthetic.images``
-maps the values back to HU when it reads such a file. What the network sees differs from the full data
-only by that rounding: the window clips everything outside it anyway.
+NumPy archive per scan (``<scan>.npz``: ``hu`` the uint8 array, ``hu_window`` the HU that 0 and 255 stand
+for, ``name`` the source file's name, so that ``holdout`` and the history name the scan as before). What the
+network sees differs from the full data only by that rounding: the window clips everything outside it anyway.
+NumPy, not NRRD: the GPU machine's image has no SimpleITK (README, "On a lent GPU"), so reading the cache
+(``read_cache``, ``trainer.data.load_images``) calls NumPy alone.
 
     python -m trainer.cache --data ../shared/data --out runs/cache [--scans lidc_0001_chest_ct chest_ct_1.5mm ...]
 
-Size: all six scans of ../shared/data take 71 MiB (LIDC 13.6 each, POPI 19.0, the abdomen 15.7 at 1 mm),
-and a call to a lent GPU carries at most 64 MiB *with* the tracked working tree (68 MiB of it on
-2026-12-02: the canonical checkpoint alone is 38 MiB, its three finished RegNet files 17 of them, which a
-stage-2 resume does not read). So a GPU stretch takes a subset (``--scans``), and large tracked files the
-run does not need (the RegNet files, old study CSVs, the shipped models) are moved aside for the call.
-The GPU machine has no SimpleITK, which this module and the trainer import (README, "On a lent GPU"). xz
-compression saves only ~20 % (CT noise fills the low bits), so it is not used.
+Size: the two LIDC scans take 13.6 MiB each, POPI 19.0, the abdomen 15.7 at 1 mm (71 MiB for all six), and a
+call to a lent GPU carries at most 64 MiB *with* the tracked working tree it needs, so a GPU stretch takes a
+subset (``--scans``). xz compression saves only ~20 % (CT noise fills the low bits), so it is not used.
 """
 
 from __future__ import annotations
@@ -24,15 +22,14 @@ import sys
 from pathlib import Path
 
 import numpy as np
-import SimpleITK as sitk
 
 from RegistrationMisalignmentLib.config import DEFAULT_CONFIG, MisalignmentConfig
-from trainer.config import DEFAULT_SHARED_DATA
 from RegistrationMisalignmentLib.io import read_image
-from RegistrationMisalignmentLib.synthetic.images import HU_WINDOW_KEY, to_training_image
-from trainer.data import list_image_files
+from RegistrationMisalignmentLib.synthetic.images import TrainingImage, scan_stem, to_training_image
+from trainer.config import DEFAULT_SHARED_DATA
 
 LEVELS = 255
+CACHE_SUFFIX = ".npz"
 
 
 def to_uint8(hu: np.ndarray, window: tuple[float, float]) -> np.ndarray:
@@ -40,21 +37,29 @@ def to_uint8(hu: np.ndarray, window: tuple[float, float]) -> np.ndarray:
     return np.rint((np.clip(hu, lo, hi) - lo) * (LEVELS / (hi - lo))).astype(np.uint8)
 
 
+def read_cache(path: str | Path) -> TrainingImage:
+    """A cached scan back in HU (float32, (D, H, W) on the 1 mm grid), named as its source file; NumPy only."""
+    with np.load(path) as cached:
+        lo, hi = (float(v) for v in cached["hu_window"])
+        hu = cached["hu"].astype(np.float32) * np.float32((hi - lo) / LEVELS) + np.float32(lo)
+        return TrainingImage(str(cached["name"]), hu)
+
+
 def write_cache(source: str | Path, out: str | Path, config: MisalignmentConfig = DEFAULT_CONFIG,
                 scans: list[str] | None = None) -> list[Path]:
-    """One ``<scan>.nrrd`` per CT of ``source`` (or of those whose name starts with one of ``scans``) under
+    """One ``<scan>.npz`` per CT of ``source`` (or of those whose name starts with one of ``scans``) under
     ``out``; returns the files written."""
+    from trainer.data import list_image_files  # here: trainer.data reads the cache with read_cache
+
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     written = []
     files = [p for p in list_image_files(source) if not scans or any(p.name.startswith(s) for s in scans)]
     for path in files:
         image = to_training_image(read_image(path, str(path)), path.name, config)
-        cached = sitk.GetImageFromArray(to_uint8(image.hu, config.hu_window))
-        cached.SetSpacing((config.spacing_mm,) * 3)
-        cached.SetMetaData(HU_WINDOW_KEY, " ".join(f"{v:g}" for v in config.hu_window))
-        target = out / (image.name.removesuffix(".nii.gz").removesuffix(".nii") + ".nrrd")
-        sitk.WriteImage(cached, str(target), True)
+        target = out / (scan_stem(image.name) + CACHE_SUFFIX)
+        np.savez_compressed(target, hu=to_uint8(image.hu, config.hu_window),
+                            hu_window=np.asarray(config.hu_window, dtype=np.float64), name=np.asarray(image.name))
         written.append(target)
         print(f"{path.name} -> {target} ({target.stat().st_size / 2**20:.1f} MiB)", file=sys.stderr)
     return written

@@ -8,14 +8,16 @@ from RegistrationMisalignmentLib.config import MisalignmentConfig
 from RegistrationMisalignmentLib.errors import InputError
 from RegistrationMisalignmentLib.io import read_image
 from RegistrationMisalignmentLib.synthetic.images import IMAGE_SUFFIXES, TrainingImage, to_training_image
+from trainer.cache import CACHE_SUFFIX, read_cache
 
 
 def list_image_files(source: str | Path) -> list[Path]:
-    """CT files of a folder (images whose name holds 'mask' are skipped), or the lines of a list file."""
+    """CT files of a folder (images whose name holds 'mask' are skipped; compact copies, ``trainer.cache``, too),
+    or the lines of a list file."""
     source = Path(source)
     if source.is_dir():
         files = [p for p in sorted(source.iterdir())
-                 if p.name.endswith(IMAGE_SUFFIXES) and "mask" not in p.name.lower()]
+                 if p.name.endswith((*IMAGE_SUFFIXES, CACHE_SUFFIX)) and "mask" not in p.name.lower()]
         dicom = [p for p in sorted(source.iterdir()) if p.is_dir()]
         files += dicom
     elif source.is_file():
@@ -23,9 +25,11 @@ def list_image_files(source: str | Path) -> list[Path]:
     else:
         raise InputError(f"training data {source} not found: give a folder of CT images or a text file listing them")
     if not files:
-        raise InputError(f"training data {source} holds no CT image ({', '.join(IMAGE_SUFFIXES)} or DICOM folders)")
+        raise InputError(f"training data {source} holds no CT image ({', '.join(IMAGE_SUFFIXES)}, {CACHE_SUFFIX} or DICOM folders)")
     return files
 
 
 def load_images(source: str | Path, config: MisalignmentConfig) -> list[TrainingImage]:
-    return [to_training_image(read_image(p, str(p)), p.name, config) for p in list_image_files(source)]
+    """Every image of ``source`` on the 1 mm grid in HU; a compact copy is read without SimpleITK."""
+    return [read_cache(p) if p.name.endswith(CACHE_SUFFIX) else to_training_image(read_image(p, str(p)), p.name, config)
+            for p in list_image_files(source)]

@@ -22,8 +22,6 @@ from RegistrationMisalignmentLib.synthetic.phantom import make_chest_phantom
 IMAGE_SUFFIXES = (".nii", ".nii.gz", ".nrrd", ".nhdr", ".mha", ".mhd")
 BODY_HU = -950.0
 """Voxels denser than this are body (lung parenchyma is about -850 HU, air outside the body -1000)."""
-HU_WINDOW_KEY = "regmis_hu_window"
-"""Header key of a compact uint8 copy (``trainer.cache``): 'lo hi', the HU that 0 and 255 stand for."""
 
 
 def scan_stem(name: str) -> str:
@@ -53,11 +51,8 @@ class TrainingImage:
 
 
 def to_training_image(image: sitk.Image, name: str, config: MisalignmentConfig) -> TrainingImage:
-    """The image on the 1 mm grid in HU (a compact uint8 copy mapped back through its window)."""
+    """The image on the 1 mm grid in HU."""
     validate_image(image, name)
-    if image.HasMetaDataKey(HU_WINDOW_KEY):
-        lo, hi = (float(v) for v in image.GetMetaData(HU_WINDOW_KEY).split())
-        image = sitk.Cast(image, sitk.sitkFloat32) * ((hi - lo) / 255.0) + lo
     grid = isotropic_reference(image, config.spacing_mm)
     hu = sitk.GetArrayFromImage(resample_onto(image, grid, config.background_hu))
     return TrainingImage(name, hu.astype(np.float32))
