@@ -1,4 +1,4 @@
-"""One timed GPU session: a short throughput measurement, then the canonical training run continued on the GPU.
+"""One timed GPU session: the canonical training run continued on the GPU (a throughput measurement optional).
 
 A lent GPU is a short, fixed budget (15 minutes of device time per task, at least 10 of them for the
 canonical run), so everything runs from one command and each phase has its own time limit. The run is
@@ -18,9 +18,13 @@ writes the run's checkpoint):
     python -m benchmarks.gpu_session --out /tmp/gpu_out --data runs/cache --device cpu --train-s 240 --throughput-s 0 \
         --without-simpleitk --batch-size 1 --set steps_per_epoch=1 --set accumulate=1
 
-and on the GPU machine (carry runs/cache):
+then move aside what the call need not carry, and on the GPU machine (carry runs/cache; README, "On a lent GPU"):
 
-    python -m benchmarks.gpu_session --out $OUT --data runs/cache --train-s 570
+    python -m benchmarks.gpu_session --list-aside > aside.txt && xargs rm -f < aside.txt
+    python3 -m benchmarks.gpu_session --out $OUT --data runs/cache
+
+At most 8 files come back from a call: the checkpoint's two parts, state.json, history, ledger, curves and two
+logs. A throughput measurement (``--throughput-s 60``) fits a second, short call.
 """
 
 from __future__ import annotations
@@ -42,12 +46,17 @@ SITK_ABSENT = REPO / "benchmarks" / "sitk_absent"
 """A stand-in SimpleITK package (imports pass, calls fail) for a machine without it."""
 HELD_OUT = "chest_ct_1.5mm.nii.gz"
 """The stretch's held-out scan: the judge's POPI scan and elastix are not on the GPU machine."""
+ASIDE = ("benchmarks/results", "Resources/Models", "Resources/Screenshots")
+"""Tracked folders the stretch does not read (but the run's files below), moved aside for the call: the tree
+travels in at most 64 MiB with the cache."""
+TRAVELS = ("checkpoint/misalignment.pt", "checkpoint/state.json", "history.jsonl", "ledger.md", "curves.png")
+"""The run's files (under its ``out``) that a stage-2 stretch reads or writes."""
 PART_BYTES = 15 * 2**20
 """A session's files come back up to 16 MB each: larger ones are split, ``cat`` joins them."""
 
 
 def log(message: str) -> None:
-    print(f"[gpu-session {time.strftime('%H:%M:%S')}] {message}", flush=True)
+    print(f"[gpu-session {time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)
 
 
 def without_simpleitk() -> None:
@@ -55,6 +64,13 @@ def without_simpleitk() -> None:
     sys.path.insert(0, str(SITK_ABSENT))
     os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [str(SITK_ABSENT), os.environ.get("PYTHONPATH")]))
     log(f"SimpleITK: the stand-in of {SITK_ABSENT.relative_to(REPO)} (imports pass, any call fails)")
+
+
+def aside(out: str) -> list[str]:
+    """The tracked files under ``ASIDE`` but the run's ``TRAVELS``: what to move aside before the call."""
+    tracked = subprocess.run(["git", "ls-files", *ASIDE], cwd=REPO, capture_output=True, text=True, check=True)
+    keep = {f"{out}/{name}" for name in TRAVELS}
+    return [path for path in tracked.stdout.splitlines() if path not in keep]
 
 
 def run(name: str, command: list[str], timeout_s: float, logs: Path) -> bool:
@@ -113,11 +129,15 @@ def train_command(python: str, data: str, device: str, batch_size: int, minutes:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--out", type=Path, required=True)
+    p.add_argument("--out", type=Path, help="where the run's files and the logs come back ($OUT)")
+    p.add_argument("--list-aside", action="store_true",
+                   help="print the tracked files the stretch does not read (to move aside before the call) and stop")
     p.add_argument("--data", default="runs/cache", help="training data: the compact cache carried with the call")
     p.add_argument("--device", default="cuda", help="cuda; cpu only to rehearse the session")
-    p.add_argument("--throughput-s", type=float, default=60.0, help="limit of the throughput measurement (0: skip)")
-    p.add_argument("--train-s", type=float, default=570.0, help="seconds for the canonical run, start-up included")
+    p.add_argument("--throughput-s", type=float, default=0.0,
+                   help="limit of a throughput measurement before the run (0: none; a call lasts at most 600 s)")
+    p.add_argument("--train-s", type=float, default=550.0,
+                   help="seconds for the canonical run, start-up included (550 came back after 508 s of a 600 s call)")
     p.add_argument("--batch-size", type=int, default=4, help="dense blocks per step on the GPU")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="a further TrainConfig override for the run (a rehearsal's shorter epochs: steps_per_epoch=1)")
@@ -126,9 +146,16 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     if args.without_simpleitk or importlib.util.find_spec("SimpleITK") is None:
         without_simpleitk()
+    from RegistrationMisalignmentLib.synthetic.images import scan_stem
+    from trainer.cache import CACHE_SUFFIX
     from trainer.config import TrainConfig
 
     out = TrainConfig.from_toml(CANONICAL).out
+    if args.list_aside:
+        print("\n".join(aside(out)))
+        return 0
+    if args.out is None:
+        p.error("--out is required")
     run_dir = REPO / out
     logs = args.out / "logs"
     logs.mkdir(parents=True, exist_ok=True)
@@ -136,8 +163,10 @@ def main(argv: list[str] | None = None) -> int:
         with open(logs / "nvidia-smi.txt", "w", encoding="utf-8") as smi:
             subprocess.run(["nvidia-smi"], stdout=smi, stderr=subprocess.STDOUT)
     if args.throughput_s > 0:
-        run("throughput", [sys.executable, "benchmarks/train_throughput.py", "--device", args.device, "--repeats", "2",
-                           "--dense-batch", str(args.batch_size), "--decoders", "lstm", "--out", str(args.out)],
+        image = Path(args.data) / (scan_stem(HELD_OUT) + CACHE_SUFFIX)  # not phantoms: they need SimpleITK
+        run("throughput", [sys.executable, "-m", "benchmarks.train_throughput", "--device", args.device, "--repeats", "2",
+                           "--dense-batch", str(args.batch_size), "--decoders", "lstm", "--image", str(image),
+                           "--out", str(args.out)],
             args.throughput_s, logs)
     minutes = max(0.5, (args.train_s - STARTUP_S) / 60.0)
     run("train", train_command(sys.executable, args.data, args.device, args.batch_size, minutes, args.set), args.train_s + 60, logs)
