@@ -407,7 +407,9 @@ def test_time_limit_stops_stage_2_after_an_epoch_and_still_exports(smoke_runs, t
 def test_compact_cache_round_trips_within_half_a_step_and_holds_out_by_stem(tmp_path):
     from RegistrationMisalignmentLib.io import read_image
     from RegistrationMisalignmentLib.synthetic.images import TrainingImage, to_training_image
-    from trainer.cache import write_cache
+    from dataclasses import replace
+
+    from trainer.cache import read_cache, write_cache
     from trainer.data import load_images
     from trainer.train import split_by_name
 
@@ -422,6 +424,15 @@ def test_compact_cache_round_trips_within_half_a_step_and_holds_out_by_stem(tmp_
     images = [cached, TrainingImage("lidc.nii.gz", cached.hu[:8])]
     train, val = split_by_name(images, ("chest_ct_1.5mm.nii.gz",))
     assert [i.name for i in val] == ["chest_ct_1.5mm.nii.gz"] and [i.name for i in train] == ["lidc.nii.gz"]
+    with pytest.raises(InputError, match="made for a 1 mm grid and HU window"):
+        read_cache(written[0], replace(DEFAULT_CONFIG, hu_window=(-1000.0, 500.0)))
+    np.savez(tmp_path / "other.npz", weights=np.zeros(3))
+    with pytest.raises(InputError, match="not a compact copy of a scan"):
+        load_images(tmp_path, DEFAULT_CONFIG)
+    (tmp_path / "other.npz").unlink()
+    (tmp_path / "chest_ct_1.5mm.nii.gz").symlink_to(SHARED_DATA / "chest_ct_1.5mm.nii.gz")
+    with pytest.raises(InputError, match="holds chest_ct_1.5mm twice"):
+        load_images(tmp_path, DEFAULT_CONFIG)
 
 
 def test_stage2_can_start_from_the_shipped_model(tmp_path):

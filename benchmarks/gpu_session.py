@@ -36,10 +36,13 @@ import shutil
 import subprocess
 import sys
 import time
+from collections.abc import Sequence
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 CANONICAL = REPO / "trainer" / "configs" / "canonical.toml"
+CALL_S = 600.0
+"""A device call's longest command: the run must be back, its files copied, before it."""
 STARTUP_S = 60.0
 """Trainer start-up (imports, the scans, the validation pool) and the export at the end."""
 SITK_ABSENT = REPO / "benchmarks" / "sitk_absent"
@@ -47,8 +50,8 @@ SITK_ABSENT = REPO / "benchmarks" / "sitk_absent"
 HELD_OUT = "chest_ct_1.5mm.nii.gz"
 """The stretch's held-out scan: the judge's POPI scan and elastix are not on the GPU machine."""
 ASIDE = ("benchmarks/results", "Resources/Models", "Resources/Screenshots")
-"""Tracked folders the stretch does not read (but the run's files below), moved aside for the call: the tree
-travels in at most 64 MiB with the cache."""
+"""Tracked folders the stretch can do without (but the run's files below), moved aside for the call: the tree
+travels in at most 64 MiB with the cache. Without Resources/Models its rows carry no ``val_shipped_*``."""
 TRAVELS = ("checkpoint/misalignment.pt", "checkpoint/state.json", "history.jsonl", "ledger.md", "curves.png")
 """The run's files (under its ``out``) that a stage-2 stretch reads or writes."""
 PART_BYTES = 15 * 2**20
@@ -102,7 +105,7 @@ def copy_back(path: Path, out: Path) -> None:
 
 
 def train_command(python: str, data: str, device: str, batch_size: int, minutes: float,
-                  overrides: list[str] = ()) -> list[str]:
+                  overrides: Sequence[str] = ()) -> list[str]:
     """The canonical run resumed on ``device`` for ``minutes`` (the trainer stops after the epoch that
     passes them); deformed pairs are made on the GPU.
 
@@ -128,6 +131,7 @@ def train_command(python: str, data: str, device: str, batch_size: int, minutes:
 
 
 def main(argv: list[str] | None = None) -> int:
+    started = time.perf_counter()
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--out", type=Path, help="where the run's files and the logs come back ($OUT)")
     p.add_argument("--list-aside", action="store_true",
@@ -169,7 +173,9 @@ def main(argv: list[str] | None = None) -> int:
                            "--out", str(args.out)],
             args.throughput_s, logs)
     minutes = max(0.5, (args.train_s - STARTUP_S) / 60.0)
-    run("train", train_command(sys.executable, args.data, args.device, args.batch_size, minutes, args.set), args.train_s + 60, logs)
+    left = CALL_S - 20.0 - (time.perf_counter() - started)  # killed with the call, it would bring nothing back
+    run("train", train_command(sys.executable, args.data, args.device, args.batch_size, minutes, args.set),
+        min(args.train_s + 60.0, left), logs)
     for item in sorted((run_dir / "checkpoint").glob("*")) + [run_dir / n for n in ("history.jsonl", "ledger.md", "curves.png")]:
         if item.is_file():
             copy_back(item, args.out)

@@ -3,16 +3,17 @@
 Every scan is resampled once to the 1 mm training grid, clipped to the network's HU window and stored
 as uint8 (steps of 7.8 HU, below the 5 HU noise the trainer adds plus the scanner's own), one compressed
 NumPy archive per scan (``<scan>.npz``: ``hu`` the uint8 array, ``hu_window`` the HU that 0 and 255 stand
-for, ``name`` the source file's name, so that ``holdout`` and the history name the scan as before). What the
+for, ``spacing_mm`` the grid's, ``name`` the source file's name, so that ``holdout`` and the history name the
+scan as before). What the
 network sees differs from the full data only by that rounding: the window clips everything outside it anyway.
 NumPy, not NRRD: the GPU machine's image has no SimpleITK (README, "On a lent GPU"), so reading the cache
 (``read_cache``, ``trainer.data.load_images``) calls NumPy alone.
 
     python -m trainer.cache --data ../shared/data --out runs/cache [--scans lidc_0001_chest_ct chest_ct_1.5mm ...]
 
-Size: the two LIDC scans take 13.6 MiB each, POPI 19.0, the abdomen 15.7 at 1 mm (71 MiB for all six), and a
-call to a lent GPU carries at most 64 MiB *with* the tracked working tree it needs, so a GPU stretch takes a
-subset (``--scans``). xz compression saves only ~20 % (CT noise fills the low bits), so it is not used.
+Size: the two LIDC scans take 13.3 MiB each, the 1.5 mm chest crop 5.8 (32.4 MiB for the three a GPU stretch
+carries), and a call to a lent GPU carries at most 64 MiB *with* the tracked working tree it needs, so a
+stretch takes a subset (``--scans``). xz compression saves only ~20 % (CT noise fills the low bits).
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ from pathlib import Path
 import numpy as np
 
 from RegistrationMisalignmentLib.config import DEFAULT_CONFIG, MisalignmentConfig
+from RegistrationMisalignmentLib.errors import InputError
 from RegistrationMisalignmentLib.io import read_image
 from RegistrationMisalignmentLib.synthetic.images import TrainingImage, scan_stem, to_training_image
 from trainer.config import DEFAULT_SHARED_DATA
@@ -37,10 +39,20 @@ def to_uint8(hu: np.ndarray, window: tuple[float, float]) -> np.ndarray:
     return np.rint((np.clip(hu, lo, hi) - lo) * (LEVELS / (hi - lo))).astype(np.uint8)
 
 
-def read_cache(path: str | Path) -> TrainingImage:
-    """A cached scan back in HU (float32, (D, H, W) on the 1 mm grid), named as its source file; NumPy only."""
+def read_cache(path: str | Path, config: MisalignmentConfig = DEFAULT_CONFIG) -> TrainingImage:
+    """A cached scan back in HU (float32, (D, H, W) on ``config``'s grid), named as its source file; NumPy only.
+
+    Raises InputError for an .npz that is not such a copy, or one made for another grid or HU window."""
     with np.load(path) as cached:
-        lo, hi = (float(v) for v in cached["hu_window"])
+        missing = {"hu", "hu_window", "spacing_mm", "name"} - set(cached.files)
+        if missing:
+            raise InputError(f"{path} is not a compact copy of a scan (no {', '.join(sorted(missing))}): make one with "
+                             "python -m trainer.cache, or move other .npz files out of the training data folder")
+        window, spacing = tuple(float(v) for v in cached["hu_window"]), float(cached["spacing_mm"])
+        if window != tuple(config.hu_window) or spacing != config.spacing_mm:
+            raise InputError(f"{path} was made for a {spacing:g} mm grid and HU window {window}, this run uses "
+                             f"{config.spacing_mm:g} mm and {tuple(config.hu_window)}: make the cache again")
+        lo, hi = window
         hu = cached["hu"].astype(np.float32) * np.float32((hi - lo) / LEVELS) + np.float32(lo)
         return TrainingImage(str(cached["name"]), hu)
 
@@ -54,12 +66,14 @@ def write_cache(source: str | Path, out: str | Path, config: MisalignmentConfig 
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     written = []
-    files = [p for p in list_image_files(source) if not scans or any(p.name.startswith(s) for s in scans)]
+    files = [p for p in list_image_files(source) if not p.name.endswith(CACHE_SUFFIX)
+             and (not scans or any(p.name.startswith(s) for s in scans))]
     for path in files:
         image = to_training_image(read_image(path, str(path)), path.name, config)
         target = out / (scan_stem(image.name) + CACHE_SUFFIX)
         np.savez_compressed(target, hu=to_uint8(image.hu, config.hu_window),
-                            hu_window=np.asarray(config.hu_window, dtype=np.float64), name=np.asarray(image.name))
+                            hu_window=np.asarray(config.hu_window, dtype=np.float64),
+                            spacing_mm=np.float64(config.spacing_mm), name=np.asarray(image.name))
         written.append(target)
         print(f"{path.name} -> {target} ({target.stat().st_size / 2**20:.1f} MiB)", file=sys.stderr)
     return written

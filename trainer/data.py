@@ -7,7 +7,7 @@ from pathlib import Path
 from RegistrationMisalignmentLib.config import MisalignmentConfig
 from RegistrationMisalignmentLib.errors import InputError
 from RegistrationMisalignmentLib.io import read_image
-from RegistrationMisalignmentLib.synthetic.images import IMAGE_SUFFIXES, TrainingImage, to_training_image
+from RegistrationMisalignmentLib.synthetic.images import IMAGE_SUFFIXES, TrainingImage, scan_stem, to_training_image
 from trainer.cache import CACHE_SUFFIX, read_cache
 
 
@@ -30,6 +30,13 @@ def list_image_files(source: str | Path) -> list[Path]:
 
 
 def load_images(source: str | Path, config: MisalignmentConfig) -> list[TrainingImage]:
-    """Every image of ``source`` on the 1 mm grid in HU; a compact copy is read without SimpleITK."""
-    return [read_cache(p) if p.name.endswith(CACHE_SUFFIX) else to_training_image(read_image(p, str(p)), p.name, config)
-            for p in list_image_files(source)]
+    """Every image of ``source`` on the 1 mm grid in HU; a compact copy is read without SimpleITK. Raises
+    InputError where two files hold the same scan (a scan beside its compact copy)."""
+    images = [read_cache(p, config) if p.name.endswith(CACHE_SUFFIX)
+              else to_training_image(read_image(p, str(p)), p.name, config) for p in list_image_files(source)]
+    stems = [scan_stem(i.name) for i in images]
+    twice = sorted({s for s in stems if stems.count(s) > 1})
+    if twice:
+        raise InputError(f"training data {source} holds {', '.join(twice)} twice (a scan and its compact copy?): "
+                         "keep one of each")
+    return images

@@ -85,7 +85,7 @@ class HeldOutJudge:
 
 def split_by_name(images: list[TrainingImage], names: tuple[str, ...]) -> tuple[list[TrainingImage], list[TrainingImage]]:
     """Whole scans named in ``names`` for validation, the others for training; every name must match one
-    scan (extensions aside, so a compact copy of the data holds out the same scan)."""
+    scan, extensions aside (a compact copy, ``trainer.cache``, keeps its source's name)."""
     held = {scan_stem(n) for n in names}
     missing = held - {scan_stem(i.name) for i in images}
     if missing:

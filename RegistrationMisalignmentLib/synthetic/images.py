@@ -1,4 +1,4 @@
-"""A CT on the 1 mm grid the network works on, in HU: from any image, a compact copy, or the phantom.
+"""A CT on the 1 mm grid the network works on, in HU: from any image or the phantom.
 
 Every image is resampled once, with the Lib's own resampling, to the isotropic grid; training, the
 demo and the benchmark then deform these arrays in memory (``synthetic.deform``).
@@ -25,7 +25,7 @@ BODY_HU = -950.0
 
 
 def scan_stem(name: str) -> str:
-    """A scan's name without its image extension: the same for a scan and its compact copy."""
+    """A scan's name without its image extension (``holdout`` names a scan whatever its format)."""
     for suffix in sorted(IMAGE_SUFFIXES, key=len, reverse=True):
         if name.endswith(suffix):
             return name[: -len(suffix)]

@@ -8,21 +8,16 @@ real SimpleITK is absent (or with ``--without-simpleitk``, to rehearse the GPU m
 """
 
 
-class _Absent:
-    """``SimpleITK.<name>``: usable as a constant in a module's top level, failing when called."""
+class _Absent(type):
+    """``SimpleITK.<name>`` is a class of this kind: a constant at a module's top level and a class in
+    ``isinstance`` (nothing is an instance of it) pass; calling it fails."""
 
-    def __init__(self, name: str) -> None:
-        self.name = name
-
-    def __call__(self, *args, **kwargs):
-        raise RuntimeError(f"SimpleITK.{self.name} was called, but SimpleITK is not installed on this machine: "
+    def __call__(cls, *args, **kwargs):
+        raise RuntimeError(f"SimpleITK.{cls.__name__} was called, but SimpleITK is not installed on this machine: "
                            "the GPU stretch must not need it (benchmarks/gpu_session.py)")
-
-    def __repr__(self) -> str:
-        return f"<SimpleITK.{self.name}: absent>"
 
 
 def __getattr__(name: str) -> _Absent:
     if name.startswith("__"):
         raise AttributeError(name)
-    return _Absent(name)
+    return _Absent(name, (), {"__module__": __name__})
