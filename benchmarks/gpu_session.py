@@ -20,7 +20,7 @@ writes the run's checkpoint):
 
 then move aside what the call need not carry, and on the GPU machine (carry runs/cache; README, "On a lent GPU"):
 
-    python -m benchmarks.gpu_session --list-aside > aside.txt && xargs rm -f < aside.txt
+    python -m benchmarks.gpu_session --list-aside > /tmp/aside.txt && xargs rm -f < /tmp/aside.txt
     python3 -m benchmarks.gpu_session --out $OUT --data runs/cache
 
 At most 8 files come back from a call: the checkpoint's two parts, state.json, history, ledger, curves and two

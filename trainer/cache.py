@@ -4,8 +4,8 @@ Every scan is resampled once to the 1 mm training grid, clipped to the network's
 as uint8 (steps of 7.8 HU, below the 5 HU noise the trainer adds plus the scanner's own), one compressed
 NumPy archive per scan (``<scan>.npz``: ``hu`` the uint8 array, ``hu_window`` the HU that 0 and 255 stand
 for, ``spacing_mm`` the grid's, ``name`` the source file's name, so that ``holdout`` and the history name the
-scan as before). What the
-network sees differs from the full data only by that rounding: the window clips everything outside it anyway.
+scan as before). What the network sees differs from the full data only by that rounding: the window clips
+everything outside it anyway.
 NumPy, not NRRD: the GPU machine's image has no SimpleITK (README, "On a lent GPU"), so reading the cache
 (``read_cache``, ``trainer.data.load_images``) calls NumPy alone.
 
