@@ -9,7 +9,8 @@ from pathlib import Path
 import pytest
 import SimpleITK as sitk
 
-from benchmarks.gpu_session import ASIDE, CANONICAL, HELD_OUT, SITK_ABSENT, TRAVELS, aside, train_command
+from benchmarks import gpu_session
+from benchmarks.gpu_session import ASIDE, CANONICAL, HELD_OUT, SITK_ABSENT, TRAVELS, aside, bring_in, train_command
 from RegistrationMisalignmentLib.config import DEFAULT_CONFIG
 from RegistrationMisalignmentLib.synthetic.phantom import make_chest_phantom
 from trainer.cache import write_cache
@@ -45,6 +46,27 @@ def test_what_is_moved_aside_for_the_call_keeps_the_runs_files():
     assert moved and all(path.startswith(ASIDE) for path in moved)
     assert not {f"{out}/{name}" for name in TRAVELS} & set(moved)
     assert f"{out}/checkpoint/regnet1.pt" in moved  # a finished stage: a stage-2 resume does without it
+
+
+def test_what_a_call_brings_back_replaces_the_runs_files_parts_joined(tmp_path, monkeypatch):
+    monkeypatch.setattr(gpu_session, "PART_BYTES", 7)
+    run_dir, back = tmp_path / "run", tmp_path / "back"
+    (run_dir / "checkpoint").mkdir(parents=True)
+    back.mkdir()
+    contents = {name: f"{name} of epoch 765 ".encode() * 3 for name in TRAVELS}
+    for name, data in contents.items():
+        (tmp_path / Path(name).name).write_bytes(data)
+        gpu_session.copy_back(tmp_path / Path(name).name, back)
+    assert len(list(back.glob("misalignment.pt.part*"))) > 10  # beyond .part9: joined by number, not by name
+    (run_dir / "history.jsonl").write_text("older\n")
+    for part in back.glob("state.json*"):
+        part.unlink()
+    with pytest.raises(FileNotFoundError, match="checkpoint/state.json"):
+        bring_in(back, run_dir)
+    assert (run_dir / "history.jsonl").read_text() == "older\n"  # nothing written before the check
+    gpu_session.copy_back(tmp_path / "state.json", back)
+    assert sorted(bring_in(back, run_dir)) == sorted(run_dir / name for name in TRAVELS)
+    assert all((run_dir / name).read_bytes() == data for name, data in contents.items())
 
 
 STRETCH = """

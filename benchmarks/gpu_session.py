@@ -23,6 +23,9 @@ then move aside what the call need not carry, and on the GPU machine (carry runs
     python -m benchmarks.gpu_session --list-aside > /tmp/aside.txt && xargs rm -f < /tmp/aside.txt
     python3 -m benchmarks.gpu_session --out $OUT --data runs/cache
 
+and back here: ``python -m benchmarks.gpu_session --bring-in <the call's files_at>``, the moved files restored
+(``xargs git checkout -- < /tmp/aside.txt``), commit.
+
 At most 8 files come back from a call: the checkpoint's two parts, state.json, history, ledger, curves and two
 logs. A throughput measurement (``--throughput-s 60``) fits a second, short call.
 """
@@ -104,6 +107,27 @@ def copy_back(path: Path, out: Path) -> None:
         (out / f"{path.name}.part{i // PART_BYTES}").write_bytes(data[i : i + PART_BYTES])
 
 
+def bring_in(back: Path, run_dir: Path) -> list[Path]:
+    """The files a call brought back (``back``: ``copy_back``'s parts joined again) over the run's own in
+    ``run_dir`` (checkpoint files into its checkpoint folder); returns the files written. Raises
+    FileNotFoundError where ``back`` lacks one of ``TRAVELS``, before anything is written."""
+    parts: dict[str, list[tuple[int, Path]]] = {}
+    for path in back.iterdir():
+        head, sep, index = path.name.rpartition(".part")
+        whole = bool(sep and index.isdigit())
+        if path.is_file():
+            parts.setdefault(head if whole else path.name, []).append((int(index) if whole else 0, path))
+    missing = [name for name in TRAVELS if Path(name).name not in parts]
+    if missing:
+        raise FileNotFoundError(f"{back} lacks {', '.join(missing)}: not what a GPU session brings back")
+    written = []
+    for relative in TRAVELS:
+        target = run_dir / relative
+        target.write_bytes(b"".join(p.read_bytes() for _, p in sorted(parts[Path(relative).name])))
+        written.append(target)
+    return written
+
+
 def train_command(python: str, data: str, device: str, batch_size: int, minutes: float,
                   overrides: Sequence[str] = ()) -> list[str]:
     """The canonical run resumed on ``device`` for ``minutes`` (the trainer stops after the epoch that
@@ -145,6 +169,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--batch-size", type=int, default=4, help="dense blocks per step on the GPU")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="a further TrainConfig override for the run (a rehearsal's shorter epochs: steps_per_epoch=1)")
+    p.add_argument("--bring-in", type=Path, metavar="DIR",
+                   help="copy what a call brought back (its files_at folder) over the run's files, and stop")
     p.add_argument("--without-simpleitk", action="store_true",
                    help="use the stand-in SimpleITK even where the real one is installed (to rehearse the GPU machine)")
     args = p.parse_args(argv)
@@ -157,6 +183,10 @@ def main(argv: list[str] | None = None) -> int:
     out = TrainConfig.from_toml(CANONICAL).out
     if args.list_aside:
         print("\n".join(aside(out)))
+        return 0
+    if args.bring_in:
+        for path in bring_in(args.bring_in, REPO / out):
+            log(f"brought in {path.relative_to(REPO)}")
         return 0
     if args.out is None:
         p.error("--out is required")
@@ -179,8 +209,8 @@ def main(argv: list[str] | None = None) -> int:
     for item in sorted((run_dir / "checkpoint").glob("*")) + [run_dir / n for n in ("history.jsonl", "ledger.md", "curves.png")]:
         if item.is_file():
             copy_back(item, args.out)
-    log(f"brought back {sorted(f.name for f in args.out.iterdir())}: copy checkpoint files into "
-        f"{out}/checkpoint/, the rest into {out}/, and commit")
+    log(f"brought back {sorted(f.name for f in args.out.iterdir())}: here, python -m benchmarks.gpu_session "
+        "--bring-in FILES_AT, then commit")
     return 0
 
 
