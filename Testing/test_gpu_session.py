@@ -58,12 +58,12 @@ def test_what_a_call_brings_back_replaces_the_runs_files_parts_joined(tmp_path, 
         (tmp_path / Path(name).name).write_bytes(data)
         gpu_session.copy_back(tmp_path / Path(name).name, back)
     assert len(list(back.glob("misalignment.pt.part*"))) > 10  # beyond .part9: joined by number, not by name
-    (run_dir / "history.jsonl").write_text("older\n")
+    (run_dir / "history.jsonl").write_text("older\n", encoding="utf-8")
     for part in back.glob("state.json*"):
         part.unlink()
     with pytest.raises(FileNotFoundError, match="checkpoint/state.json"):
         bring_in(back, run_dir)
-    assert (run_dir / "history.jsonl").read_text() == "older\n"  # nothing written before the check
+    assert (run_dir / "history.jsonl").read_text(encoding="utf-8") == "older\n"  # nothing written before the check
     gpu_session.copy_back(tmp_path / "state.json", back)
     assert sorted(bring_in(back, run_dir)) == sorted(run_dir / name for name in TRAVELS)
     assert all((run_dir / name).read_bytes() == data for name, data in contents.items())
@@ -97,7 +97,8 @@ def test_the_stretch_reads_the_cache_and_makes_pairs_and_blocks_without_simpleit
     cache = tmp_path / "cache"
     write_cache(source, cache)
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(SITK_ABSENT), str(REPO)])}
-    done = subprocess.run([sys.executable, "-c", STRETCH, str(cache), str(source / "phantom.nii.gz")], cwd=REPO, env=env, capture_output=True, text=True)
+    done = subprocess.run([sys.executable, "-c", STRETCH, str(cache), str(source / "phantom.nii.gz")], cwd=REPO, env=env,
+                          capture_output=True, text=True, encoding="utf-8")
     assert done.returncode == 0, done.stderr
     lines = done.stdout.splitlines()
     assert lines[0] == "phantom.nii.gz (96, 96, 96) 1 (1, 19, 19, 19)"

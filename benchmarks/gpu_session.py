@@ -74,7 +74,8 @@ def without_simpleitk() -> None:
 
 def aside(out: str) -> list[str]:
     """The tracked files under ``ASIDE`` but the run's ``TRAVELS``: what to move aside before the call."""
-    tracked = subprocess.run(["git", "ls-files", *ASIDE], cwd=REPO, capture_output=True, text=True, check=True)
+    tracked = subprocess.run(["git", "ls-files", *ASIDE], cwd=REPO, capture_output=True, text=True,
+                             encoding="utf-8", check=True)
     keep = {f"{out}/{name}" for name in TRAVELS}
     return [path for path in tracked.stdout.splitlines() if path not in keep]
 
