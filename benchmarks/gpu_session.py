@@ -207,7 +207,7 @@ def main(argv: list[str] | None = None) -> int:
     left = CALL_S - 20.0 - (time.perf_counter() - started)  # killed with the call, it would bring nothing back
     run("train", train_command(sys.executable, args.data, args.device, args.batch_size, minutes, args.set),
         min(args.train_s + 60.0, left), logs)
-    for item in sorted((run_dir / "checkpoint").glob("*")) + [run_dir / n for n in ("history.jsonl", "ledger.md", "curves.png")]:
+    for item in (run_dir / name for name in TRAVELS):  # what --bring-in puts back
         if item.is_file():
             copy_back(item, args.out)
     log(f"brought back {sorted(f.name for f in args.out.iterdir())}: here, python -m benchmarks.gpu_session "

@@ -582,22 +582,26 @@ class Trainer:
                 "val_weighted_endpoint_error_mm": float((error * w).sum()),
                 "val_weighted_target_magnitude_mm": float((magnitude * w).sum())}
 
-    def _held_out_probabilities(self, probabilities) -> tuple[np.ndarray, np.ndarray]:
-        """(truth (N,) class indices, (N, 3) float32 probabilities) of the held-out blocks' N body voxels, each once:
-        ``probabilities(x1, x2, x4)`` (B, 3, ...). The blocks go in in ``NETWORK_MEMORY_FORMAT``, fastest with a
-        module in it."""
+    def _held_out_forward(self, probabilities) -> tuple[torch.Tensor, np.ndarray, np.ndarray]:
+        """``probabilities(x1, x2, x4)`` of every held-out block, (B, 3, ...) float32 on the CPU, with the blocks'
+        truth (B x ... class indices, flat) and which of those voxels are body (bool, flat). The blocks go in in
+        ``NETWORK_MEMORY_FORMAT``, fastest with a module in it."""
         with self._autocast():
             probs = torch.cat([probabilities(*(self.val_batch.inputs[s][i : i + 1].to(self.device)
                                                .contiguous(memory_format=NETWORK_MEMORY_FORMAT) for s in (1, 2, 4)))
                                for i in range(len(self.val_batch.final_labels))]).float().cpu()
-        inside = self.val_batch.weights.numpy().ravel() > 0
-        return (self.val_batch.final_labels.numpy().ravel()[inside],
-                probs.movedim(1, -1).reshape(-1, probs.shape[1]).numpy()[inside])
+        return probs, self.val_batch.final_labels.numpy().ravel(), self.val_batch.weights.numpy().ravel() > 0
 
     def _held_out_classes(self, probabilities) -> tuple[np.ndarray, np.ndarray]:
-        """(truth, predicted) class indices of the held-out blocks' body voxels, each once (``probabilities``' argmax)."""
-        truth, probs = self._held_out_probabilities(probabilities)
-        return truth, probs.argmax(1)
+        """(truth, predicted) class indices of the held-out blocks' body voxels, each once: ``probabilities``' argmax."""
+        probs, truth, inside = self._held_out_forward(probabilities)
+        return truth[inside], probs.argmax(1).numpy().ravel()[inside]
+
+    def _held_out_probabilities(self, probabilities) -> tuple[np.ndarray, np.ndarray]:
+        """(truth (N,) class indices, (N, 3) probabilities) of the held-out blocks' N body voxels, each once (for
+        studies of the decision itself; validation needs only ``_held_out_classes``)."""
+        probs, truth, inside = self._held_out_forward(probabilities)
+        return truth[inside], probs.movedim(1, -1).reshape(-1, probs.shape[1]).numpy()[inside]
 
     def _class_report(self, probabilities) -> ClassificationReport:
         """``probabilities(x1, x2, x4)`` (B, 3, ...) argmax against the held-out blocks' truth, every body voxel once."""
