@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 
 import numpy as np
 import pytest
@@ -15,6 +16,7 @@ from conftest import SHARED_DATA
 from trainer.config import TrainConfig
 from RegistrationMisalignmentLib.synthetic.images import phantom_images
 from trainer import checkpoint
+from trainer.dvf_heads import encoder_features
 from trainer.dataset import CLASS_BALANCE, BlockSampler, DeformedPair, build_pool, class_weights
 from RegistrationMisalignmentLib.synthetic.dvf import DVFSettings
 from RegistrationMisalignmentLib.networks.regnet import RegNet
@@ -708,3 +710,63 @@ def test_trainer_log_lines_reach_a_log_file_at_once(monkeypatch):
     monkeypatch.setattr("sys.stdout", sink)
     Trainer.log(types.SimpleNamespace(main=True), "registration bank: case 1/12 registered")
     assert sink.flushed == "registration bank: case 1/12 registered\n"
+
+
+def test_stage_two_dvf_targets_lie_under_each_encoders_heads(pool):
+    """``batch(dvf=True)``: per scale, the DVF where a RegNet head on that encoder's features puts its output
+    (level voxel q is 1 mm voxel s*q), read back from a field that holds each voxel's own 1 mm index."""
+    pair = pool[0]
+    index = torch.stack(torch.meshgrid(*(torch.arange(n, dtype=torch.float32) for n in pair.magnitude.shape),
+                                       indexing="ij"))
+    marked = DeformedPair.of(pair.name, pair.pyramid, index, pair.body)
+    sampler = BlockSampler([marked], DEFAULT_CONFIG, np.random.default_rng(3), 101)
+    sampler.rng = np.random.default_rng(5)
+    batch = sampler.batch(1, dvf=True)
+    sampler.rng = np.random.default_rng(5)
+    _, centre = sampler.draw_centre()
+    start = [int(c - sampler.labels_side // 2) // 4 * 4 for c in centre]
+    model = MisalignmentNet("lstm", DEFAULT_CONFIG)
+    with encoder_features(model) as features, torch.no_grad():
+        model.eval()(batch.inputs[1], batch.inputs[2], batch.inputs[4])
+    for scale in (4, 2, 1):
+        target, weights = batch.dvfs[scale]
+        assert target.shape[2:] == tuple(n - 4 for n in features[scale].shape[2:])  # a head takes 2 voxels a side
+        # the fine encoder's first output voxel is the label block's first minus the decoder margin
+        first = [math.floor((p - DEFAULT_CONFIG.decoder_margin) / scale) + 2 for p in start]
+        inside = (weights[0, 0] > 0).nonzero()[0]
+        expected = [scale * (f + int(i)) for f, i in zip(first, inside)]
+        assert target[0, :, inside[0], inside[1], inside[2]].tolist() == expected
+
+
+def test_dvf_heads_train_beside_stage_two_resume_bit_for_bit_and_can_be_dropped(smoke_runs, tmp_path):
+    import shutil
+
+    straight, _ = smoke_runs
+    once, twice = tmp_path / "once", tmp_path / "twice"
+    shutil.copytree(straight, once)
+    shutil.copytree(straight, twice)
+    dvf = ["--set", "dvf_loss_weight=0.5", "--set", "accumulate=2", "--set", "steps_per_epoch=2", "--set",
+           "ema_decay=0.5", "--set", "lr_schedule=[[2, 1e-4]]", "--set", "regnet_init=coarser"]
+    assert main(["--smoke", "--out", str(once), "--epochs", "4", "--resume", *dvf]) == 0
+    assert main(["--smoke", "--out", str(twice), "--epochs", "3", "--resume", *dvf]) == 0
+    assert main(["--smoke", "--out", str(twice), "--epochs", "4", "--resume", *dvf]) == 0
+    a, b = checkpoint.load(once / "checkpoint"), checkpoint.load(twice / "checkpoint")
+    assert a["dvf_heads"] is not None and a["dvf_heads"].keys() == b["dvf_heads"].keys()
+    for key, value in a["dvf_heads"].items():
+        assert torch.equal(value, b["dvf_heads"][key]), key
+    for key, value in a["models"]["misalignment"].items():
+        assert torch.equal(value, b["models"]["misalignment"][key]), key
+    assert len(a["optimizer"]["param_groups"]) == 2
+    # the heads started from stage 1's, then learnt
+    regnet1 = checkpoint.load(straight / "checkpoint")["averages"]["regnet1"]
+    assert any(not torch.equal(a["dvf_heads"][f"heads.1.{k.removeprefix('head.')}"], v)
+               for k, v in regnet1.items() if k.startswith("head.") and v.is_floating_point())
+    rows = [json.loads(l) for l in (once / "history.jsonl").read_text(encoding="utf-8").splitlines()]
+    assert all(r["train_dvf_zero_epe_mm"] > 0 and r["train_dvf_epe_mm"] > 0 for r in rows[-2:])
+    assert "train_dvf_epe_mm" not in rows[-3]
+    # dropped again: the model's optimiser state goes on, the heads' is left behind
+    assert main(["--smoke", "--out", str(once), "--epochs", "5", "--resume", "--set", "dvf_loss_weight=0"]) == 0
+    after = checkpoint.load(once / "checkpoint")
+    assert after["epoch"] == 5 and after["dvf_heads"] is None and len(after["optimizer"]["param_groups"]) == 1
+    with pytest.raises(ValueError, match="dvf_loss_weight"):
+        TrainConfig(dvf_loss_weight=-1.0)

@@ -51,13 +51,15 @@ def expand_moments(optimizer_state: dict) -> dict:
 
 def save(folder: Path, stage: str, epoch: int, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
          seconds: dict[str, float], finished: dict[str, dict] | None = None,
-         average: torch.nn.Module | None = None, best: dict | None = None) -> None:
+         average: torch.nn.Module | None = None, best: dict | None = None,
+         dvf_heads: torch.nn.Module | None = None) -> None:
     """Write ``stage``'s file and then ``state.json`` (each atomically: a stopped run leaves the last
     complete checkpoint). ``finished`` stages (weights only, e.g. RegNets reused from another run) are
     written once, when their file is missing; ``average``: the weights' running average (float32);
     ``best``: the stage's best-validated weights on the CPU (``{"epoch", "metric", "value", "judge", "blocks",
     "since", "weights"}``), written when its epoch is this one; None removes the stage's earlier ones (a
-    selection that holds no epoch yet, e.g. none beats the shipped model on new blocks)."""
+    selection that holds no epoch yet, e.g. none beats the shipped model on new blocks); ``dvf_heads``: stage 2's
+    auxiliary DVF heads (``trainer.dvf_heads``), trained beside the model (its optimiser's second group)."""
     folder.mkdir(parents=True, exist_ok=True)
     for name, weights in (finished or {}).items():
         if not (folder / f"{name}.pt").exists():
@@ -67,7 +69,8 @@ def save(folder: Path, stage: str, epoch: int, model: torch.nn.Module, optimizer
     elif best is None:
         (folder / f"{stage}{BEST_SUFFIX}").unlink(missing_ok=True)
     payload = {"epoch": epoch, "model": _cpu_copy(model), "optimizer": round_moments(optimizer.state_dict()),
-               "average": None if average is None else _cpu_copy(average)}
+               "average": None if average is None else _cpu_copy(average),
+               "dvf_heads": None if dvf_heads is None else _cpu_copy(dvf_heads)}
     _save_atomic(payload, folder / f"{stage}.pt")
     _write_state(folder, stage, epoch, seconds)
 
@@ -91,14 +94,15 @@ def _write_state(folder: Path, stage: str, epoch: int, seconds: dict[str, float]
 
 def load(folder: Path) -> dict:
     """``{"stage", "epoch", "seconds", "models": {stage: weights}, "averages": {stage: weights}, "bests":
-    {stage: best}, "optimizer"}``: the optimiser state is that of the last stage (float32 moments), the models
+    {stage: best}, "optimizer", "dvf_heads"}``: the optimiser state is that of the last stage (float32 moments), as
+    are the DVF heads (None where it kept none), the models
     every stage saved, the averages those a stage kept, the best-validated weights of a stage that selects
     (as ``save`` takes them)."""
     state = json.loads((folder / "state.json").read_text(encoding="utf-8"))
     if not (folder / f"{state['stage']}.pt").exists():
         raise RuntimeError(f"{folder}: state.json is at {state['stage']} but {state['stage']}.pt is missing (a "
                            f"--drop-stage cut short?): run regmis-train --drop-stage {state['stage']} again")
-    models, averages, bests, optimizer = {}, {}, {}, None
+    models, averages, bests, optimizer, dvf_heads = {}, {}, {}, None, None
     for path in sorted(folder.glob(f"*{BEST_SUFFIX}")):
         best = torch.load(path, map_location="cpu", weights_only=True)
         stage = path.name.removesuffix(BEST_SUFFIX)
@@ -113,7 +117,9 @@ def load(folder: Path) -> dict:
             if payload["epoch"] != state["epoch"]:
                 raise RuntimeError(f"{path} holds epoch {payload['epoch']} but state.json says {state['epoch']}")
             optimizer = expand_moments(payload["optimizer"])
-    return {**state, "models": models, "averages": averages, "bests": bests, "optimizer": optimizer}
+            dvf_heads = payload.get("dvf_heads")
+    return {**state, "models": models, "averages": averages, "bests": bests, "optimizer": optimizer,
+            "dvf_heads": dvf_heads}
 
 
 def drop_stage(folder: Path, stage: str, stages: tuple[str, ...]) -> int:

@@ -82,6 +82,17 @@ class TrainConfig:
     running statistics follow the last ~10 training blocks: on the canonical run they carried most of its drift
     over stage 2's epochs 78-96 (those epochs' weights with the best epoch's statistics: kappa 0.558 instead of
     0.412, the best 0.580; ``benchmarks/results/training/bn_drift_probe.md``)."""
+    dvf_loss_weight: float = 0.0
+    """Stage 2 also regresses each scale's DVF from its encoder's features, through a RegNet DVF head of its own
+    (``trainer.dvf_heads``: started from stage 1's heads, trained beside the model, never exported), and adds
+    this weight times that Huber loss (mm) to the classification loss; 0: none. The encoders then keep
+    registering while they learn to classify: after an affine registration the misalignment is a smooth 3-10 mm
+    motion that only features which measure displacement can tell apart, where the classes alone give the
+    encoders a weak signal (the canonical run's gap to elastix-t lies there)."""
+    dvf_heads_lr: float = 1e-4
+    """Adam's rate for the DVF heads (``lr`` and its schedule are the model's): the heads must follow the encoders'
+    features, which stage 2 has moved since stage 1, at a rate a warm-started RegNet learnt at (1e-4,
+    ``benchmarks/results/training/regnet_probe_x1_from_x4.md``), whatever rate the model is at."""
     select_by: str = ""
     """Export stage 2's best-validated weights instead of its last ones: after every epoch the weights just
     validated (the running average where the run keeps one) are kept in the checkpoint
@@ -242,6 +253,10 @@ class TrainConfig:
         if self.bank_pairs and not (self.bank_cases and self.bank_registrations):
             raise ValueError(f"bank_pairs {self.bank_pairs} needs a registration bank: give bank_cases (e.g. 2) and "
                              "bank_registrations (e.g. [\"affine\", \"bspline500\"]), or set bank_pairs = 0")
+        if self.dvf_loss_weight < 0:
+            raise ValueError(f"dvf_loss_weight {self.dvf_loss_weight}: give 0 (classes alone) or a positive weight")
+        if self.dvf_heads_lr <= 0:
+            raise ValueError(f"dvf_heads_lr {self.dvf_heads_lr}: give Adam's rate for the DVF heads, e.g. 1e-4")
         if self.block_input < 101 or (self.block_input - 101) % 4:
             raise ValueError(f"block_input {self.block_input}: give 101 + 4k voxels (101, 105, ..., 141, ...)")
 

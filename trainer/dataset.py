@@ -23,7 +23,8 @@ import torch.nn.functional as F
 
 from RegistrationMisalignmentLib.config import MisalignmentConfig
 from RegistrationMisalignmentLib.networks.regnet import ENCODER_CONTEXT, HEAD_CONTEXT
-from RegistrationMisalignmentLib.preprocess import background_value, build_pyramid, extract_block, scale_blocks
+from RegistrationMisalignmentLib.preprocess import (background_value, block_geometry, build_pyramid, extract_block,
+                                                    scale_blocks)
 from RegistrationMisalignmentLib.synthetic.deform import deform_pair, registered_pair
 from RegistrationMisalignmentLib.synthetic.dvf import KINDS, DVFSettings
 from RegistrationMisalignmentLib.synthetic.images import TrainingImage
@@ -117,6 +118,9 @@ class Batch:
     registrations: tuple[str, ...] = ()
     """Per block, the elastix setting that registered its pair ("": synthetic); () in a judge cached before blocks
     were tagged (``Trainer._load_or_build_judge`` makes it again)."""
+    dvfs: dict[int, tuple[torch.Tensor, torch.Tensor]] | None = None
+    """Per scale, the DVF under a RegNet head on that scale's encoder features: (B, 3, m, m, m) mm on the level's
+    grid and the voxel weights (B, 1, m, m, m), as stage 1's (``BlockSampler.batch(dvf=True)``); None: not asked."""
 
 
 class BlockSampler:
@@ -177,9 +181,9 @@ class BlockSampler:
         (or the image: body False)."""
         return np.where(body, self.weights[self.config.classify_mm(magnitude)], 0.0).astype(np.float32)
 
-    def _targets(self, pair: DeformedPair, start: tuple[int, ...], size: int, stride: int = 1):
-        """|DVF|, body and DVF of the block at ``start`` of the level-``stride`` grid (outside: 0 / False)."""
-        shape = (size,) * 3
+    def _targets(self, pair: DeformedPair, start: tuple[int, ...], size: int | tuple[int, ...], stride: int = 1):
+        """|DVF| and body of the block at ``start`` of the level-``stride`` grid (outside: 0 / False)."""
+        shape = (size,) * 3 if isinstance(size, int) else size
         magnitude = torch.from_numpy(pair.magnitude[::stride, ::stride, ::stride])[None]
         body = torch.from_numpy(pair.body[::stride, ::stride, ::stride])[None]
         return (extract_block(magnitude, start, shape, 0.0)[0].numpy(),
@@ -194,11 +198,13 @@ class BlockSampler:
             counts[k] += 1
         return [k for k in range(3) for _ in range(counts[k])]
 
-    def batch(self, size: int, stratified: bool = False) -> Batch:
+    def batch(self, size: int, stratified: bool = False, dvf: bool = False) -> Batch:
         """``size`` dense blocks for stage 2, each centred (to the model's 4-voxel alignment) on a body voxel;
-        ``stratified`` with class-drawn centres: the centre classes in the balance's exact proportion."""
+        ``stratified`` with class-drawn centres: the centre classes in the balance's exact proportion; ``dvf``:
+        with each scale's DVF targets (``Batch.dvfs``)."""
         side = self.labels_side
         inputs: dict[int, list[torch.Tensor]] = {s: [] for s in self.config.scales}
+        dvfs: dict[int, list[tuple[torch.Tensor, torch.Tensor]]] = {s: [] for s in self.config.scales}
         finals, steps, weights, registrations = [], [], [], []
         classes = self.class_quota(size) if stratified and self.by_class else [None] * size
         for klass in classes:
@@ -206,6 +212,8 @@ class BlockSampler:
             start = tuple(int(c - side // 2) // 4 * 4 for c in centre)
             for s, block in scale_blocks(pair.pyramid, start, (side,) * 3, self.config).items():
                 inputs[s].append(block)
+                if dvf:
+                    dvfs[s].append(self._dvf_target(pair, start, s, tuple(block.shape[1:])))
             magnitude, body = self._targets(pair, start, side)
             weights.append(self.voxel_weights(magnitude, body))
             finals.append(self.config.classify_mm(magnitude))
@@ -217,7 +225,21 @@ class BlockSampler:
             final_labels=torch.from_numpy(np.stack(finals)).long(),
             weights=torch.from_numpy(np.stack(weights)),
             registrations=tuple(registrations),
+            dvfs={s: (torch.stack([y for y, _ in v]), torch.stack([w for _, w in v])) for s, v in dvfs.items()}
+            if dvf else None,
         )
+
+    def _dvf_target(self, pair: DeformedPair, start: tuple[int, ...], scale: int,
+                    input_shape: tuple[int, ...]) -> tuple[torch.Tensor, torch.Tensor]:
+        """The DVF (3, ...) mm and voxel weights (1, ...) under a RegNet head on the level-``scale`` encoder's
+        features of the stage-2 block at 1 mm ``start`` (its input block ``input_shape``, ``block_geometry``)."""
+        input_start = block_geometry(start, (self.labels_side,) * 3, self.config)[scale][0]
+        context = ENCODER_CONTEXT + HEAD_CONTEXT
+        out_start = tuple(q + context for q in input_start)
+        out_shape = tuple(n - 2 * context for n in input_shape)
+        target = extract_block(pair.dvf[:, ::scale, ::scale, ::scale], out_start, out_shape, 0.0)
+        magnitude, body = self._targets(pair, out_start, out_shape, scale)
+        return target, torch.from_numpy(self.voxel_weights(magnitude, body))[None]
 
     def regnet_batch(self, size: int, scale: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Stage-1 blocks of level ``scale``: inputs (B, 2, n, n, n) with n = ``block_input``, DVF targets

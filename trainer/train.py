@@ -39,6 +39,7 @@ from RegistrationMisalignmentLib.synthetic.dvf import KINDS, DVFSettings
 from RegistrationMisalignmentLib.synthetic.images import TrainingImage, phantom_images, scan_stem
 from RegistrationMisalignmentLib.weights import load_model
 from trainer.data import load_images
+from trainer.dvf_heads import DVFHeads, encoder_features
 from trainer.dataset import BlockSampler, DeformedPair, build_pool, class_shares, weighted_cross_entropy, weighted_huber
 from trainer.export import export_misalignment, export_regnet_t
 from trainer.history import HISTORY_FILE, read_events, read_history, record_event
@@ -81,6 +82,13 @@ class HeldOutJudge:
     """``val_judge``: sha256 of the blocks' truth and body and of how their moving images were made."""
     blocks: str
     """``val_blocks``: how many, how placed, how made."""
+
+
+def _first_group(optimizer_state: dict) -> dict:
+    """An optimiser state cut to its first parameter group (the model's): a checkpoint of a run that trained DVF
+    heads beside it (its second group) resumed without them."""
+    kept = optimizer_state["param_groups"][0]
+    return {"state": {k: v for k, v in optimizer_state["state"].items() if k in kept["params"]}, "param_groups": [kept]}
 
 
 def split_by_name(images: list[TrainingImage], names: tuple[str, ...]) -> tuple[list[TrainingImage], list[TrainingImage]]:
@@ -416,27 +424,35 @@ class Trainer:
         average = self._average(stage, model, state)
         best = state.get("bests", {}).get(stage)
         optimizer = torch.optim.Adam(net.parameters(), lr=self.cfg.lr)
-        if done_index == stage_index:
+        heads = self._dvf_heads(stage, state)
+        saved = state["optimizer"] if done_index == stage_index else None
+        if saved is not None:
             first_epoch = state["epoch"]
-            optimizer.load_state_dict(state["optimizer"])
+            if heads is not None and len(saved["param_groups"]) > 1:
+                optimizer.add_param_group({"params": heads.parameters()})
+            optimizer.load_state_dict(saved if heads is not None else _first_group(saved))
+        if heads is not None and len(optimizer.param_groups) == 1:
+            optimizer.add_param_group({"params": heads.parameters()})
         for epoch in range(first_epoch, epochs):
             wall, cpu = time.perf_counter(), time.process_time()
             lr = self.cfg.lr_at(epoch + 1)
-            for group in optimizer.param_groups:  # set every epoch, so a resumed run follows the schedule too
-                group["lr"] = lr
+            for group, rate in zip(optimizer.param_groups, (lr, self.cfg.dvf_heads_lr)):  # set every epoch, so a
+                group["lr"] = rate                                                            # resumed run follows too
             sampler = self._pool_sampler(stage_index, epoch)
             pool_seconds = time.perf_counter() - wall
             net.train()
             if self.cfg.freeze_batch_norm and stage == "misalignment":
                 freeze_batch_norm(model)
-            losses = []
+            losses, dvf_errors = [], []
+            if heads is not None:
+                heads.train()
             bar = tqdm(range(self.cfg.steps_per_epoch), desc=f"{stage} {epoch + 1}/{epochs}", disable=not self.main,
                        leave=False, file=sys.stderr)
             for step in bar:
                 optimizer.zero_grad(set_to_none=True)
                 loss = torch.zeros((), device=self.device)
                 for _ in range(self.cfg.accumulate):  # one graph in memory at a time
-                    part = self._step(stage, net, sampler) / self.cfg.accumulate
+                    part = self._step(stage, net, sampler, heads, dvf_errors) / self.cfg.accumulate
                     part.backward()
                     loss += part.detach()
                 optimizer.step()
@@ -454,6 +470,8 @@ class Trainer:
                    "seconds": seconds, "cpu_seconds": time.process_time() - cpu, "pool_seconds": pool_seconds,
                    "device": self.device.type, "world": self.world, "amp": self.amp, "samples": samples,
                    "patches_per_s": samples / seconds, "labelled_voxels_per_s": samples * side**3 / seconds}
+            if dvf_errors:  # the heads' end-point error on the training blocks, beside the zero predictor's (mm)
+                row["train_dvf_epe_mm"], row["train_dvf_zero_epe_mm"] = torch.stack(dvf_errors).mean(0).tolist()
             if self.cfg.registered_share:
                 row["registered_pairs"] = sum(pair.registered and not pair.registration for pair in sampler.pairs)
             if self.cfg.bank_pairs:
@@ -474,7 +492,7 @@ class Trainer:
             if self.main:
                 checkpoint.save(self.checkpoint_dir, stage, epoch + 1, model, optimizer, state["seconds"],
                                 {k: v for k, v in state["models"].items() if k != stage},
-                                None if average is None else average.module, best)
+                                None if average is None else average.module, best, heads)
             self.record(row)
             self.epochs_done += 1
             if self.out_of_time():
@@ -544,15 +562,44 @@ class Trainer:
         limit = self.cfg.time_limit_minutes
         return limit > 0 and time.perf_counter() - self.started > 60.0 * limit
 
-    def _step(self, stage: str, net: torch.nn.Module, sampler: BlockSampler) -> torch.Tensor:
+    def _dvf_heads(self, stage: str, state: dict) -> DVFHeads | None:
+        """Stage 2's auxiliary DVF heads (``dvf_loss_weight``): the checkpoint's where it holds them, else stage 1's
+        RegNet heads (``trainer.dvf_heads``); None for stage 1 or without the auxiliary loss."""
+        if stage != "misalignment" or not self.cfg.dvf_loss_weight:
+            return None
+        heads = DVFHeads()
+        if state.get("dvf_heads") is not None:
+            heads.load_state_dict(state["dvf_heads"])
+        else:
+            regnets = {s: self.weights(name, state) for s, name in REGNET_STAGES.items() if name in state["models"]}
+            heads.start_from(regnets)
+            self.log(f"DVF heads (dvf_loss_weight {self.cfg.dvf_loss_weight:g}) start from stage 1's RegNet heads "
+                     f"of scales {sorted(regnets)}" + ("" if len(regnets) == 3 else ", the others fresh"))
+        return heads.to(self.device)
+
+    def _step(self, stage: str, net: torch.nn.Module, sampler: BlockSampler, heads: DVFHeads | None = None,
+              dvf_errors: list[torch.Tensor] | None = None) -> torch.Tensor:
+        """One forward pass and its loss; with ``heads``, stage 2's auxiliary DVF loss added and the heads'
+        (end-point error, the zero predictor's) appended to ``dvf_errors``."""
         with self._autocast():
             if stage == "misalignment":
-                batch = sampler.batch(self.cfg.batch_size)
+                batch = sampler.batch(self.cfg.batch_size, dvf=heads is not None)
                 x = {s: v.to(self.device) for s, v in batch.inputs.items()}
                 weights = batch.weights.to(self.device)
-                logits = net(x[1], x[2], x[4])
+                if heads is None:
+                    logits = net(x[1], x[2], x[4])
+                else:
+                    with encoder_features(getattr(net, "module", net)) as features:
+                        logits = net(x[1], x[2], x[4])
                 targets = batch.step_labels if len(logits) > 1 else [batch.final_labels]
-                return sum(weighted_cross_entropy(l, t.to(self.device), weights) for l, t in zip(logits, targets))
+                loss = sum(weighted_cross_entropy(l, t.to(self.device), weights) for l, t in zip(logits, targets))
+                if heads is None:
+                    return loss
+                dvfs = {s: (y.to(self.device), w.to(self.device)) for s, (y, w) in batch.dvfs.items()}
+                dvf_loss, errors = heads.loss(features, dvfs)
+                if dvf_errors is not None:
+                    dvf_errors.append(errors)
+                return loss + self.cfg.dvf_loss_weight * dvf_loss
             scale = int(stage.removeprefix("regnet"))
             x, y, weights = sampler.regnet_batch(self.cfg.batch_size, scale)
             return weighted_huber(net(x.to(self.device)), y.to(self.device), weights.to(self.device))
