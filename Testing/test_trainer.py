@@ -764,6 +764,7 @@ def test_dvf_heads_train_beside_stage_two_resume_bit_for_bit_and_can_be_dropped(
     rows = [json.loads(l) for l in (once / "history.jsonl").read_text(encoding="utf-8").splitlines()]
     assert all(r["train_dvf_zero_epe_mm"] > 0 and r["train_dvf_epe_mm"] > 0 for r in rows[-2:])
     assert "train_dvf_epe_mm" not in rows[-3]
+    assert "DVF heads on the training blocks: EPE" in (once / "ledger.md").read_text(encoding="utf-8")
     # dropped again: the model's optimiser state goes on, the heads' is left behind
     assert main(["--smoke", "--out", str(once), "--epochs", "5", "--resume", "--set", "dvf_loss_weight=0"]) == 0
     after = checkpoint.load(once / "checkpoint")

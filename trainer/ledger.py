@@ -50,6 +50,9 @@ def _validation(row: dict) -> str:
             text += f"; {group} blocks: " + ", ".join(
                 f"{who}kappa {row[key + 'kappa']:.3f}, mean F1 {100 * row[key + 'mean_f1']:.1f} %, cw {row[key + 'cw']}"
                 for key, who in scores)
+        if "train_dvf_epe_mm" in row:  # dvf_loss_weight: the encoders' auxiliary DVF heads, on the training blocks
+            text += (f"; DVF heads on the training blocks: EPE {row['train_dvf_epe_mm']:.2f} mm vs "
+                     f"{row['train_dvf_zero_epe_mm']:.2f} mm for the zero predictor")
         if "val_blocks" in row:  # older rows do not say (the canonical run's before its epoch 34: 6 uniform blocks)
             text += (f"; judged on {row['val_blocks']} blocks of "
                      f"{' / '.join(f'{100 * s:.0f}' for s in row['val_truth_share'])} % c/p/w")
