@@ -17,6 +17,7 @@ import math
 import os
 import sys
 import time
+from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -567,6 +568,9 @@ class Trainer:
         RegNet heads (``trainer.dvf_heads``); None for stage 1 or without the auxiliary loss."""
         if stage != "misalignment" or not self.cfg.dvf_loss_weight:
             return None
+        if self.world > 1:  # the heads sit outside DistributedDataParallel: their gradients would not be shared
+            raise InputError(f"dvf_loss_weight {self.cfg.dvf_loss_weight:g} trains in one process only, this run has "
+                             f"{self.world}: start it without torchrun, or set dvf_loss_weight = 0")
         heads = DVFHeads()
         if state.get("dvf_heads") is not None:
             heads.load_state_dict(state["dvf_heads"])
@@ -586,11 +590,9 @@ class Trainer:
                 batch = sampler.batch(self.cfg.batch_size, dvf=heads is not None)
                 x = {s: v.to(self.device) for s, v in batch.inputs.items()}
                 weights = batch.weights.to(self.device)
-                if heads is None:
+                capture = encoder_features(getattr(net, "module", net)) if heads is not None else nullcontext({})
+                with capture as features:
                     logits = net(x[1], x[2], x[4])
-                else:
-                    with encoder_features(getattr(net, "module", net)) as features:
-                        logits = net(x[1], x[2], x[4])
                 targets = batch.step_labels if len(logits) > 1 else [batch.final_labels]
                 loss = sum(weighted_cross_entropy(l, t.to(self.device), weights) for l, t in zip(logits, targets))
                 if heads is None:
