@@ -16,7 +16,7 @@ from conftest import SHARED_DATA
 from trainer.config import TrainConfig
 from RegistrationMisalignmentLib.synthetic.images import phantom_images
 from trainer import checkpoint
-from trainer.dvf_heads import encoder_features
+from trainer.dvf_heads import DVFHeads, encoder_features
 from trainer.dataset import CLASS_BALANCE, BlockSampler, DeformedPair, build_pool, class_weights
 from RegistrationMisalignmentLib.synthetic.dvf import DVFSettings
 from RegistrationMisalignmentLib.networks.regnet import RegNet
@@ -712,30 +712,49 @@ def test_trainer_log_lines_reach_a_log_file_at_once(monkeypatch):
     assert sink.flushed == "registration bank: case 1/12 registered\n"
 
 
-def test_stage_two_dvf_targets_lie_under_each_encoders_heads(pool):
+def test_stage_two_dvf_targets_lie_under_each_encoders_heads_and_train_the_encoders(pool):
     """``batch(dvf=True)``: per scale, the DVF where a RegNet head on that encoder's features puts its output
-    (level voxel q is 1 mm voxel s*q), read back from a field that holds each voxel's own 1 mm index."""
+    (level voxel q is 1 mm voxel s*q), read back from a field that holds each voxel's own 1 mm index, weighted
+    exactly on the level's body; the heads' loss reaches every encoder."""
     pair = pool[0]
-    index = torch.stack(torch.meshgrid(*(torch.arange(n, dtype=torch.float32) for n in pair.magnitude.shape),
-                                       indexing="ij"))
+    shape = pair.magnitude.shape
+    index = torch.stack(torch.meshgrid(*(torch.arange(n, dtype=torch.float32) for n in shape), indexing="ij"))
     marked = DeformedPair.of(pair.name, pair.pyramid, index, pair.body)
     sampler = BlockSampler([marked], DEFAULT_CONFIG, np.random.default_rng(3), 101)
+    sampler.weights = np.ones(3, dtype=np.float32)  # every body voxel weighs 1, whatever its class
     sampler.rng = np.random.default_rng(5)
     batch = sampler.batch(1, dvf=True)
     sampler.rng = np.random.default_rng(5)
     _, centre = sampler.draw_centre()
     start = [int(c - sampler.labels_side // 2) // 4 * 4 for c in centre]
     model = MisalignmentNet("lstm", DEFAULT_CONFIG)
-    with encoder_features(model) as features, torch.no_grad():
-        model.eval()(batch.inputs[1], batch.inputs[2], batch.inputs[4])
+    heads = DVFHeads()
+    with encoder_features(model) as features:
+        model.train()(batch.inputs[1], batch.inputs[2], batch.inputs[4])
     for scale in (4, 2, 1):
         target, weights = batch.dvfs[scale]
         assert target.shape[2:] == tuple(n - 4 for n in features[scale].shape[2:])  # a head takes 2 voxels a side
         # the fine encoder's first output voxel is the label block's first minus the decoder margin
         first = [math.floor((p - DEFAULT_CONFIG.decoder_margin) / scale) + 2 for p in start]
-        inside = (weights[0, 0] > 0).nonzero()[0]
-        expected = [scale * (f + int(i)) for f, i in zip(first, inside)]
-        assert target[0, :, inside[0], inside[1], inside[2]].tolist() == expected
+        level = [first[a] + torch.arange(target.shape[2 + a]) for a in range(3)]
+        inside = [(q >= 0) & (q < -(-n // scale)) for q, n in zip(level, shape)]
+        grid = torch.meshgrid(*level, indexing="ij")
+        mask = inside[0][:, None, None] & inside[1][None, :, None] & inside[2][None, None, :]
+        expected = torch.stack([torch.where(mask, scale * g, 0).float() for g in grid])
+        assert mask.any() and torch.equal(target[0], expected)
+        body = torch.from_numpy(pair.body[::scale, ::scale, ::scale])
+        on_body = torch.zeros_like(mask)
+        on_body[mask] = body[grid[0][mask], grid[1][mask], grid[2][mask]]
+        assert torch.equal(weights[0, 0] > 0, on_body)
+    zero = {s: (torch.zeros_like(y), w) for s, (y, w) in batch.dvfs.items()}
+    loss, errors = heads.loss(features, zero)
+    loss.backward()
+    assert errors[1] == 0 and errors[0] > 0  # the zero predictor's error against zero targets; the heads' not
+    for scale in (4, 2, 1):
+        assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in getattr(model, f"encoder{scale}").parameters())
+    regnet = RegNet()
+    heads.start_from({1: regnet.state_dict()})
+    assert all(torch.equal(v, regnet.head.state_dict()[k]) for k, v in heads.heads["1"].state_dict().items())
 
 
 def test_dvf_heads_train_beside_stage_two_resume_bit_for_bit_and_can_be_dropped(smoke_runs, tmp_path):
@@ -757,17 +776,22 @@ def test_dvf_heads_train_beside_stage_two_resume_bit_for_bit_and_can_be_dropped(
     for key, value in a["models"]["misalignment"].items():
         assert torch.equal(value, b["models"]["misalignment"][key]), key
     assert len(a["optimizer"]["param_groups"]) == 2
-    # the heads started from stage 1's, then learnt
+    # the heads started from stage 1's (the next test: exactly), then learnt: their trained weights moved
     regnet1 = checkpoint.load(straight / "checkpoint")["averages"]["regnet1"]
-    assert any(not torch.equal(a["dvf_heads"][f"heads.1.{k.removeprefix('head.')}"], v)
-               for k, v in regnet1.items() if k.startswith("head.") and v.is_floating_point())
+    learnt = [k for k, v in regnet1.items() if k.startswith("head.") and "running" not in k and v.is_floating_point()]
+    assert learnt and all(not torch.equal(a["dvf_heads"][f"heads.1.{k.removeprefix('head.')}"], regnet1[k])
+                          for k in learnt)
     rows = [json.loads(l) for l in (once / "history.jsonl").read_text(encoding="utf-8").splitlines()]
     assert all(r["train_dvf_zero_epe_mm"] > 0 and r["train_dvf_epe_mm"] > 0 for r in rows[-2:])
     assert "train_dvf_epe_mm" not in rows[-3]
     assert "DVF heads on the training blocks: EPE" in (once / "ledger.md").read_text(encoding="utf-8")
     # dropped again: the model's optimiser state goes on, the heads' is left behind
-    assert main(["--smoke", "--out", str(once), "--epochs", "5", "--resume", "--set", "dvf_loss_weight=0"]) == 0
+    assert main(["--smoke", "--out", str(once), "--epochs", "5", "--resume", "--set", "dvf_loss_weight=0",
+                 "--set", "steps_per_epoch=1"]) == 0
     after = checkpoint.load(once / "checkpoint")
     assert after["epoch"] == 5 and after["dvf_heads"] is None and len(after["optimizer"]["param_groups"]) == 1
+    model_group = a["optimizer"]["param_groups"][0]["params"]
+    assert sorted(after["optimizer"]["state"]) == sorted(model_group)  # the model's entries, stepped on
+    assert all(after["optimizer"]["state"][k]["step"] == a["optimizer"]["state"][k]["step"] + 1 for k in model_group)
     with pytest.raises(ValueError, match="dvf_loss_weight"):
         TrainConfig(dvf_loss_weight=-1.0)

@@ -5,7 +5,8 @@ Layout: ``state.json`` (the stage and epoch reached, seconds per stage), ``<stag
 with both moments in bfloat16) and, where the run selects its model by validation (``select_by``),
 ``<stage>.best.pt``: the best-validated weights so far, rewritten only when they change. A finished stage's
 file never changes again, so a git history of a growing run stores each finished stage once; only the
-current stage's file (~8 bytes per parameter, 12 with the average: 16 MB for the LSTM model) changes from
+current stage's file (~8 bytes per parameter, 12 with the average: 16 MB for the LSTM model; stage 2's DVF heads,
+``dvf_loss_weight``, add 8 MB) changes from
 one commit to the next.
 
 Bit-for-bit resume: at every save the live optimiser's moments are rounded to bfloat16 in place, so the
@@ -59,7 +60,8 @@ def save(folder: Path, stage: str, epoch: int, model: torch.nn.Module, optimizer
     ``best``: the stage's best-validated weights on the CPU (``{"epoch", "metric", "value", "judge", "blocks",
     "since", "weights"}``), written when its epoch is this one; None removes the stage's earlier ones (a
     selection that holds no epoch yet, e.g. none beats the shipped model on new blocks); ``dvf_heads``: stage 2's
-    auxiliary DVF heads (``trainer.dvf_heads``), trained beside the model (its optimiser's second group)."""
+    auxiliary DVF heads (``trainer.dvf_heads``), trained beside the model (its optimiser's second group); ``rewind``
+    keeps them."""
     folder.mkdir(parents=True, exist_ok=True)
     for name, weights in (finished or {}).items():
         if not (folder / f"{name}.pt").exists():

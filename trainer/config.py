@@ -88,7 +88,9 @@ class TrainConfig:
     this weight times that Huber loss (mm) to the classification loss; 0: none. The encoders then keep
     registering while they learn to classify: after an affine registration the misalignment is a smooth 3-10 mm
     motion that only features which measure displacement can tell apart, where the classes alone give the
-    encoders a weak signal (the canonical run's gap to elastix-t lies there)."""
+    encoders a weak signal (the canonical run's gap to elastix-t lies there). The heads live in the stage's
+    checkpoint: a set-back (``--rewind-to``) keeps them, a resume at 0 drops them (back above 0 they start from
+    stage 1's again)."""
     dvf_heads_lr: float = 1e-4
     """Adam's rate for the DVF heads (``lr`` and its schedule are the model's): the heads must follow the encoders'
     features, which stage 2 has moved since stage 1, at a rate a warm-started RegNet learnt at (1e-4,

@@ -16,19 +16,19 @@ import torch
 from torch import nn
 
 from RegistrationMisalignmentLib.networks.model import MisalignmentNet
-from RegistrationMisalignmentLib.networks.regnet import RegNet
+from RegistrationMisalignmentLib.networks.regnet import dvf_head
 from trainer.dataset import weighted_huber
 
 SCALES = (4, 2, 1)
 
 
 class DVFHeads(nn.Module):
-    """One RegNet DVF head per scale: encoder features (B, 76, n, ...) -> DVF (B, 3, n - 4, ...) in mm, components
+    """One RegNet DVF head per scale: encoder features (B, 84, n, ...) -> DVF (B, 3, n - 4, ...) in mm, components
     (x, y, z) along the image axes, on that scale's grid."""
 
     def __init__(self) -> None:
         super().__init__()
-        self.heads = nn.ModuleDict({str(s): RegNet().head for s in SCALES})
+        self.heads = nn.ModuleDict({str(s): dvf_head() for s in SCALES})
 
     def start_from(self, regnets: dict[int, dict[str, torch.Tensor]]) -> None:
         """Copy each scale's head from stage 1's RegNet weights (``{scale: RegNet state dict}``)."""
@@ -56,7 +56,7 @@ class DVFHeads(nn.Module):
 @contextmanager
 def encoder_features(model: MisalignmentNet) -> Iterator[dict[int, torch.Tensor]]:
     """Within the block, every forward pass of ``model`` leaves each encoder's output in the yielded
-    ``{scale: (B, 76, ...)}`` (a scale whose encoder did not run, e.g. the single-scale decoder's x4 and x2, is
+    ``{scale: (B, 84, ...)}`` (a scale whose encoder did not run, e.g. the single-scale decoder's x4 and x2, is
     missing); forward hooks, so that the model's own forward (and a DistributedDataParallel around it) is unchanged."""
     features: dict[int, torch.Tensor] = {}
     hooks = [getattr(model, f"encoder{s}").register_forward_hook(

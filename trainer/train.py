@@ -165,6 +165,9 @@ class Trainer:
         self.rank, self.world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
         if self.world > 1 and not dist.is_initialized():
             dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+        if self.world > 1 and cfg.dvf_loss_weight:  # the heads sit outside DistributedDataParallel
+            raise InputError(f"dvf_loss_weight {cfg.dvf_loss_weight:g} trains in one process only, this run has "
+                             f"{self.world}: start it without torchrun, or set dvf_loss_weight = 0")
         self.device = resolve_device(cfg.device)
         if self.device.type == "cuda" and self.world > 1:
             self.device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
@@ -427,8 +430,9 @@ class Trainer:
         optimizer = torch.optim.Adam(net.parameters(), lr=self.cfg.lr)
         heads = self._dvf_heads(stage, state)
         saved = state["optimizer"] if done_index == stage_index else None
-        if saved is not None:
+        if done_index == stage_index:
             first_epoch = state["epoch"]
+        if saved is not None:
             if heads is not None and len(saved["param_groups"]) > 1:
                 optimizer.add_param_group({"params": heads.parameters()})
             optimizer.load_state_dict(saved if heads is not None else _first_group(saved))
@@ -568,17 +572,15 @@ class Trainer:
         RegNet heads (``trainer.dvf_heads``); None for stage 1 or without the auxiliary loss."""
         if stage != "misalignment" or not self.cfg.dvf_loss_weight:
             return None
-        if self.world > 1:  # the heads sit outside DistributedDataParallel: their gradients would not be shared
-            raise InputError(f"dvf_loss_weight {self.cfg.dvf_loss_weight:g} trains in one process only, this run has "
-                             f"{self.world}: start it without torchrun, or set dvf_loss_weight = 0")
         heads = DVFHeads()
         if state.get("dvf_heads") is not None:
             heads.load_state_dict(state["dvf_heads"])
         else:
             regnets = {s: self.weights(name, state) for s, name in REGNET_STAGES.items() if name in state["models"]}
             heads.start_from(regnets)
-            self.log(f"DVF heads (dvf_loss_weight {self.cfg.dvf_loss_weight:g}) start from stage 1's RegNet heads "
-                     f"of scales {sorted(regnets)}" + ("" if len(regnets) == 3 else ", the others fresh"))
+            start = f"stage 1's RegNet heads of scales {sorted(regnets)}" if regnets else "fresh heads (no stage 1)"
+            self.log(f"DVF heads (dvf_loss_weight {self.cfg.dvf_loss_weight:g}) start from {start}"
+                     + (", the others fresh" if 0 < len(regnets) < 3 else ""))
         return heads.to(self.device)
 
     def _step(self, stage: str, net: torch.nn.Module, sampler: BlockSampler, heads: DVFHeads | None = None,

@@ -97,6 +97,15 @@ class RegNetEncoder(nn.Module):
         return torch.cat([r1, r2_out, r4_out], 1)
 
 
+def dvf_head() -> nn.Sequential:
+    """RegNet's DVF regression head: encoder features (B, 84, n, ...) -> displacement (B, 3, n - 4, ...) in mm."""
+    return nn.Sequential(
+        ConvBNReLU(RegNetEncoder.out_channels, HEAD_WIDTHS[0]),
+        ConvBNReLU(HEAD_WIDTHS[0], HEAD_WIDTHS[1]),
+        nn.Conv3d(HEAD_WIDTHS[1], 3, kernel_size=1),
+    )
+
+
 class RegNet(nn.Module):
     """Uadv encoder + DVF regression head: the registration network pre-trained per scale.
 
@@ -106,11 +115,7 @@ class RegNet(nn.Module):
     def __init__(self, in_channels: int = 2):
         super().__init__()
         self.encoder = RegNetEncoder(in_channels)
-        self.head = nn.Sequential(
-            ConvBNReLU(RegNetEncoder.out_channels, HEAD_WIDTHS[0]),
-            ConvBNReLU(HEAD_WIDTHS[0], HEAD_WIDTHS[1]),
-            nn.Conv3d(HEAD_WIDTHS[1], 3, kernel_size=1),
-        )
+        self.head = dvf_head()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.head(self.encoder(x))
