@@ -212,8 +212,10 @@ class BlockSampler:
             start = tuple(int(c - side // 2) // 4 * 4 for c in centre)
             for s, block in scale_blocks(pair.pyramid, start, (side,) * 3, self.config).items():
                 inputs[s].append(block)
-                if dvf:
-                    dvfs[s].append(self._dvf_target(pair, start, s, tuple(block.shape[1:])))
+            if dvf:
+                geometry = block_geometry(start, (side,) * 3, self.config)
+                for s in self.config.scales:
+                    dvfs[s].append(self._dvf_target(pair, s, *geometry[s]))
             magnitude, body = self._targets(pair, start, side)
             weights.append(self.voxel_weights(magnitude, body))
             finals.append(self.config.classify_mm(magnitude))
@@ -229,11 +231,10 @@ class BlockSampler:
             if dvf else None,
         )
 
-    def _dvf_target(self, pair: DeformedPair, start: tuple[int, ...], scale: int,
+    def _dvf_target(self, pair: DeformedPair, scale: int, input_start: tuple[int, ...],
                     input_shape: tuple[int, ...]) -> tuple[torch.Tensor, torch.Tensor]:
         """The DVF (3, ...) mm and voxel weights (1, ...) under a RegNet head on the level-``scale`` encoder's
-        features of the stage-2 block at 1 mm ``start`` (its input block ``input_shape``, ``block_geometry``)."""
-        input_start = block_geometry(start, (self.labels_side,) * 3, self.config)[scale][0]
+        features, for its input block (``input_start``, ``input_shape`` on the level's grid: ``block_geometry``)."""
         context = ENCODER_CONTEXT + HEAD_CONTEXT
         out_start = tuple(q + context for q in input_start)
         out_shape = tuple(n - 2 * context for n in input_shape)

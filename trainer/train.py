@@ -429,14 +429,13 @@ class Trainer:
         best = state.get("bests", {}).get(stage)
         optimizer = torch.optim.Adam(net.parameters(), lr=self.cfg.lr)
         heads = self._dvf_heads(stage, state)
-        saved = state["optimizer"] if done_index == stage_index else None
         if done_index == stage_index:
             first_epoch = state["epoch"]
-        if saved is not None:
-            if heads is not None and len(saved["param_groups"]) > 1:
+            saved = state["optimizer"]
+            if heads is not None and len(saved["param_groups"]) > 1:  # the heads' moments go on with them
                 optimizer.add_param_group({"params": heads.parameters()})
             optimizer.load_state_dict(saved if heads is not None else _first_group(saved))
-        if heads is not None and len(optimizer.param_groups) == 1:
+        if heads is not None and len(optimizer.param_groups) == 1:  # heads new to this stage's checkpoint
             optimizer.add_param_group({"params": heads.parameters()})
         for epoch in range(first_epoch, epochs):
             wall, cpu = time.perf_counter(), time.process_time()
